@@ -1,0 +1,7 @@
+"""Graph passes: the depthwise-separable rewrite on ONNX graphs and on TVM Relax IRModules.
+
+Both passes decide with `conditions.plan_conv` ("may I, and at which rank?") and build their new
+weights with `dwsep_compiler.initialization.lowrank` ("do it"), so they agree by construction.
+"""
+
+from .conditions import ConvSpec, SkipReason, plan_conv  # noqa: F401
