@@ -42,6 +42,7 @@ class Report:
     model_macs_after: int
     notes: list[str] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
+    verification: dict | None = None  # the library's outputs against onnxruntime, when run
 
     @property
     def factorized_layers(self) -> list[LayerReport]:
@@ -82,6 +83,7 @@ class Report:
             "totals": self.totals(),
             "notes": list(self.notes),
             "artifacts": dict(self.artifacts),
+            "verification": self.verification,
         }
 
     def to_json(self) -> str:

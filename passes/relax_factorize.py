@@ -25,6 +25,7 @@ from dwsep_compiler.initialization.ranks import RankPolicy
 from dwsep_compiler.report import LayerReport
 
 from .conditions import ConvSpec, plan_conv
+from .relax_fold_bn import FoldBatchNormIntoConv2D
 
 
 @function_pass(opt_level=0)
@@ -49,21 +50,21 @@ class FactorizeConv2D:
         if "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
             return func
 
-        # rewrite_call repeats until nothing changes: it shows us the convs we created and the
-        # ones we left alone again. Decide each original conv once.
+        # rewrite_call repeats until nothing changes: it shows us the convs we created (recognised
+        # by their weight constants) and the ones we left alone (decided once) again.
         decided: dict = {}
-        created: set = set()
+        created_weights: list = []
 
         def rewriter(expr, matches):
-            if expr in created:
+            weight = matches[self.weight]
+            if any(weight.same_as(w) for w in created_weights):
                 return expr
             if expr in decided:
                 return decided[expr]
             result = decide(expr, matches)
             decided[expr] = result
             if result is not expr:
-                created.add(result)
-                created.add(result.args[0])
+                created_weights.extend([result.args[1], result.args[0].args[1]])
             return result
 
         def decide(expr, matches):
@@ -120,10 +121,15 @@ def _static_shape(expr: Expr) -> tuple[int, ...] | None:
         return None
 
 
-def factorize_relax(mod: IRModule, policy: RankPolicy | None = None, skip=()) -> tuple[IRModule, list[LayerReport]]:
-    """Fold constants, then run `FactorizeConv2D`; returns the module and the per-conv report."""
+def factorize_relax(mod: IRModule, policy: RankPolicy | None = None,
+                    skip=()) -> tuple[IRModule, list[LayerReport]]:
+    """Fold constants and batch norms, then run `FactorizeConv2D`.
+
+    Returns the module and the per-conv report (the same decisions as the ONNX pass makes).
+    """
     factorize = FactorizeConv2D(policy=policy, skip=skip)
-    seq = tvm.transform.Sequential([relax.transform.FoldConstant(), factorize])
+    seq = tvm.transform.Sequential([relax.transform.FoldConstant(), FoldBatchNormIntoConv2D(),
+                                    factorize])
     with tvm.transform.PassContext(opt_level=3):
         out = seq(mod)
     return out, factorize.layers

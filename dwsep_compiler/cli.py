@@ -1,0 +1,129 @@
+"""``dwsep-compile``: a thin shell over `dwsep_compiler.compile_model`.
+
+Errors the user can act on print one line on stderr and exit 2; anything unexpected prints one
+line and exits 1 (set DWSEP_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+PROG = "dwsep-compile"
+
+
+def _rank(text: str):
+    if text == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"rank must be a positive integer or 'full', not {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"rank must be >= 1, not {value}")
+    return value
+
+
+def _energy(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"energy must be a number in (0, 1], not {text!r}")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"energy must be in (0, 1], not {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Replace standard convolutions by depthwise + pointwise pairs and compile "
+                    "the model with Apache TVM.")
+    parser.add_argument("model", nargs="?", help="input ONNX model (never modified)")
+    parser.add_argument("--target", default="host",
+                        help="preset name (see --list-targets) or a JSON TVM target dict "
+                             "[default: host]")
+    parser.add_argument("-o", "--output", help="output directory [default: ./<model stem>.dwsep]")
+    ranks = parser.add_mutually_exclusive_group()
+    ranks.add_argument("--rank", type=_rank,
+                       help="depth multiplier r for every layer: an integer, or 'full' (exact)")
+    ranks.add_argument("--energy", type=_energy,
+                       help="per layer, the smallest r keeping this fraction of the squared "
+                            "singular values [default: 0.95]")
+    parser.add_argument("--force-rewrite", action="store_true",
+                        help="rewrite layers even where the rank would not cut MACs "
+                             "(e.g. to check --rank full)")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
+                        help="leave this conv (node name, as in the report) alone; repeatable")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                        help="fix an input's shape (needed for dynamic dims); repeatable")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="stop after the ONNX rewrite (no TVM build)")
+    parser.add_argument("--cross-compiler", metavar="CMD",
+                        help="linker for aarch64 targets [default: aarch64-linux-gnu-g++]")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not run host builds once against onnxruntime")
+    parser.add_argument("--list-targets", action="store_true", help="print the target presets")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no table, only errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imports after parsing: --help and argument errors stay instant.
+    from .errors import DwsepError
+    from .model import parse_input_shapes
+    from .pipeline import NoEligibleConvs, compile_model
+    from .targets import list_targets
+
+    if args.list_targets:
+        print(list_targets())
+        return 0
+    if not args.model:
+        print(f"{PROG}: error: no model given (usage: {PROG} model.onnx --target arm)",
+              file=sys.stderr)
+        return 2
+    say = (lambda message: None) if args.quiet else (
+        lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        result = compile_model(
+            args.model, target=args.target, output_dir=args.output, rank=args.rank,
+            energy=args.energy, force=args.force_rewrite, skip=args.skip,
+            input_shapes=parse_input_shapes(args.input_shape), compile=not args.no_compile,
+            cross_compiler=args.cross_compiler, verify=not args.no_verify, log=say)
+    except NoEligibleConvs as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except DwsepError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line, unless asked for the traceback
+        if os.environ.get("DWSEP_DEBUG"):
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"{PROG}: internal error: {type(exc).__name__}: {first} "
+              "(set DWSEP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(result.table())
+        if result.report.verification:
+            print(f"verified: library vs onnxruntime, max relative error "
+                  f"{result.report.verification['max_rel_error']:.2e}")
+        if result.library is not None and result.library.note:
+            print(f"library: {result.library.path}: {result.library.note}")
+        print(f"wrote {result.output_dir}/ ({', '.join(sorted(os.listdir(result.output_dir)))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Compile: import an ONNX model into TVM Relax, build it for a target, export the library.
+
+The exported library is what a device runs with the TVM runtime alone (no compiler):
+``tvm.runtime.load_module(path)`` then ``tvm.runtime.vm.VirtualMachine(lib, dev)["main"]``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.frontend import onnx as rx_onnx
+
+from .errors import DwsepError
+from .targets import TargetPreset, find_cross_compiler
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).strip().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File ", "  File")):
+            return line[:300]
+    return type(exc).__name__
+
+
+def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tvm.IRModule:
+    """The Relax module of ``model`` with concrete input shapes (weights as constants)."""
+    try:
+        return rx_onnx.from_onnx(model, shape_dict={k: list(v) for k, v in input_shapes.items()},
+                                 keep_params_in_input=False)
+    except Exception as exc:
+        raise DwsepError(f"TVM cannot import the model: {_first_line(exc)}") from None
+
+
+def build(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
+    """``tvm.compile`` for the preset's target."""
+    try:
+        return tvm.compile(mod, target=preset.tvm_target())
+    except Exception as exc:
+        raise DwsepError(f"TVM failed to build for target '{preset.name}': {_first_line(exc)}") from None
+
+
+@dataclass
+class Library:
+    path: str  # model.so, or model.tar when it could not be linked here
+    linked: bool
+    note: str | None = None  # what the user must do with it, when not linked
+
+
+def export_library(executable: relax.Executable, preset: TargetPreset, directory: str,
+                   cross_compiler: str | None = None) -> Library:
+    """Write the deployable library into ``directory``.
+
+    Host targets link ``model.so`` with the system compiler. aarch64-hosted targets link with the
+    cross compiler when one is found (``cross_compiler`` or ``aarch64-linux-gnu-g++``); otherwise
+    the object files go into ``model.tar`` to be linked on the device.
+    """
+    if not preset.cross_compiled:
+        path = os.path.join(directory, "model.so")
+        executable.export_library(path)
+        return Library(path, linked=True)
+    from tvm.support import cc
+
+    command = find_cross_compiler(cross_compiler)
+    if command is None and cross_compiler:
+        raise DwsepError(f"cross compiler not found: {cross_compiler}")
+    if command is not None:
+        path = os.path.join(directory, "model.so")
+        program, *options = command.split()
+        try:
+            executable.export_library(path, fcompile=cc.cross_compiler(program, options=options))
+        except Exception as exc:
+            raise DwsepError(f"linking with {command} failed: {_first_line(exc)}") from None
+        return Library(path, linked=True)
+    path = os.path.join(directory, "model.tar")
+    executable.export_library(path)
+    note = ("no aarch64 cross compiler here (apt-get install g++-aarch64-linux-gnu, or pass "
+            "--cross-compiler): link on the device with "
+            "`mkdir m && tar -xf model.tar -C m && g++ -shared -fPIC -o model.so m/*.o`")
+    return Library(path, linked=False, note=note)
+
+
+def run_executable(executable_or_path, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Run a host-built library (or executable) on this machine's CPU; outputs as numpy."""
+    module = (tvm.runtime.load_module(executable_or_path)
+              if isinstance(executable_or_path, (str, os.PathLike)) else executable_or_path)
+    vm = relax.VirtualMachine(module, tvm.cpu())
+    result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+    return _flatten(result)
+
+
+def _flatten(value) -> list[np.ndarray]:
+    if hasattr(value, "numpy"):
+        return [value.numpy()]
+    out = []
+    for item in value:
+        out.extend(_flatten(item))
+    return out

@@ -1,0 +1,20 @@
+"""Shared fixtures. Models are built in-process with onnx.helper; nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Caches the tests own (aarch64 root and wheels, PoCL kernels): git-ignored, reused across runs.
+os.environ.setdefault("DWSEP_CACHE_DIR", str(ROOT / ".cache"))
+os.environ.setdefault("POCL_CACHE_DIR", str(ROOT / ".cache" / "pocl"))
+os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".cache" / "xdg"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "emulation: runs aarch64 artifacts under qemu-user")
+    config.addinivalue_line("markers", "opencl: runs OpenCL kernels on PoCL")
+    config.addinivalue_line("markers", "rpc: uses a TVM RPC tracker and servers on 127.0.0.1")

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian/Ubuntu machine, then run them.
+#   bash tests/run.sh [pytest args...]
+# apt packages: the aarch64 cross toolchain and qemu-user (ARM artifacts are executed here),
+# debootstrap (an aarch64 Python root, cached under .cache/), PoCL (OpenCL kernels on the CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
+              qemu-user-static debootstrap binutils
+              pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev clinfo)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "tests/run.sh: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+python3 -m pip install -q -e '.[test]'
+
+# The aarch64 Python root with the aarch64 TVM runtime wheel (built once, cached in .cache/).
+export DWSEP_CACHE_DIR="${DWSEP_CACHE_DIR:-$PWD/.cache}"
+if python3 -c "import dwsep_compiler.emulate" 2>/dev/null; then
+  python3 -m dwsep_compiler.emulate --prepare
+fi
+
+exec python3 -m pytest "$@"
