@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend import onnx as rx_onnx
 
+from . import schedules
 from .errors import DwsepError
 from .targets import TargetPreset, find_cross_compiler
 
@@ -36,12 +37,36 @@ def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
         raise DwsepError(f"TVM cannot import the model: {_first_line(exc)}") from None
 
 
-def build(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
-    """``tvm.compile`` for the preset's target."""
+def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True) -> relax.Executable:
+    """``tvm.compile`` for the preset's target; CPU targets get our schedule rules
+    (``schedule=False``: TVM's default pipeline, which leaves CPU loops unscheduled)."""
+    if preset.is_gpu:
+        return _build_gpu(mod, preset)
+    target = preset.tvm_target()
     try:
-        return tvm.compile(mod, target=preset.tvm_target())
+        if schedule and target.kind.name == "llvm":
+            with tvm.transform.PassContext(opt_level=3, config=schedules.PASS_CONFIG):
+                return tvm.compile(mod, target=target, relax_pipeline=schedules.cpu_pipeline(target))
+        return tvm.compile(mod, target=target)
     except Exception as exc:
         raise DwsepError(f"TVM failed to build for target '{preset.name}': {_first_line(exc)}") from None
+
+
+# --- GPU (OpenCL) path: owned by dwsep_compiler/opencl.py --------------------------------------
+def _build_gpu(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
+    """Build with TVM's default GPU pipeline (dlight schedules), then check every kernel's
+    work-group size and local memory against the preset's ``gpu_limits`` (a phone's, not the
+    build machine's): `opencl.GpuLimitError` (a one-line `DwsepError`) when one does not fit.
+    ``opencl.gpu_kernels(executable)`` lists the kernels afterwards."""
+    from . import opencl
+
+    try:
+        executable, _ = opencl.build(mod, preset, opencl.target_limits(preset), preset.name)
+    except DwsepError:
+        raise
+    except Exception as exc:
+        raise DwsepError(f"TVM failed to build for target '{preset.name}': {_first_line(exc)}") from None
+    return executable
 
 
 @dataclass

@@ -26,7 +26,9 @@ class TargetPreset:
     description: str
     target: dict  # a TVM target JSON dict
     host_arch: str  # "host" (this machine) or "aarch64"
-    qemu_cpu: str | None = None  # QEMU_CPU that emulates the core (aarch64 only)
+    # QEMU_CPU that emulates the core (aarch64 only). QEMU 7.2 has no A55/A78 model: those run on
+    # cortex-a76, which has exactly their features (fp16 arithmetic, dot product).
+    qemu_cpu: str | None = None
     gpu_limits: dict = field(default_factory=dict)  # max_threads_per_block, max_shared_memory...
 
     @property
@@ -70,7 +72,7 @@ PRESETS: dict[str, TargetPreset] = {p.name: p for p in [
     TargetPreset("arm-a53", "Cortex-A53 (ARMv8.0-A, NEON)", _aarch64("cortex-a53", []),
                  "aarch64", qemu_cpu="cortex-a53"),
     TargetPreset("arm-a55", "Cortex-A55 (ARMv8.2-A, NEON, FP16, dot product)",
-                 _aarch64("cortex-a55", _V82), "aarch64", qemu_cpu="cortex-a55"),
+                 _aarch64("cortex-a55", _V82), "aarch64", qemu_cpu="cortex-a76"),
     TargetPreset("arm-a72", "Cortex-A72 (ARMv8.0-A, NEON)", _aarch64("cortex-a72", []),
                  "aarch64", qemu_cpu="cortex-a72"),
     TargetPreset("arm-a76", "Cortex-A76 (ARMv8.2-A, NEON, FP16, dot product)",

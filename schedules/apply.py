@@ -1,0 +1,46 @@
+"""Apply schedule rules to every PrimFunc of a module (the default, untuned schedules).
+
+Like dlight's `ApplyDefaultSchedule`, except that a rule which raises while scheduling a
+PrimFunc it claimed falls through to the next rule instead of failing the build (reported on
+stderr with DWSEP_DEBUG=1), so the fallback rule always gets its chance.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import tvm
+from tvm import tirx
+from tvm.target import Target
+
+
+@tvm.transform.module_pass(opt_level=0, name="ApplyScheduleRules")
+class ApplyScheduleRules:
+    def __init__(self, rules):
+        self.rules = list(rules)
+        self.applied: dict[str, str] = {}  # PrimFunc name -> rule name
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+                continue
+            target = func.attrs.get("target") or Target.current(allow_none=False)
+            for rule in self.rules:
+                try:
+                    sch = rule.apply(func, target, False)
+                except Exception as exc:  # a rule's bug must not fail the build
+                    if os.environ.get("DWSEP_DEBUG"):
+                        first = (str(exc).strip().splitlines() or [""])[0]
+                        print(f"dwsep: rule {type(rule).__name__} failed on {gvar.name_hint}: "
+                              f"{first}", file=sys.stderr)
+                    continue
+                if sch is None:
+                    continue
+                updates[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                self.applied[gvar.name_hint] = type(rule).__name__
+                break
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod

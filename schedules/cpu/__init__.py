@@ -1,0 +1,15 @@
+"""Schedule rules for CPUs (ARM NEON, x86 AVX2/AVX-512): one file per operator family."""
+
+from .conv2d import Conv2D
+from .dense import Dense
+from .depthwise import Depthwise
+from .fallback import Fallback
+from .pointwise import Pointwise
+
+
+def rules():
+    """In order of precedence; the first rule that accepts a PrimFunc schedules it."""
+    from tvm.s_tir import dlight
+
+    return [Pointwise(), Depthwise(), Conv2D(), Dense(), dlight.cpu.GEMV(),
+            dlight.cpu.Reduction(), Fallback()]

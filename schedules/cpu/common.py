@@ -1,0 +1,92 @@
+"""Block analysis shared by the CPU rules: find the conv block and its elementwise epilogue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+
+
+
+@dataclass
+class ConvBlocks:
+    sch: s_tir.Schedule
+    conv: s_tir.schedule.SBlockRV
+    pad: s_tir.schedule.SBlockRV | None
+    epilogue: list  # injective blocks after the conv, in order
+    kind: str  # "conv2d_nchw" | "group_conv2d_nchw"
+
+
+def _iter_kinds(sch: s_tir.Schedule, block) -> str:
+    """'S'/'R'/'O' per block iter (spatial, reduction, other)."""
+    kinds = {0: "S", 2: "R"}
+    return "".join(kinds.get(int(iv.iter_type), "O") for iv in sch.get(block).iter_vars)
+
+
+def find_conv(func: tirx.PrimFunc, names=("conv2d_nchw", "group_conv2d_nchw")) -> ConvBlocks | None:
+    """The NCHW conv PrimFunc as TOPI legalizes it: [pad] -> conv -> [injective epilogue]."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    conv = pad = None
+    epilogue = []
+    for block in sch.get_child_blocks(root):
+        name = sch.get(block).name_hint
+        kinds = _iter_kinds(sch, block)
+        if "R" in kinds:
+            if conv is not None or name not in names or kinds != "SSSSRRR":
+                return None
+            conv = block
+        elif "O" in kinds:
+            return None
+        elif conv is None:
+            if pad is not None or name != "pad_temp":
+                return None
+            pad = block
+        else:
+            epilogue.append(block)
+    if conv is None:
+        return None
+    return ConvBlocks(sch, conv, pad, epilogue, sch.get(conv).name_hint)
+
+
+def extents(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
+
+
+def inline_epilogue(blocks: ConvBlocks):
+    """Inline all but the last epilogue block into it; return the last one (or None)."""
+    sch = blocks.sch
+    if not blocks.epilogue:
+        return None
+    for block in blocks.epilogue[:-1]:
+        sch.compute_inline(block)
+    return blocks.epilogue[-1]
+
+
+def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
+    """The largest d <= limit dividing n (and a multiple of ``multiple_of`` if possible)."""
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0 and d % multiple_of == 0:
+            return d
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def vector_tile(extent: int, lanes: int, max_vectors: int) -> tuple[int, int]:
+    """A tile of ``extent`` that divides it: ``(tile, vector)`` with ``tile = k * vector``.
+
+    Whole vectors when ``lanes`` divides the extent; otherwise one odd-width vector (LLVM
+    legalizes a 49-wide vector into full registers plus a tail) over a divisor of the extent,
+    so that no tile carries a predicate that would serialize the micro-kernel.
+    """
+    if extent % lanes == 0:
+        vectors = largest_divisor(extent // lanes, max_vectors)
+        return vectors * lanes, lanes
+    width = largest_divisor(extent, lanes * max_vectors)
+    if width < lanes and extent <= lanes * max_vectors * 4:
+        width = largest_divisor(extent, lanes * max_vectors * 4)
+    return width, width

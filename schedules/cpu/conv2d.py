@@ -1,0 +1,57 @@
+"""Standard convolution (groups = 1, any kernel) on CPUs: direct convolution, register-blocked.
+
+The convs the rewrite leaves alone (skipped layers, ``--rank full`` comparisons, the original
+model) must not become the slow path. Output tile: ``co_block`` channels x ``vectors * lanes``
+pixels of one row in vector registers; the reduction runs over input channels and taps. The
+padded input is materialized once (a parallel, vectorized copy); the epilogue runs per row tile.
+
+Knobs (tunable): ``co_block``, ``vectors``.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from .common import extents, find_conv, inline_epilogue, largest_divisor, vector_tile
+from .knobs import cpu_knobs
+
+
+class Conv2D(ScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        blocks = find_conv(func, names=("conv2d_nchw",))
+        if blocks is None:
+            return None
+        sch = blocks.sch
+        n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
+        knobs = cpu_knobs(target)
+        tile, vector = vector_tile(w, knobs.lanes, max_vectors=2)
+        registers = max(1, -(-tile // knobs.lanes))
+        co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
+        return self._schedule(blocks, knobs, co_block, tile, vector)
+
+    def _schedule(self, blocks, knobs, co_block, tile, vector):
+        sch = blocks.sch
+        conv = blocks.conv
+        last = inline_epilogue(blocks)
+        nn, ff, yy, xx, rc, ry, rx = sch.get_loops(conv)
+        fo, fi = sch.split(ff, [None, co_block])
+        xo, xi = sch.split(xx, [None, tile])
+        xv, xl = sch.split(xi, [None, vector])
+        # Rows outside channel tiles: the kh input rows stay in cache across channel blocks.
+        sch.reorder(nn, yy, fo, xo, rc, ry, rx, fi, xv, xl)
+        outer = sch.fuse(nn, yy, fo)
+        sch.parallel(outer)
+        sch.unroll(fi)
+        sch.unroll(xv)
+        sch.vectorize(xl)
+        if blocks.pad is not None:
+            pad_loops = sch.get_loops(blocks.pad)
+            sch.parallel(sch.fuse(*pad_loops[:2]))
+            sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
+        if last is not None:
+            sch.reverse_compute_at(last, outer)
+            sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])
+        sch.decompose_reduction(conv, rc)
+        return sch

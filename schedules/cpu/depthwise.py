@@ -1,0 +1,61 @@
+"""Depthwise convolution (group = in_channels, depth multiplier r) on CPUs.
+
+Each input channel's padded plane is built once (compute_at the channel loop, so it stays in
+L1/L2) and read by its r output channels. Output rows are vectorized along W, several vectors
+per row in registers while the kh x kw taps stream over them. Channels spread over the cores.
+
+Knobs (tunable): ``vectors`` per row tile.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from .common import extents, find_conv, inline_epilogue, vector_tile
+from .knobs import cpu_knobs
+
+
+class Depthwise(ScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        blocks = find_conv(func, names=("group_conv2d_nchw",))
+        if blocks is None:
+            return None
+        sch = blocks.sch
+        n, f, h, w, rc, kh, kw = extents(sch, blocks.conv)
+        if rc != 1:  # a grouped conv with several channels per group is not depthwise
+            return None
+        in_channels = int(sch.get(blocks.conv).reads[0].source.shape[1])
+        if f % in_channels:
+            return None
+        knobs = cpu_knobs(target)
+        tile, vector = vector_tile(w, knobs.lanes, max_vectors=4)
+        return self._schedule(blocks, knobs, f // in_channels, tile, vector)
+
+    def _schedule(self, blocks, knobs, multiplier: int, tile: int, vector: int):
+        sch = blocks.sch
+        conv = blocks.conv
+        last = inline_epilogue(blocks)
+        r = multiplier
+        sch.transform_block_layout(
+            conv, lambda n, f, y, x, c, ky, kx: (n, f // r, f % r, y, x, c, ky, kx))
+        nn, ch, j, yy, xx, rc, ky, kx = sch.get_loops(conv)
+        xo, xi = sch.split(xx, [None, tile])
+        xv, xl = sch.split(xi, [None, vector])
+        sch.reorder(nn, ch, j, yy, xo, rc, ky, kx, xv, xl)
+        outer = sch.fuse(nn, ch)
+        sch.parallel(outer)
+        if blocks.pad is not None:
+            sch.compute_at(blocks.pad, outer)
+            pad_loops = sch.get_loops(blocks.pad)
+            sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
+        sch.unroll(ky)
+        sch.unroll(kx)
+        sch.unroll(xv)
+        sch.vectorize(xl)
+        if last is not None:
+            sch.reverse_compute_at(last, outer)
+            sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])
+        sch.decompose_reduction(conv, rc)
+        return sch

@@ -1,0 +1,39 @@
+"""Target-derived knobs shared by the CPU rules: vector width, register budget, core count.
+
+ARM (NEON, 128-bit, 32 vector registers) and x86 (AVX2 256-bit with 16 registers, AVX-512 with
+32) run the same algorithms; only these numbers differ.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import tvm
+
+
+@dataclass(frozen=True)
+class CPUKnobs:
+    lanes: int  # float32 lanes in one vector register
+    registers: int  # architectural vector registers
+    cores: int
+
+    @property
+    def accumulators(self) -> int:
+        """Vector accumulators a micro-kernel may hold (keep some for loads and broadcasts)."""
+        return self.registers - 4 if self.registers <= 16 else self.registers - 8
+
+
+def cpu_knobs(target: tvm.target.Target) -> CPUKnobs:
+    attrs = target.attrs
+    mtriple = str(attrs.get("mtriple", "") or "")
+    keys = {str(k) for k in target.keys}
+    cores = int(attrs.get("num-cores", 0) or 0) or os.cpu_count() or 1
+    if mtriple.startswith("aarch64") or "arm_cpu" in keys:
+        return CPUKnobs(lanes=4, registers=32, cores=cores)
+    has = tvm.target.codegen.llvm_cpu_has_features
+    if has(["avx512f"], target):
+        return CPUKnobs(lanes=16, registers=32, cores=cores)
+    if has(["avx"], target):
+        return CPUKnobs(lanes=8, registers=16, cores=cores)
+    return CPUKnobs(lanes=4, registers=16, cores=cores)
