@@ -2,43 +2,53 @@
 
 Rules have TVM dlight's shape, ``apply(func, target, tunable) -> Schedule | None``: with
 ``tunable=False`` they pick knobs from the target (vector width, registers, cores); None means
-"not mine". `schedule_pipeline` builds the Relax pipeline that legalizes a model, applies the
-rules of the target's family to every PrimFunc and lowers the rest as TVM would.
+"not mine". `cpu_pipeline` is TVM's CPU pipeline with the rules of `schedules.cpu` applied
+between legalization and lowering; `schedule_module` stops after scheduling (for tests, the
+benchmark and tuning).
 """
 
 from __future__ import annotations
 
 import tvm
-from tvm import relax
+
+# Split loops whose extent the tile does not divide into a clean body and a tail.
+PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+
+
+def _cpu_passes(target: tvm.target.Target):
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from . import cpu
+    from .apply import ApplyScheduleRules
+
+    schedule = ApplyScheduleRules(cpu.rules())
+    front = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
+    return front, schedule, back
 
 
 def cpu_pipeline(target: tvm.target.Target):
-    """TVM's CPU pipeline with our rules applied between legalization and lowering."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-    from . import cpu
-    from .apply import ApplyScheduleRules
+    """The Relax pipeline ``tvm.compile`` runs for a CPU target, with our schedules."""
+    front, schedule, back = _cpu_passes(target)
 
     @tvm.transform.module_pass(opt_level=0, name="DwsepCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [ApplyScheduleRules(cpu.rules())]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target))
-            return seq(mod)
+            return tvm.transform.Sequential(front + [schedule] + back)(mod)
 
     return _pipeline
 
 
+def schedule_module(mod: tvm.IRModule, target: tvm.target.Target):
+    """Legalize ``mod`` and apply the CPU rules; returns ``(module, {PrimFunc: rule name})``."""
+    front, schedule, _ = _cpu_passes(target)
+    with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
+        out = tvm.transform.Sequential(front + [schedule])(mod)
+    return out, dict(schedule.applied)
+
+
 def unscheduled_prim_funcs(mod: tvm.IRModule) -> list[str]:
-    """Names of the PrimFuncs no rule scheduled (after `ApplyDefaultSchedule`)."""
-    names = []
-    for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and not func.attrs.get("tirx.is_scheduled", False):
-            names.append(gv.name_hint)
-    return names
-
-
-PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+    """Names of the PrimFuncs that no rule scheduled."""
+    return [gv.name_hint for gv, func in mod.functions_items()
+            if isinstance(func, tvm.tirx.PrimFunc)
+            and not bool(func.attrs.get("tirx.is_scheduled", False))]
