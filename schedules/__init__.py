@@ -15,21 +15,29 @@ import tvm
 PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
 
 
-def _cpu_passes(target: tvm.target.Target):
+def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True):
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from . import cpu
     from .apply import ApplyScheduleRules
 
+    from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
+
     schedule = ApplyScheduleRules(cpu.rules())
-    front = cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    front = (cpu_generic.library_dispatch_passes(target)
+             + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
+                if fuse else [])
+             + cpu_generic.legalize_passes(target))
     back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     return front, schedule, back
 
 
-def cpu_pipeline(target: tvm.target.Target):
-    """The Relax pipeline ``tvm.compile`` runs for a CPU target, with our schedules."""
-    front, schedule, back = _cpu_passes(target)
+def cpu_pipeline(target: tvm.target.Target, fuse: bool | str = True):
+    """The Relax pipeline ``tvm.compile`` runs for a CPU target, with our schedules.
+
+    ``fuse``: depthwise -> pointwise pairs with large outputs become one fused kernel
+    (``"always"``: every pair; False: never)."""
+    front, schedule, back = _cpu_passes(target, fuse)
 
     @tvm.transform.module_pass(opt_level=0, name="DwsepCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -39,9 +47,9 @@ def cpu_pipeline(target: tvm.target.Target):
     return _pipeline
 
 
-def schedule_module(mod: tvm.IRModule, target: tvm.target.Target):
+def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True):
     """Legalize ``mod`` and apply the CPU rules; returns ``(module, {PrimFunc: rule name})``."""
-    front, schedule, _ = _cpu_passes(target)
+    front, schedule, _ = _cpu_passes(target, fuse)
     with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         out = tvm.transform.Sequential(front + [schedule])(mod)
     return out, dict(schedule.applied)

@@ -40,17 +40,19 @@ def _model(case, batch_norm=False):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}")
-@pytest.mark.parametrize("factorized", [True, False], ids=["dw+pw", "standard"])
-def test_rules_match_onnxruntime_on_awkward_shapes(case, factorized):
+@pytest.mark.parametrize("variant", ["fused", "dw+pw", "standard"])
+def test_rules_match_onnxruntime_on_awkward_shapes(case, variant):
     model, shape, rank = _model(case)
-    if factorized:
+    if variant != "standard":
         model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank, force=True)).model
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     mod = import_onnx(model, {"x": shape})
-    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
-    expected_rules = {"Depthwise", "Pointwise"} if factorized else {"Conv2D"}
+    fuse = "always" if variant == "fused" else False
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target(), fuse=fuse)
+    expected_rules = {"fused": {"FusedDepthwisePointwise"}, "dw+pw": {"Depthwise", "Pointwise"},
+                      "standard": {"Conv2D"}}[variant]
     assert expected_rules <= set(applied.values()), applied
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_executable(build(mod, HOST, fuse=fuse), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -59,9 +61,12 @@ def test_rules_apply_for_every_cpu_family(target):
     """The rules (not the fallback) take the convs for AVX2, AVX-512 and NEON alike."""
     model, shape, rank = _model(CASES[1])
     model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank, force=True)).model
-    mod, applied = schedules.schedule_module(import_onnx(model, {"x": shape}), TARGETS[target])
-    assert {"Depthwise", "Pointwise"} <= set(applied.values()), applied
-    assert schedules.unscheduled_prim_funcs(mod) == []
+    for fuse, expected in [("always", {"FusedDepthwisePointwise"}),
+                           (False, {"Depthwise", "Pointwise"})]:
+        mod, applied = schedules.schedule_module(import_onnx(model, {"x": shape}),
+                                                 TARGETS[target], fuse=fuse)
+        assert expected <= set(applied.values()), applied
+        assert schedules.unscheduled_prim_funcs(mod) == []
 
 
 @pytest.mark.parametrize("name", ["vgg19", "resnet50", "inception_v1"])
@@ -72,6 +77,8 @@ def test_no_prim_func_is_left_unscheduled(name):
     for target in (HOST.tvm_target(), TARGETS["arm-neon"]):
         mod, applied = schedules.schedule_module(import_onnx(model, shapes), target)
         assert schedules.unscheduled_prim_funcs(mod) == [], name
+        if name == "vgg19":  # its 224x224 layers are large enough to fuse
+            assert "FusedDepthwisePointwise" in applied.values()
         assert "Pointwise" in applied.values() and "Depthwise" in applied.values()
 
 
@@ -91,6 +98,8 @@ def test_epilogue_and_batch_norm_fused_into_the_tile():
     """Conv + folded BN bias + ReLU: one PrimFunc per conv, scheduled by our rules."""
     model, shape, rank = _model(CASES[0], batch_norm=True)
     model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank)).model
-    mod, applied = schedules.schedule_module(import_onnx(model, {"x": shape}), HOST.tvm_target())
-    fused = [name for name, rule in applied.items() if rule == "Pointwise"]
-    assert any("relu" in name and "add" in name for name in fused), applied
+    for fuse, rule in [("always", "FusedDepthwisePointwise"), (False, "Pointwise")]:
+        mod, applied = schedules.schedule_module(import_onnx(model, {"x": shape}),
+                                                 HOST.tvm_target(), fuse=fuse)
+        fused = [name for name, r in applied.items() if r == rule]
+        assert any("relu" in name and "add" in name for name in fused), applied

@@ -4,6 +4,7 @@ from .conv2d import Conv2D
 from .dense import Dense
 from .depthwise import Depthwise
 from .fallback import Fallback
+from .fused_dwpw import FusedDepthwisePointwise
 from .pointwise import Pointwise
 
 
@@ -11,5 +12,5 @@ def rules():
     """In order of precedence; the first rule that accepts a PrimFunc schedules it."""
     from tvm.s_tir import dlight
 
-    return [Pointwise(), Depthwise(), Conv2D(), Dense(), dlight.cpu.GEMV(),
+    return [FusedDepthwisePointwise(), Pointwise(), Depthwise(), Conv2D(), Dense(), dlight.cpu.GEMV(),
             dlight.cpu.Reduction(), Fallback()]

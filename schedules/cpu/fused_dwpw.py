@@ -1,0 +1,71 @@
+"""Fused depthwise + pointwise convolution on CPUs: the depthwise output never hits memory.
+
+For each output row segment (one row y, ``tile`` pixels) the depthwise results of all ``M*r``
+channels are computed into a small buffer (``M*r x tile`` floats, L1/L2-resident), then the
+pointwise GEMM consumes it from cache with the same register-blocked micro-kernel as
+`pointwise.py`, and the epilogue (bias, ReLU, add) writes the final tile. Row segments spread over
+the cores. Pairs up with `dwsep_compiler.passes.relax_fuse_dwpw`, which makes these PrimFuncs.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from .common import _iter_kinds, largest_divisor, vector_tile
+from .knobs import cpu_knobs
+
+
+class FusedDepthwisePointwise(ScheduleRule):
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        if names[:3] != ["pad_temp", "depthwise", "pointwise"]:
+            return None
+        pad, dw, pw = (sch.get_sblock(n) for n in names[:3])
+        if _iter_kinds(sch, dw) != "SSSSRR" or _iter_kinds(sch, pw) != "SSSSR":
+            return None
+        epilogue = [sch.get_sblock(n) for n in names[3:]]
+        if any("R" in _iter_kinds(sch, b) for b in epilogue):
+            return None
+        for block in epilogue[:-1]:
+            sch.compute_inline(block)
+        last = epilogue[-1] if epilogue else None
+
+        knobs = cpu_knobs(target)
+        b, n, y, x, rc = sch.get_loops(pw)
+        out_channels, width = int(sch.get(n).extent), int(sch.get(x).extent)
+        tile, vector = vector_tile(width, knobs.lanes, max_vectors=2)
+        registers = max(1, -(-tile // knobs.lanes))
+        co_block = largest_divisor(out_channels, max(1, knobs.accumulators // registers))
+
+        xo, xi = sch.split(x, [None, tile])
+        xv, xl = sch.split(xi, [None, vector])
+        no, ni = sch.split(n, [None, co_block])
+        sch.reorder(b, y, xo, no, rc, ni, xv, xl)
+        outer = sch.fuse(b, y)
+        sch.parallel(outer)
+        sch.unroll(ni)
+        sch.unroll(xv)
+        sch.vectorize(xl)
+
+        # The depthwise tile of all channels for this row segment, right before its use.
+        sch.compute_at(dw, xo, preserve_unit_loops=True)
+        db, c, dy, dx, ry, rx = sch.get_loops(dw)[-6:]
+        sch.reorder(db, dy, c, ry, rx, dx)
+        sch.unroll(ry)
+        sch.unroll(rx)
+        dxo, dxl = sch.split(dx, [None, vector])
+        sch.vectorize(dxl)
+        # The padded input rows this output row reads: built once per row, for all segments.
+        sch.compute_at(pad, outer)
+
+        if last is not None:
+            sch.reverse_compute_at(last, xo)
+            sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, vector])[1])
+        sch.decompose_reduction(pw, rc)
+        sch.decompose_reduction(dw, ry)
+        return sch
