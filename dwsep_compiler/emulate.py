@@ -16,6 +16,9 @@ does)::
 
 Command line: ``python -m dwsep_compiler.emulate --prepare`` builds (or finds) the cached root and
 prints where it is and how long that took; ``--list-cpus`` and ``--features CPU`` help debugging.
+``--rpc-server HOST:PORT [--key aarch64] [--qemu-cpu cortex-a53]`` serves TVM RPC as an emulated
+aarch64 device registered at that tracker (`_rpc_server.py` under qemu, see `popen_python`), for
+``dwsep-run --rpc-tracker HOST:PORT --rpc-key aarch64``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ __all__ = [
     "MATTR_HWCAPS",
     "MCPU_MATTR",
     "REQUIRED_APT_PACKAGES",
+    "RPC_SERVER_SCRIPT",
     "RUNNER_SCRIPT",
     "cpu_features",
     "debian_mirror",
@@ -59,6 +63,7 @@ __all__ = [
     "default_cache_dir",
     "ensure_aarch64_runtime",
     "find_qemu",
+    "popen_python",
     "qemu_cpu_models",
     "required_hwcaps",
     "run_aarch64",
@@ -79,6 +84,8 @@ REQUIRED_APT_PACKAGES = (
 
 #: The deploy script run under emulation (and on real devices).
 RUNNER_SCRIPT = Path(__file__).with_name("_device_runner.py")
+#: The RPC server run under emulation (and on real devices) for `dwsep-run --rpc-tracker`.
+RPC_SERVER_SCRIPT = Path(__file__).with_name("_rpc_server.py")
 
 #: Debian release of the arm64 userland and the Python it ships (the TVM wheels must match it).
 DEBIAN_SUITE = "bookworm"
@@ -547,6 +554,22 @@ def _child_setup() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _guest_command(
+    runtime: Aarch64Runtime,
+    qemu: str,
+    qemu_cpu: str,
+    python_args: Sequence[str],
+    num_threads: int | None,
+) -> tuple[list[str], dict[str, str]]:
+    """The qemu command line and environment that run the arm64 python with `python_args`."""
+    # -P: the script's directory (this package) must not shadow modules in the guest.
+    cmd = [qemu, "-L", str(runtime.root), "-cpu", qemu_cpu, str(runtime.python),
+           "-P", "-X", "faulthandler", *python_args]
+    env = _guest_env(runtime, num_threads)
+    env["QEMU_CPU"] = qemu_cpu  # same as -cpu; set too so that child processes agree
+    return cmd, env
+
+
 def _run_guest(
     runtime: Aarch64Runtime,
     qemu: str,
@@ -559,11 +582,7 @@ def _run_guest(
 ) -> subprocess.CompletedProcess[str]:
     """Run the arm64 python with `python_args` under qemu on `qemu_cpu`; raise `EmulationError`
     on a signal, a non-zero exit or a timeout."""
-    # -P: the script's directory (this package) must not shadow modules in the guest.
-    cmd = [qemu, "-L", str(runtime.root), "-cpu", qemu_cpu, str(runtime.python),
-           "-P", "-X", "faulthandler", *python_args]
-    env = _guest_env(runtime, num_threads)
-    env["QEMU_CPU"] = qemu_cpu  # same as -cpu; set too so that child processes agree
+    cmd, env = _guest_command(runtime, qemu, qemu_cpu, python_args, num_threads)
     try:
         proc = subprocess.run(
             cmd,
@@ -658,6 +677,30 @@ def run_python(
         what="aarch64 python",
         num_threads=num_threads,
     )
+
+
+def popen_python(
+    python_args: Sequence[str],
+    qemu_cpu: str = DEFAULT_QEMU_CPU,
+    runtime: Aarch64Runtime | None = None,
+    *,
+    num_threads: int | None = 1,
+    **popen_kwargs: Any,
+) -> subprocess.Popen:
+    """Start the arm64 `python3.11 -P <python_args>` under qemu on `qemu_cpu` in the background
+    (a long-running guest, such as an RPC server) and return the `subprocess.Popen`.
+
+    Same guest as `run_python` (environment, aarch64 TVM runtime on the path, no core files, dies
+    with its parent). `popen_kwargs` go to `Popen` (stdout, stderr, text, start_new_session, ...;
+    stdin defaults to /dev/null); `env` entries are added to the guest's environment. The caller
+    owns the process: wait for it, or terminate it."""
+    runtime = runtime or ensure_aarch64_runtime()
+    qemu = find_qemu()
+    _check_qemu_cpu(qemu, qemu_cpu)
+    cmd, env = _guest_command(runtime, qemu, qemu_cpu, python_args, num_threads)
+    env.update(popen_kwargs.pop("env", None) or {})
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(cmd, env=env, preexec_fn=_child_setup, **popen_kwargs)
 
 
 def run_aarch64(
@@ -797,6 +840,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     action.add_argument(
         "--features", metavar="QEMU_CPU", help="print the hwcaps a QEMU CPU model reports"
     )
+    action.add_argument(
+        "--rpc-server",
+        metavar="TRACKER",
+        help="serve TVM RPC as an emulated aarch64 device registered at TRACKER (HOST:PORT), "
+        "for dwsep-run --rpc-tracker TRACKER --rpc-key KEY",
+    )
+    parser.add_argument("--key", default="aarch64", help="--rpc-server: device key [aarch64]")
+    parser.add_argument(
+        "--qemu-cpu", default=DEFAULT_QEMU_CPU, help=f"--rpc-server: CPU model [{DEFAULT_QEMU_CPU}]"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="--rpc-server: address to listen on [127.0.0.1]"
+    )
+    parser.add_argument("--port", type=int, default=9090, help="--rpc-server: first port [9090]")
     parser.add_argument(
         "--cache-dir", help="cache directory (default $DWSEP_CACHE_DIR or ~/.cache/dwsep-compiler)"
     )
@@ -808,6 +865,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.features:
             runtime = ensure_aarch64_runtime(args.cache_dir)
             print(" ".join(sorted(cpu_features(args.features, runtime))))
+        elif args.rpc_server:
+            runtime = ensure_aarch64_runtime(args.cache_dir)
+            server = popen_python(
+                [str(RPC_SERVER_SCRIPT), "--tracker", args.rpc_server, "--key", args.key,
+                 "--host", args.host, "--port", str(args.port), "--port-end",
+                 str(args.port + 100)],
+                args.qemu_cpu,
+                runtime,
+                num_threads=None,
+            )
+            try:
+                return server.wait()
+            except KeyboardInterrupt:
+                server.terminate()
+                server.wait()
+                return 130
         else:
             cached = _runtime_at(_runtime_dir(args.cache_dir)) is not None
             started = time.monotonic()

@@ -103,3 +103,47 @@ def test_epilogue_and_batch_norm_fused_into_the_tile():
                                                  HOST.tvm_target(), fuse=fuse)
         fused = [name for name, r in applied.items() if r == rule]
         assert any("relu" in name and "add" in name for name in fused), applied
+
+
+def _prim_funcs(model, shape, fuse):
+    mod = import_onnx(model, {"x": shape})
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from dwsep_compiler.passes.relax_fuse_dwpw import FuseDepthwisePointwise
+
+    target = HOST.tvm_target()
+    passes = ([FuseDepthwisePointwise(0)] if fuse else []) + cpu_generic.legalize_passes(target)
+    with target:
+        legal = tvm.transform.Sequential(passes)(mod)
+    return [f for _, f in legal.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def _run_prim_func(func, args):
+    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                         target=HOST.tvm_target())
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+@pytest.mark.parametrize("rule_name", ["Pointwise", "Depthwise", "Conv2D", "FusedDepthwisePointwise"])
+def test_tunable_spaces_sample_knobs_and_stay_correct(rule_name):
+    from dwsep_compiler.schedules import cpu
+
+    rule = next(r for r in cpu.rules() if type(r).__name__ == rule_name)
+    model, shape, rank = _model((16, 24, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), (16, 16), 2))
+    if rule_name != "Conv2D":
+        model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank, force=True)).model
+    funcs = _prim_funcs(model, shape, fuse=rule_name == "FusedDepthwisePointwise")
+    func = next(f for f in funcs if rule.apply(f, HOST.tvm_target(), False) is not None)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params]
+    expected = _run_prim_func(rule.apply(func, HOST.tvm_target(), False).mod["main"], args)
+    decisions = set()
+    for _ in range(6):
+        sch = rule.apply(func, HOST.tvm_target(), True)
+        samples = [inst for inst in sch.trace.insts if inst.kind.name == "SampleCategorical"]
+        assert samples, "the tunable space samples no knob"
+        decisions.add(tuple(int(sch.trace.decisions[inst]) for inst in samples))
+        out = _run_prim_func(sch.mod["main"], args)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(decisions) > 1, "six samples, one decision: the space is not being explored"

@@ -92,3 +92,18 @@ def vector_tile(extent: int, lanes: int, max_vectors: int) -> tuple[int, int]:
         return width, width
     width = largest_divisor(extent, lanes * max_vectors * 4)
     return width, width
+
+
+def knob(sch: s_tir.Schedule, tunable: bool, default: int, candidates):
+    """A schedule knob: ``default`` (untuned), or with ``tunable`` a sampled decision over
+    ``candidates`` (the default among them) that MetaSchedule's search mutates."""
+    if not tunable:
+        return default
+    values = sorted({int(c) for c in candidates} | {int(default)})
+    if len(values) == 1:
+        return default
+    return sch.sample_categorical(values, [1.0 / len(values)] * len(values))
+
+
+def divisors(n: int, limit: int, multiple_of: int = 1) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0 and d % multiple_of == 0]

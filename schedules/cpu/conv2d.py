@@ -5,7 +5,7 @@ model) must not become the slow path. Output tile: ``co_block`` channels x ``vec
 pixels of one row in vector registers; the reduction runs over input channels and taps. The
 padded input is materialized once (a parallel, vectorized copy); the epilogue runs per row tile.
 
-Knobs (tunable): ``co_block``, ``vectors``.
+Knobs (sampled with ``tunable=True``): ``co_block``, ``vectors``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import extents, find_conv, inline_epilogue, largest_divisor, vector_tile
+from .common import (divisors, extents, find_conv, inline_epilogue, knob, largest_divisor,
+                     vector_tile)
 from .knobs import cpu_knobs
 
 
@@ -29,16 +30,17 @@ class Conv2D(ScheduleRule):
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=2)
         registers = max(1, -(-tile // knobs.lanes))
         co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
-        return self._schedule(blocks, knobs, co_block, tile, vector)
+        vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 4))
+        co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
+        return self._schedule(blocks, knobs, co_block, vectors, vector)
 
-    def _schedule(self, blocks, knobs, co_block, tile, vector):
+    def _schedule(self, blocks, knobs, co_block, vectors, vector):
         sch = blocks.sch
         conv = blocks.conv
         last = inline_epilogue(blocks)
         nn, ff, yy, xx, rc, ry, rx = sch.get_loops(conv)
         fo, fi = sch.split(ff, [None, co_block])
-        xo, xi = sch.split(xx, [None, tile])
-        xv, xl = sch.split(xi, [None, vector])
+        xo, xv, xl = sch.split(xx, [None, vectors, vector])
         # Rows outside channel tiles: the kh input rows stay in cache across channel blocks.
         sch.reorder(nn, yy, fo, xo, rc, ry, rx, fi, xv, xl)
         outer = sch.fuse(nn, yy, fo)

@@ -4,7 +4,7 @@ Each input channel's padded plane is built once (compute_at the channel loop, so
 L1/L2) and read by its r output channels. Output rows are vectorized along W, several vectors
 per row in registers while the kh x kw taps stream over them. Channels spread over the cores.
 
-Knobs (tunable): ``vectors`` per row tile.
+Knobs (sampled with ``tunable=True``): ``vectors`` per row tile.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import extents, find_conv, inline_epilogue, vector_tile
+from .common import divisors, extents, find_conv, inline_epilogue, knob, vector_tile
 from .knobs import cpu_knobs
 
 
@@ -31,9 +31,10 @@ class Depthwise(ScheduleRule):
             return None
         knobs = cpu_knobs(target)
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=4)
-        return self._schedule(blocks, knobs, f // in_channels, tile, vector)
+        vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 8))
+        return self._schedule(blocks, knobs, f // in_channels, vectors, vector)
 
-    def _schedule(self, blocks, knobs, multiplier: int, tile: int, vector: int):
+    def _schedule(self, blocks, knobs, multiplier: int, vectors, vector: int):
         sch = blocks.sch
         conv = blocks.conv
         last = inline_epilogue(blocks)
@@ -41,8 +42,7 @@ class Depthwise(ScheduleRule):
         sch.transform_block_layout(
             conv, lambda n, f, y, x, c, ky, kx: (n, f // r, f % r, y, x, c, ky, kx))
         nn, ch, j, yy, xx, rc, ky, kx = sch.get_loops(conv)
-        xo, xi = sch.split(xx, [None, tile])
-        xv, xl = sch.split(xi, [None, vector])
+        xo, xv, xl = sch.split(xx, [None, vectors, vector])
         sch.reorder(nn, ch, j, yy, xo, rc, ky, kx, xv, xl)
         outer = sch.fuse(nn, ch)
         sch.parallel(outer)

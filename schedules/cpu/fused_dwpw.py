@@ -4,7 +4,7 @@ For each output row segment (one row y, ``tile`` pixels) the depthwise results o
 channels are computed into a small buffer (``M*r x tile`` floats, L1/L2-resident), then the
 pointwise GEMM consumes it from cache with the same register-blocked micro-kernel as
 `pointwise.py`, and the epilogue (bias, ReLU, add) writes the final tile. Row segments spread over
-the cores. Pairs up with `dwsep_compiler.passes.relax_fuse_dwpw`, which makes these PrimFuncs.
+the cores. Knobs (sampled with ``tunable=True``): ``co_block``, ``vectors``. Pairs up with `dwsep_compiler.passes.relax_fuse_dwpw`, which makes these PrimFuncs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import _iter_kinds, largest_divisor, vector_tile
+from .common import _iter_kinds, divisors, knob, largest_divisor, vector_tile
 from .knobs import cpu_knobs
 
 
@@ -41,9 +41,10 @@ class FusedDepthwisePointwise(ScheduleRule):
         tile, vector = vector_tile(width, knobs.lanes, max_vectors=2)
         registers = max(1, -(-tile // knobs.lanes))
         co_block = largest_divisor(out_channels, max(1, knobs.accumulators // registers))
+        vectors = knob(sch, tunable, tile // vector, divisors(width // vector, 4))
+        co_block = knob(sch, tunable, co_block, divisors(out_channels, knobs.accumulators))
 
-        xo, xi = sch.split(x, [None, tile])
-        xv, xl = sch.split(xi, [None, vector])
+        xo, xv, xl = sch.split(x, [None, vectors, vector])
         no, ni = sch.split(n, [None, co_block])
         sch.reorder(b, y, xo, no, rc, ni, xv, xl)
         outer = sch.fuse(b, y)

@@ -6,7 +6,8 @@ broadcasting one weight and loading one vector of pixels per FMA row; the epilog
 clip, residual add) runs on the tile while it is hot. Pixel tiles x channel tiles are spread over
 the cores.
 
-Knobs (tunable): ``co_block``, ``vectors`` (pixel tile = vectors * lanes), ``ci_block``.
+Knobs (sampled with ``tunable=True``): ``co_block`` (output channels per tile) and ``vectors``
+(registers per row of the tile); untuned values fill the target's vector registers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import extents, find_conv, inline_epilogue, largest_divisor, vector_tile
+from .common import (divisors, extents, find_conv, inline_epilogue, knob, largest_divisor,
+                     vector_tile)
 from .knobs import cpu_knobs
 
 
@@ -30,14 +32,14 @@ class Pointwise(ScheduleRule):
             return None
         knobs = cpu_knobs(target)
         pixels = h * w
-        if tunable:
-            raise NotImplementedError("tunable pointwise space: see the tuning issue")
         tile, vector = vector_tile(pixels, knobs.lanes, max_vectors=2)
         registers = max(1, -(-tile // knobs.lanes))
         co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
-        return self._schedule(blocks, knobs, co_block, tile, vector)
+        vectors = knob(sch, tunable, tile // vector, divisors(pixels // vector, 4))
+        co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
+        return self._schedule(blocks, knobs, co_block, vectors, vector)
 
-    def _schedule(self, blocks, knobs, co_block: int, tile: int, vector: int):
+    def _schedule(self, blocks, knobs, co_block, vectors, vector: int):
         sch = blocks.sch
         conv = blocks.conv
         if blocks.pad is not None:
@@ -53,8 +55,7 @@ class Pointwise(ScheduleRule):
             sch.transform_block_layout(last, lambda n, f, y, x: (n, f, y * w + x))
         nn, ff, pix, rc, ry, rx = sch.get_loops(conv)
         fo, fi = sch.split(ff, [None, co_block])
-        po, pi = sch.split(pix, [None, tile])
-        pv, pl = sch.split(pi, [None, vector])
+        po, pv, pl = sch.split(pix, [None, vectors, vector])
         # Pixel tiles outside channel tiles: a tile's input column (all ci) stays in L1 while
         # every output-channel block consumes it.
         sch.reorder(nn, po, fo, rc, ry, rx, fi, pv, pl)
@@ -66,15 +67,8 @@ class Pointwise(ScheduleRule):
         if last is not None:
             sch.reverse_compute_at(last, outer)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, vector])[1])
-        init = sch.decompose_reduction(conv, rc)
+        sch.decompose_reduction(conv, rc)
         return sch
-
-def _has(sch, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:
-        return False
 
 
 def _unit_stride_no_pad(sch, blocks) -> bool:

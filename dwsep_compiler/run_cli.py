@@ -1,0 +1,125 @@
+"""``dwsep-run``: run a compiled library on a device through TVM RPC, or here with ``--local``.
+A thin shell over `dwsep_compiler.remote.run_library`.
+
+    dwsep-run model.dwsep --rpc-tracker 10.0.0.5:9190 --rpc-key rk3399 --repeat 20
+    dwsep-run model.dwsep --local --inputs inputs.npz --output outputs.npz
+
+Errors the user can act on (unreachable tracker, no server under the key, a server that dies
+mid-run, bad --inputs) print one line on stderr and exit 2; anything unexpected prints one line
+and exits 1 (set DWSEP_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+PROG = "dwsep-run"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Run a dwsep-compile library on a device through a TVM RPC tracker (or on "
+                    "this machine with --local): print the outputs and the median latency.")
+    parser.add_argument("library", metavar="OUT_DIR_OR_LIBRARY",
+                        help="a dwsep-compile output directory, or its model.so")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                       help="address of the TVM RPC tracker the device server registered with")
+    where.add_argument("--local", action="store_true",
+                       help="run on this machine instead (libraries built for it only)")
+    parser.add_argument("--rpc-key", metavar="KEY",
+                        help="device key the server registered under (with --rpc-tracker)")
+    parser.add_argument("--session-timeout", type=_seconds, default=60.0, metavar="S",
+                        help="give up when the tracker grants no session within S seconds "
+                             "[default: 60]")
+    parser.add_argument("--inputs", metavar="FILE.npz",
+                        help="input arrays keyed by input name [default: random, standard "
+                             "normal, of the library's input shapes]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs [0]")
+    parser.add_argument("--repeat", type=_count, default=10, metavar="N",
+                        help="time N runs after the first, print the median (0: no timing) [10]")
+    parser.add_argument("--device", choices=("cpu", "opencl"),
+                        help="device to run on [default: opencl for mali/adreno builds, else cpu]")
+    parser.add_argument("--output", metavar="FILE.npz",
+                        help="save the outputs here, keyed by output name")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="report progress on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.local and not args.rpc_tracker:
+        print(f"{PROG}: error: say where to run: --rpc-tracker HOST:PORT --rpc-key KEY, or "
+              "--local", file=sys.stderr)
+        return 2
+    if args.rpc_tracker and not args.rpc_key:
+        print(f"{PROG}: error: --rpc-tracker needs --rpc-key", file=sys.stderr)
+        return 2
+    if args.local and args.rpc_key:
+        print(f"{PROG}: error: --rpc-key goes with --rpc-tracker, not --local", file=sys.stderr)
+        return 2
+    # Imports after parsing: --help and argument errors stay instant.
+    from .errors import DwsepError
+    from .remote import run_library, save_outputs
+
+    say = (lambda message: print(message, file=sys.stderr, flush=True)) if args.verbose else None
+    try:
+        result = run_library(
+            args.library, tracker=args.rpc_tracker, key=args.rpc_key, inputs=args.inputs,
+            repeat=args.repeat, device=args.device, session_timeout=args.session_timeout,
+            seed=args.seed, log=say)
+        if args.output:
+            save_outputs(result, args.output)
+    except DwsepError as exc:
+        return _exit(f"{PROG}: error: {exc}", exc.exit_code)
+    except KeyboardInterrupt:
+        return _exit(f"{PROG}: interrupted", 130)
+    except Exception as exc:  # a bug of ours: still one line, unless asked for the traceback
+        if os.environ.get("DWSEP_DEBUG"):
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return _exit(f"{PROG}: internal error: {type(exc).__name__}: {first} "
+                     "(set DWSEP_DEBUG=1 for the traceback)", 1)
+    print(result.summary())
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _exit(message: str, code: int) -> int:
+    print(message, file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
