@@ -1,0 +1,1018 @@
+"""Speed that is real: onnxruntime, TVM's default build and our schedules, side by side.
+
+    python bench/speed.py                     # full run (about 8-10 min on 2 cores)
+    python bench/speed.py --quick             # smoke run: Fashion-MNIST CNN + light_vgg19 rank 1
+    python bench/speed.py --models fashion,light_vgg19 --ranks 1,2 --repeats 5 --no-per-op
+
+For every model and rank, in one process, five variants of the same network:
+
+    ort_orig     onnxruntime on the original model
+    ort_fact     onnxruntime on the factorized model (depthwise + pointwise)
+    tvm_default  TVM 0.27's default build of the factorized model (schedule=False: CPU loops
+                 left unscheduled; very slow, so by default 1 timed run when a call takes > 1 s)
+    ours_fact    our schedules on the factorized model
+    ours_orig    our schedules on the original model (rank-independent: built and timed once
+                 per model, the same figure on each rank's row)
+
+Timing: wall clock (time.perf_counter) around one inference call, the same for every variant
+(``session.run`` for onnxruntime, ``vm["main"](*args)`` for the Relax VM, inputs prepared
+beforehand). Warm-up first, then ``--repeats`` rounds; each round calls every variant of the
+model once, round-robin, starting at a different variant each round, so that machine noise hits
+them alike. Variants faster than ``--min-sample-ms`` are called several times per sample and the
+mean of those calls is the sample. Medians, spreads and ratios come from these samples.
+
+Threads: onnxruntime ``intra_op_num_threads=2`` (``--ort-threads``); TVM gets every core this
+process may use (``TVM_NUM_THREADS`` set to that count unless already set or ``--tvm-threads``).
+TVM's own default, with ``TVM_NUM_THREADS`` unset, is half of the logical CPUs on x86 (it assumes
+hyper-threading): 1 thread on a 2-vCPU machine.
+
+Per-op (``--per-op``, on by default): every PrimFunc of the factorized model as our schedules
+leave it (``schedule_module``), built alone and timed with ``time_evaluator`` on random buffers;
+MACs from the conv shapes, bytes = inputs + outputs once each; GFLOP/s and GB/s against this
+machine's SGEMM peak (numpy float32 2048^3 matmul) and copy bandwidth (numpy copy of 256 MB,
+read + write counted), both measured in the same run. Roofline of the factorized model: sum over
+kernels (times their call count) of max(flops / peak, bytes / bandwidth).
+
+Writes ``bench/results/speed-<host>-<date>.json`` and ``.md`` and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+FASHION_MODEL = os.path.join(ROOT, "examples", "fashion_mnist", "fashion_cnn.onnx")
+
+VARIANTS = ("ort_orig", "ort_fact", "tvm_default", "ours_fact", "ours_orig")
+VARIANT_TITLES = {
+    "ort_orig": "ORT orig", "ort_fact": "ORT fact", "tvm_default": "TVM default",
+    "ours_fact": "ours fact", "ours_orig": "ours orig",
+}
+# The rule that scheduled a PrimFunc says what it computes.
+RULE_KINDS = {
+    "Depthwise": "dw", "Pointwise": "pw", "FusedDepthwisePointwise": "dw+pw",
+    "Conv2D": "conv", "Dense": "dense",
+}
+FACTORIZED_KINDS = ("dw", "pw", "dw+pw")
+SLOW_CALL_S = 1.0  # tvm_default calls slower than this get 1 timed run (unless told otherwise)
+QUICK_MODELS = "fashion,light_vgg19"
+
+
+# --- models -------------------------------------------------------------------------------------
+
+@dataclass
+class ModelSpec:
+    name: str
+    load: Callable[[], tuple]  # -> (onnx.ModelProto, {input: shape}, note or None)
+    default_ranks: tuple
+
+
+def _light(name: str) -> ModelSpec:
+    def load():
+        from dwsep_compiler.model import load_model, resolve_input_shapes
+
+        model = load_model(os.path.join(LIGHT_DIR, f"{name}.onnx"))
+        return model, resolve_input_shapes(model), "weights all 0.02: rank 1 is exact"
+
+    return ModelSpec(name, load, ("1", "2"))
+
+
+def _onnx_file(path: str, name: str, ranks=("energy", "2"), note=None) -> ModelSpec:
+    def load():
+        from dwsep_compiler.model import load_model, resolve_input_shapes
+
+        model = load_model(path)
+        return model, resolve_input_shapes(model), note
+
+    return ModelSpec(name, load, ranks)
+
+
+def _ddddocr(width: int) -> ModelSpec:
+    def load():
+        sys.path.insert(0, HERE)
+        import ddddocr_ocr  # bench/ddddocr_ocr.py: finds the model without importing ddddocr
+
+        from dwsep_compiler.model import load_model, resolve_input_shapes, with_fixed_inputs
+
+        full = load_model(ddddocr_ocr.model_path())
+        cut = conv_backbone_output(full)
+        shapes = resolve_input_shapes(full, {ddddocr_ocr.INPUT: (1, 1, 64, width)})
+        # Extractor wants value_info for the cut: a shape-inferred model with the width fixed.
+        inferred = onnx.shape_inference.infer_shapes(with_fixed_inputs(full, shapes))
+        backbone = onnx.utils.Extractor(inferred).extract_model([ddddocr_ocr.INPUT], [cut])
+        return backbone, shapes, f"common.onnx conv backbone (cut at '{cut}', before the LSTM)"
+
+    return ModelSpec("ddddocr", load, ("energy", "2"))
+
+
+_ELEMENTWISE = {"Add", "Mul", "Sigmoid", "Relu", "Clip", "LeakyRelu", "BatchNormalization",
+                "HardSigmoid", "HardSwish", "Tanh"}
+
+
+def conv_backbone_output(model: onnx.ModelProto) -> str:
+    """The output of the last conv block before the first recurrent node: the last Conv's output,
+    followed through the elementwise ops (residual add, SiLU) that only it feeds."""
+    nodes = list(model.graph.node)
+    stop = next((i for i, n in enumerate(nodes) if n.op_type in ("LSTM", "GRU", "RNN")), len(nodes))
+    convs = [n for n in nodes[:stop] if n.op_type == "Conv"]
+    if not convs:
+        raise RuntimeError("no Conv before the recurrent head")
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    tensor = convs[-1].output[0]
+    while True:
+        readers = consumers.get(tensor, [])
+        if len(readers) == 1 and readers[0].op_type in _ELEMENTWISE:
+            tensor = readers[0].output[0]
+        elif (len(readers) == 2 and {r.op_type for r in readers} == {"Sigmoid", "Mul"}
+              and any(r.op_type == "Mul" and any(s.output[0] in r.input for s in readers)
+                      for r in readers)):
+            tensor = next(r for r in readers if r.op_type == "Mul").output[0]  # SiLU
+        else:
+            return tensor
+
+
+def model_specs(names: list[str], ocr_width: int) -> tuple[list[ModelSpec], list[str]]:
+    specs, notes = [], []
+    for name in names:
+        if name == "fashion":
+            specs.append(_onnx_file(FASHION_MODEL, "fashion", ("energy", "2"),
+                                    "Fashion-MNIST example CNN, batch 1"))
+        elif name == "ddddocr":
+            if importlib.util.find_spec("ddddocr") is None:
+                notes.append("ddddocr skipped: not installed (pip install ddddocr==1.6.1 --no-deps)")
+                continue
+            specs.append(_ddddocr(ocr_width))
+        elif name.endswith(".onnx"):
+            specs.append(_onnx_file(name, os.path.splitext(os.path.basename(name))[0]))
+        else:
+            light = name if name.startswith("light_") else f"light_{name}"
+            if not os.path.exists(os.path.join(LIGHT_DIR, f"{light}.onnx")):
+                raise SystemExit(f"unknown model '{name}': fashion, ddddocr, light_<name> "
+                                 f"(from {LIGHT_DIR}) or a path to an .onnx file")
+            specs.append(_light(light))
+    return specs, notes
+
+
+def runtime_ready(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy that runtimes treat fairly: weights listed as graph inputs (old IR versions) are
+    dropped from the inputs, as the rewrite does for the factorized model, so that onnxruntime can
+    constant-fold and prepack them in both; IR version within onnxruntime's range."""
+    from dwsep_compiler.model import MAX_IR_VERSION, graph_inputs
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    real = {v.name for v in graph_inputs(model)}
+    inputs = [v for v in out.graph.input if v.name in real]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    out.ir_version = min(max(out.ir_version, 4), MAX_IR_VERSION)
+    return out
+
+
+def rank_policy(rank: str):
+    from dwsep_compiler.initialization.ranks import RankPolicy
+
+    if rank in ("energy", "e"):
+        return RankPolicy()
+    if rank.startswith("e"):
+        return RankPolicy(energy=float(rank[1:]))
+    if rank == "full":  # the exact rewrite never cuts MACs: force it, to measure it
+        return RankPolicy(rank="full", force=True)
+    return RankPolicy(rank=int(rank))
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+@dataclass
+class Variant:
+    key: str
+    rank: str | None
+    call: Callable[[], object]
+    output: Callable[[object], np.ndarray]  # the first model output as numpy
+    repeats: int
+    reference: str | None = None  # the variant whose output this one must match
+    number: int = 1  # calls per sample
+    warmup_s: list = field(default_factory=list)
+    samples: list = field(default_factory=list)
+    first_output: np.ndarray | None = None
+    repeats_note: str | None = None
+
+
+def warm_up(variant: Variant, min_total_s: float = 0.3, max_calls: int = 20) -> None:
+    """Call until ``min_total_s`` has been spent (at most ``max_calls``; one call if slow)."""
+    while True:
+        start = time.perf_counter()
+        result = variant.call()
+        variant.warmup_s.append(time.perf_counter() - start)
+        if variant.first_output is None:
+            variant.first_output = variant.output(result)
+        if sum(variant.warmup_s) >= min_total_s or len(variant.warmup_s) >= max_calls:
+            break
+
+
+def interleaved(variants: list[Variant], min_sample_s: float, gap_s: float) -> None:
+    """Round-robin over warmed-up variants: round i times each variant that still needs samples
+    once, starting at variant i mod k. A sample is the mean of ``number`` back-to-back calls,
+    enough calls to last ``min_sample_s`` (by the warm-up's estimate)."""
+    for variant in variants:
+        estimate = float(np.median(variant.warmup_s[-3:]))
+        variant.number = max(1, min(1000, math.ceil(min_sample_s / max(estimate, 1e-7))))
+    rounds = max(v.repeats for v in variants)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(rounds):
+            active = [v for v in variants if len(v.samples) < v.repeats]
+            shift = i % len(active)
+            for variant in active[shift:] + active[:shift]:
+                start = time.perf_counter()
+                for _ in range(variant.number):
+                    variant.call()
+                variant.samples.append((time.perf_counter() - start) / variant.number)
+                time.sleep(gap_s)  # let the previous variant's spinning thread pool go idle
+    finally:
+        gc.enable()
+
+
+def stats(samples: list[float]) -> dict:
+    ms = np.asarray(samples) * 1e3
+    q25, median, q75 = np.percentile(ms, [25, 50, 75])
+    return {"median_ms": float(median), "min_ms": float(ms.min()), "max_ms": float(ms.max()),
+            "iqr_ms": float(q75 - q25), "spread_pct": float(100 * (q75 - q25) / median),
+            "samples_ms": [round(float(v), 4) for v in ms]}
+
+
+def rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    actual = np.asarray(actual, np.float64).reshape(-1)
+    expected = np.asarray(expected, np.float64).reshape(-1)
+    if actual.shape != expected.shape:
+        return float("inf")
+    scale = max(float(np.max(np.abs(expected))), 1e-30)
+    return float(np.max(np.abs(actual - expected)) / scale)
+
+
+def ort_variant(key, rank, model: onnx.ModelProto, inputs: dict, threads: int, repeats: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = dict(inputs)
+    return Variant(key, rank, lambda: session.run(None, feed), lambda out: np.asarray(out[0]),
+                   repeats)
+
+
+def tvm_variant(key, rank, executable, inputs: dict, repeats: int, reference: str):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    main = vm["main"]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs.values()]
+
+    def first(out):
+        while not hasattr(out, "numpy"):
+            out = out[0]
+        return out.numpy()
+
+    return Variant(key, rank, lambda: main(*args), first, repeats, reference)
+
+
+# --- machine limits -----------------------------------------------------------------------------
+
+def machine_limits(label: str, repeats: int = 5) -> dict:
+    """SGEMM peak (numpy float32 2048^3) and copy bandwidth (numpy copy of 256 MB; read + write
+    counted): the best of ``repeats``, with the medians."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2048, 2048), dtype=np.float32)
+    b = rng.standard_normal((2048, 2048), dtype=np.float32)
+    a @ b
+    gemm = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        gemm.append(time.perf_counter() - start)
+    src = np.ones(64 * 1024 * 1024, np.float32)  # 256 MB
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    copy = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        copy.append(time.perf_counter() - start)
+    flops = 2 * 2048 ** 3
+    moved = 2 * src.nbytes
+    return {"when": label, "sgemm_gflops": flops / min(gemm) / 1e9,
+            "sgemm_gflops_median": flops / float(np.median(gemm)) / 1e9,
+            "copy_gbs": moved / min(copy) / 1e9,
+            "copy_gbs_median": moved / float(np.median(copy)) / 1e9}
+
+
+def best_limits(runs: list[dict]) -> dict:
+    """The machine's limits: the best of the measurements taken during the run (a busy moment
+    only lowers a measurement)."""
+    return {"sgemm_gflops": max(r["sgemm_gflops"] for r in runs),
+            "copy_gbs": max(r["copy_gbs"] for r in runs), "runs": runs}
+
+
+# --- per-op -------------------------------------------------------------------------------------
+
+def _shape(param) -> list[int]:
+    return [int(d) for d in param.shape]
+
+
+def _nbytes(param) -> int:
+    import tvm
+
+    return math.prod(_shape(param)) * tvm.runtime.DataType(str(param.dtype)).bits // 8
+
+
+def conv_macs(func, kind: str) -> int | None:
+    """MACs from the PrimFunc's params: data [N,C,H,W], weight [O,I,kh,kw] (fused: depthwise
+    [M*r,1,kh,kw] then pointwise [O,M*r,1,1]), output [N,O,Ho,Wo] last."""
+    shapes = [_shape(p) for p in func.params]
+    if len(shapes) < 3 or any(len(s) != 4 for s in (shapes[0], shapes[1], shapes[-1])):
+        return None
+    out = shapes[-1]
+    batch, pixels = out[0], out[2] * out[3]
+    if kind == "dw+pw":
+        dw, pw = shapes[1], shapes[2]
+        return batch * pixels * (dw[0] * dw[2] * dw[3] + pw[0] * pw[1])
+    o, i, kh, kw = shapes[1]
+    if o != out[1]:
+        return None
+    return batch * pixels * o * i * kh * kw
+
+
+def reduction_macs(func) -> int:
+    """Sum over blocks with a reduction of their iteration-domain size (the MACs of conv and
+    matmul blocks; loop transformations keep the domain size)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    total = 0
+
+    def walk(block):
+        nonlocal total
+        for child in sch.get_child_blocks(block):
+            iters = sch.get(child).iter_vars
+            if any(int(iv.iter_type) == 2 for iv in iters):
+                total += math.prod(int(iv.dom.extent) for iv in iters)
+            walk(child)
+
+    walk(sch.get_sblock("root"))
+    return total
+
+
+def call_counts(mod) -> dict[str, int]:
+    """How many times each PrimFunc is called from the Relax functions (identical layers share
+    one PrimFunc)."""
+    import tvm
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op == call_tir:
+            counts[expr.args[0].name_hint] = counts.get(expr.args[0].name_hint, 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return counts
+
+
+def describe(func, kind: str) -> str:
+    shapes = [_shape(p) for p in func.params]
+    if kind not in RULE_KINDS.values() or len(shapes[0]) != 4 or len(shapes[-1]) != 4:
+        return " ".join("x".join(map(str, s)) for s in shapes)
+    x, w, out = shapes[0], shapes[1], shapes[-1]
+    text = f"{x[1]}x{x[2]}x{x[3]} -> {out[1]}x{out[2]}x{out[3]}"
+    if kind in ("dw", "dw+pw"):
+        text += f" k{w[2]}x{w[3]} r{w[0] // x[1]}"
+    elif kind == "conv":
+        text += f" k{w[2]}x{w[3]}"
+    return text
+
+
+def scheduled_kernels(mod, target) -> tuple[list[dict], dict]:
+    """Every PrimFunc of ``mod`` as our rules schedule it, with its kind, call count, MACs and
+    bytes; plus the schedule_module mapping."""
+    import tvm
+
+    from dwsep_compiler.schedules import schedule_module
+
+    scheduled, applied = schedule_module(mod, target)
+    counts = call_counts(scheduled)
+    kernels = []
+    for gvar, func in scheduled.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        name = gvar.name_hint
+        rule = applied.get(name)
+        kind = RULE_KINDS.get(rule, "other")
+        entry = {"name": name, "rule": rule, "kind": kind, "calls": counts.get(name, 0),
+                 "params": [[*_shape(p), str(p.dtype)] for p in func.params]
+                 if all(hasattr(p, "shape") for p in func.params) else None}
+        if entry["params"] is None:
+            entry["skip"] = "non-buffer params"
+            kernels.append(entry)
+            continue
+        entry["bytes"] = sum(_nbytes(p) for p in func.params)
+        entry["shape"] = describe(func, kind)
+        macs = 0
+        if kind in RULE_KINDS.values():
+            by_domain = reduction_macs(func)
+            by_params = conv_macs(func, kind) if kind != "dense" else None
+            macs = by_params if by_params is not None else by_domain
+            if by_params is not None and by_params != by_domain:
+                entry["macs_note"] = f"params give {by_params}, block domains {by_domain}"
+        entry["macs"] = int(macs)
+        entry["_func"] = func
+        kernels.append(entry)
+    return kernels, applied
+
+
+def time_kernels(kernels: list[dict], target, repeats: int) -> None:
+    """Build each PrimFunc alone and time it on random buffers (``time_evaluator``)."""
+    import tvm
+
+    dev = tvm.cpu()
+    rng = np.random.default_rng(0)
+    for entry in kernels:
+        func = entry.pop("_func", None)
+        if func is None:
+            continue
+        if any(not str(p.dtype).startswith("float") for p in func.params):
+            entry["skip"] = "non-float params (random values would be invalid)"
+            continue
+        try:
+            started = time.perf_counter()
+            lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                 target=target)
+            entry["build_s"] = round(time.perf_counter() - started, 3)
+            args = [tvm.runtime.tensor(rng.standard_normal(_shape(p)).astype(str(p.dtype)), dev)
+                    for p in func.params]
+            result = lib.time_evaluator("main", dev, number=1, repeat=repeats,
+                                        min_repeat_ms=20)(*args)
+        except Exception as exc:  # a kernel that does not build alone must not end the run
+            entry["skip"] = f"{type(exc).__name__}: {_first_line(exc)}"
+            continue
+        seconds = float(result.median)
+        entry["time_us"] = seconds * 1e6
+        entry["time_spread_pct"] = float(100 * (np.percentile(result.results, 75)
+                                                - np.percentile(result.results, 25)) / seconds)
+
+
+def kernel_figures(kernels: list[dict], limits: dict) -> None:
+    """Achieved GFLOP/s and GB/s against the machine's limits; roofline time per kernel."""
+    peak = limits["sgemm_gflops"] * 1e9
+    bandwidth = limits["copy_gbs"] * 1e9
+    for entry in kernels:
+        if "bytes" not in entry:
+            continue
+        flops = 2 * entry["macs"]
+        entry["roofline_us"] = 1e6 * max(flops / peak, entry["bytes"] / bandwidth)
+        if "time_us" not in entry:
+            continue
+        seconds = entry["time_us"] / 1e6
+        entry["gflops"] = flops / seconds / 1e9
+        entry["gbs"] = entry["bytes"] / seconds / 1e9
+        entry["peak_pct"] = 100 * flops / seconds / peak
+        entry["bandwidth_pct"] = 100 * entry["bytes"] / seconds / bandwidth
+        entry["roofline_efficiency"] = entry["roofline_us"] / entry["time_us"]
+
+
+def finish_per_op(model: dict, machine: dict) -> None:
+    """Per-kernel figures and the roofline summary, once the machine's limits are known."""
+    for entry in model["ranks"].values():
+        if "kernels" not in entry:
+            continue
+        kernel_figures(entry["kernels"], machine)
+        entry["roofline"] = summary = kernel_summary(entry["kernels"])
+        ours = entry["variants"].get("ours_fact")
+        if ours:
+            summary["ours_fact_ms"] = ours["median_ms"]
+            summary["ours_over_roofline"] = ours["median_ms"] / summary["roofline_ms"]
+
+
+def kernel_summary(kernels: list[dict]) -> dict:
+    """Totals per kind (weighted by call count) and the model's roofline."""
+    by_kind: dict[str, dict] = {}
+    for entry in kernels:
+        if "roofline_us" not in entry:
+            continue
+        calls = entry["calls"] or 0
+        total = by_kind.setdefault(entry["kind"], {"kernels": 0, "calls": 0, "macs": 0, "bytes": 0,
+                                                    "roofline_ms": 0.0, "time_ms": 0.0,
+                                                    "untimed": 0})
+        total["kernels"] += 1
+        total["calls"] += calls
+        total["macs"] += calls * entry["macs"]
+        total["bytes"] += calls * entry["bytes"]
+        total["roofline_ms"] += calls * entry["roofline_us"] / 1e3
+        if "time_us" in entry:
+            total["time_ms"] += calls * entry["time_us"] / 1e3
+        else:
+            total["untimed"] += 1
+    roofline = sum(t["roofline_ms"] for t in by_kind.values())
+    timed = sum(t["time_ms"] for t in by_kind.values())
+    return {"by_kind": by_kind, "roofline_ms": roofline, "kernel_time_sum_ms": timed,
+            "untimed_kernels": sum(t["untimed"] for t in by_kind.values())}
+
+
+# --- one model ----------------------------------------------------------------------------------
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+class Clock:
+    """Wall time of named phases (for estimating run length)."""
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = round(self.phases.get(name, 0.0) + seconds, 3)
+
+
+def bench_model(spec: ModelSpec, ranks: list[str], args, preset, limits: list, log) -> dict:
+    """Every variant of one model at every rank; ``limits`` collects machine-limit runs."""
+    from dwsep_compiler.compile import build, import_onnx
+    from dwsep_compiler.passes.onnx_factorize import factorize_onnx
+
+    clock = Clock()
+    started = time.perf_counter()
+    model, shapes, note = spec.load()
+    model = runtime_ready(model)
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    clock.add("load", time.perf_counter() - started)
+    result = {"model": spec.name, "note": note, "input_shapes": {k: list(v) for k, v in shapes.items()},
+              "ranks": {}, "errors": []}
+    variants: list[Variant] = []
+    repeats = args.repeats
+
+    def add(key, rank, make, phase):
+        t0 = time.perf_counter()
+        try:
+            variant = make()
+        except Exception as exc:
+            message = f"{key}{'' if rank is None else f' rank {rank}'}: {_first_line(exc)}"
+            result["errors"].append(message)
+            log(f"  ! {message}")
+            return None
+        finally:
+            clock.add(phase, time.perf_counter() - t0)
+        variants.append(variant)
+        return variant
+
+    def compiled(tvm_model, schedule: bool, tag: str):
+        """(executable, Relax module, import seconds, build seconds)."""
+        t0 = time.perf_counter()
+        mod = import_onnx(tvm_model, shapes)
+        t1 = time.perf_counter()
+        executable = build(mod, preset, schedule=schedule)
+        t2 = time.perf_counter()
+        log(f"  {tag}: import {t1 - t0:.1f} s, build {t2 - t1:.1f} s")
+        return executable, mod, t1 - t0, t2 - t1
+
+    add("ort_orig", None, lambda: ort_variant("ort_orig", None, model, inputs, args.ort_threads,
+                                              repeats), "ort_session")
+    ours_orig_compile = {}
+
+    def make_ours_orig():
+        executable, _, import_s, build_s = compiled(model, True, "ours orig")
+        ours_orig_compile.update(import_s=import_s, build_s=build_s)
+        return tvm_variant("ours_orig", None, executable, inputs, repeats, "ort_orig")
+
+    add("ours_orig", None, make_ours_orig, "compile_ours")
+    mods = {}
+    for rank in ranks:
+        t0 = time.perf_counter()
+        factorized = factorize_onnx(model, shapes, rank_policy(rank))
+        clock.add("factorize", time.perf_counter() - t0)
+        fact_model = runtime_ready(factorized.model)
+        layers = factorized.layers
+        before = sum(layer.macs_before for layer in layers)
+        after = sum(layer.macs_after for layer in layers)
+        done = [layer for layer in layers if layer.factorized]
+        entry = {"conv_macs_ratio": after / before if before else None,
+                 "convs": len(layers), "factorized": len(done),
+                 "layer_ranks": sorted({layer.rank for layer in done}),
+                 "compile": {}, "variants": {}}
+        result["ranks"][rank] = entry
+        log(f"  rank {rank}: {len(done)}/{len(layers)} convs factorized, conv MACs "
+            f"{entry['conv_macs_ratio']:.3f}x")
+        add("ort_fact", rank, lambda: ort_variant("ort_fact", rank, fact_model, inputs,
+                                                  args.ort_threads, repeats), "ort_session")
+        if not args.skip_tvm_default:
+            def make_default():
+                executable, _, import_s, build_s = compiled(fact_model, False, "TVM default fact")
+                entry["compile"]["tvm_default"] = {"import_s": import_s, "build_s": build_s}
+                variant = tvm_variant("tvm_default", rank, executable, inputs, repeats, "ort_fact")
+                variant.repeats = args.tvm_default_repeats or repeats
+                return variant
+
+            add("tvm_default", rank, make_default, "compile_tvm_default")
+
+        def make_ours():
+            executable, mod, import_s, build_s = compiled(fact_model, True, "ours fact")
+            entry["compile"]["ours_fact"] = {"import_s": import_s, "build_s": build_s}
+            mods[rank] = mod
+            return tvm_variant("ours_fact", rank, executable, inputs, repeats, "ort_fact")
+
+        add("ours_fact", rank, make_ours, "compile_ours")
+
+    # Slow default builds: one timed run unless told otherwise (their warm-up says how slow).
+    t0 = time.perf_counter()
+    for variant in variants:
+        warm_up(variant)
+    for variant in variants:
+        if (variant.key == "tvm_default" and not args.tvm_default_repeats
+                and float(np.median(variant.warmup_s)) > SLOW_CALL_S):
+            variant.repeats = 1
+            variant.repeats_note = f"1 timed run (a call takes > {SLOW_CALL_S:g} s)"
+    clock.add("warm_up", time.perf_counter() - t0)
+    log(f"  timing {len(variants)} variants, {repeats} rounds, interleaved ...")
+    t0 = time.perf_counter()
+    interleaved(variants, args.min_sample_ms / 1e3, args.gap_ms / 1e3)
+    clock.add("timing", time.perf_counter() - t0)
+
+    references = {(v.key, v.rank): v for v in variants}
+    for variant in variants:
+        stat = stats(variant.samples)
+        stat.update(repeats=len(variant.samples), calls_per_sample=variant.number,
+                    warmup_calls=len(variant.warmup_s))
+        if variant.repeats_note:
+            stat["note"] = variant.repeats_note
+        if variant.reference:
+            reference = references.get((variant.reference, variant.rank))
+            if reference is not None:
+                stat["max_rel_error_vs_ort"] = rel_error(variant.first_output,
+                                                         reference.first_output)
+        if variant.key == "ort_fact":
+            stat["max_rel_error_vs_original"] = rel_error(
+                variant.first_output, references[("ort_orig", None)].first_output) \
+                if ("ort_orig", None) in references else None
+        if variant.rank is None:
+            result.setdefault("original", {})[variant.key] = stat
+        else:
+            result["ranks"][variant.rank]["variants"][variant.key] = stat
+    if ours_orig_compile:
+        result.setdefault("original", {})["ours_orig_compile"] = ours_orig_compile
+    for variant in variants:  # free executables and sessions before per-op
+        variant.call = variant.output = None
+    variants.clear()
+    gc.collect()
+
+    if args.per_op:
+        target = preset.tvm_target()
+        for rank, mod in mods.items():
+            t0 = time.perf_counter()
+            limits.append(machine_limits(f"before per-op {spec.name} rank {rank}"))
+            try:
+                kernels, _ = scheduled_kernels(mod, target)
+                time_kernels(kernels, target, args.per_op_repeats)
+            except Exception as exc:
+                result["errors"].append(f"per-op rank {rank}: {_first_line(exc)}")
+                log(f"  ! per-op rank {rank}: {_first_line(exc)}")
+                continue
+            finally:
+                clock.add("per_op", time.perf_counter() - t0)
+            for kernel in kernels:
+                kernel.pop("_func", None)
+            result["ranks"][rank]["kernels"] = kernels
+            log(f"  per-op rank {rank}: {len(kernels)} kernels "
+                f"({time.perf_counter() - t0:.0f} s)")
+    mods.clear()
+    result["phase_seconds"] = clock.phases
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+# --- report -------------------------------------------------------------------------------------
+
+def _ms(stat: dict | None) -> str:
+    if not stat:
+        return "-"
+    value = stat["median_ms"]
+    text = f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    if stat.get("repeats", 0) < 3:
+        text += f" ({stat['repeats']} run{'s' if stat['repeats'] > 1 else ''})"
+    if stat.get("max_rel_error_vs_ort", 0) > 1e-3:
+        text += " (!)"
+    return text
+
+
+def _ratio(numerator: dict | None, denominator: dict | None) -> str:
+    if not numerator or not denominator:
+        return "-"
+    return f"{numerator['median_ms'] / denominator['median_ms']:.2f}"
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    quick = " (--quick smoke run)" if report["settings"]["quick"] else ""
+    lines = [f"# Speed: {env['host']}, {report['date']}{quick}", "",
+             f"{env['cpu']}, {env['cpus']} CPUs usable; load average {env['load_before']} before, "
+             f"{env['load_after']} after. onnxruntime {env['onnxruntime']} with "
+             f"{report['settings']['ort_threads']} intra-op threads; TVM {env['tvm']} with "
+             f"{env['tvm_threads']} threads (TVM_NUM_THREADS={env['tvm_num_threads_env']}). "
+             f"Git {env['git']}, schedules hash {env['schedules_hash']}.", "",
+             f"Wall clock around one inference call (perf_counter), medians of "
+             f"{report['settings']['repeats']} interleaved rounds after warm-up. "
+             "Speedups: reference ms / ours-fact ms (> 1: ours is faster). `(1 run)`: timed once; "
+             "`(!)`: output differs from onnxruntime on the same model by > 1e-3 (relative). "
+             "`ours orig` is rank-independent (one build, one measurement per model).", "",
+             "| model | rank | conv MAC ratio | ORT orig ms | ORT fact ms | TVM default ms | "
+             "ours fact ms | ours orig ms | ours-fact vs ORT-fact (x) | ours-fact vs ORT-orig (x) "
+             "| ours compile s (fact / orig) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model in report["models"]:
+        original = model.get("original", {})
+        orig_compile = original.get("ours_orig_compile")
+        for rank, entry in model["ranks"].items():
+            v = entry["variants"]
+            fact_compile = entry["compile"].get("ours_fact")
+            compile_text = (f"{sum(fact_compile.values()):.1f}" if fact_compile else "-") + " / " + (
+                f"{sum(orig_compile.values()):.1f}" if orig_compile else "-")
+            tvm_default = ("skipped" if report["settings"]["skip_tvm_default"]
+                           else _ms(v.get("tvm_default")))
+            ratio = entry["conv_macs_ratio"]
+            lines.append(
+                f"| {model['model']} | {rank} | {'-' if ratio is None else f'{ratio:.3f}'} | "
+                f"{_ms(original.get('ort_orig'))} | {_ms(v.get('ort_fact'))} | {tvm_default} | "
+                f"{_ms(v.get('ours_fact'))} | {_ms(original.get('ours_orig'))} | "
+                f"{_ratio(v.get('ort_fact'), v.get('ours_fact'))} | "
+                f"{_ratio(original.get('ort_orig'), v.get('ours_fact'))} | {compile_text} |")
+    machine = report["machine"]
+    runs = machine["runs"]
+    lines += ["", f"Machine (same run, best of {len(runs)} measurements spread over the run): SGEMM "
+              f"peak {machine['sgemm_gflops']:.1f} GFLOP/s (numpy float32 2048^3; measurements "
+              f"{', '.join(str(round(r['sgemm_gflops'])) for r in runs)}), copy bandwidth "
+              f"{machine['copy_gbs']:.1f} GB/s (numpy copy of 256 MB, read + write counted; "
+              f"{', '.join(str(round(r['copy_gbs'], 1)) for r in runs)}).", "",
+              "## Spread", "",
+              "| model | rank | variant | median ms | min | max | IQR % | samples x calls | "
+              "rel. error vs ORT |", "|---|---|---|---|---|---|---|---|---|"]
+    for model in report["models"]:
+        rows = [(None, k, s) for k, s in model.get("original", {}).items() if k in VARIANTS]
+        rows += [(r, k, s) for r, e in model["ranks"].items() for k, s in e["variants"].items()]
+        for rank, key, s in rows:
+            error = s.get("max_rel_error_vs_ort")
+            lines.append(f"| {model['model']} | {rank or 'orig'} | {VARIANT_TITLES[key]} | "
+                         f"{s['median_ms']:.3f} | {s['min_ms']:.3f} | {s['max_ms']:.3f} | "
+                         f"{s['spread_pct']:.1f} | {s['repeats']} x {s['calls_per_sample']} | "
+                         f"{'-' if error is None else f'{error:.1e}'} |")
+    roofline_rows = [(m, r, e) for m in report["models"] for r, e in m["ranks"].items()
+                     if "roofline" in e]
+    if roofline_rows:
+        lines += ["", "## Roofline of the factorized model (ours)", "",
+                  "Per kernel max(2*MACs / SGEMM peak, bytes / copy bandwidth), times its call "
+                  "count, summed. `kernel sum`: the standalone kernel times (random buffers, "
+                  "warm caches) summed the same way; ours fact: the whole model in the VM.", "",
+                  "| model | rank | roofline ms | kernel sum ms | ours fact ms | ours / roofline "
+                  "| dw ms (roofline) | pw ms (roofline) | dw+pw ms (roofline) | conv ms (roofline) "
+                  "| dense ms (roofline) | other ms (roofline) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for model, rank, entry in roofline_rows:
+            roof = entry["roofline"]
+            kinds = roof["by_kind"]
+
+            def cell(kind_names):
+                chosen = [kinds[k] for k in kind_names if k in kinds]
+                if not chosen:
+                    return "-"
+                return (f"{sum(c['time_ms'] for c in chosen):.2f} "
+                        f"({sum(c['roofline_ms'] for c in chosen):.2f})")
+
+            other = [k for k in kinds if k not in ("dw", "pw", "dw+pw", "conv", "dense")]
+            ratio = roof.get("ours_over_roofline")
+            lines.append(f"| {model['model']} | {rank} | {roof['roofline_ms']:.2f} | "
+                         f"{roof['kernel_time_sum_ms']:.2f} | "
+                         f"{roof.get('ours_fact_ms', float('nan')):.2f} | "
+                         f"{'-' if ratio is None else f'{ratio:.1f}'} | {cell(['dw'])} | "
+                         f"{cell(['pw'])} | {cell(['dw+pw'])} | {cell(['conv'])} | "
+                         f"{cell(['dense'])} | {cell(other)} |")
+        lines += ["", "## Per-op: depthwise and pointwise kernels (ours, factorized model)", "",
+                  "Each scheduled PrimFunc built alone, `time_evaluator` median on random buffers "
+                  "(warm caches). GFLOP/s = 2*MACs/time; GB/s = (inputs + outputs bytes)/time; "
+                  "% of the SGEMM peak and copy bandwidth above; eff. = roofline time / time.", ""]
+        for model, rank, entry in roofline_rows:
+            rows = [k for k in entry["kernels"] if k["kind"] in FACTORIZED_KINDS + ("conv",)]
+            if not rows:
+                continue
+            lines += [f"### {model['model']} rank {rank}", "",
+                      "| kernel | kind | shape (C x H x W -> O x Ho x Wo) | calls | MMACs | us | "
+                      "GFLOP/s | % peak | GB/s | % bw | roofline us | eff. |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for k in rows:
+                if "time_us" not in k:
+                    lines.append(f"| {k['name']} | {k['kind']} | {k.get('shape', '')} | "
+                                 f"{k['calls']} | {k.get('macs', 0) / 1e6:.2f} | "
+                                 f"{k.get('skip', 'untimed')} | | | | | | |")
+                    continue
+                lines.append(
+                    f"| {k['name']} | {k['kind']} | {k['shape']} | {k['calls']} | "
+                    f"{k['macs'] / 1e6:.2f} | {k['time_us']:.1f} | {k['gflops']:.1f} | "
+                    f"{k['peak_pct']:.0f} | {k['gbs']:.1f} | {k['bandwidth_pct']:.0f} | "
+                    f"{k['roofline_us']:.1f} | {k['roofline_efficiency']:.2f} |")
+            lines.append("")
+    notes = report.get("notes", []) + [f"{m['model']}: {e}" for m in report["models"]
+                                       for e in m["errors"]]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main_table(text: str) -> str:
+    """The markdown up to the spread section (what the terminal shows)."""
+    return text.split("\n## Spread")[0]
+
+
+# --- environment --------------------------------------------------------------------------------
+
+def _git() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return head + (" (dirty)" if dirty else "") if head else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _schedules_hash() -> str:
+    """Which kernels were measured: a hash of schedules/ and the passes the CPU pipeline runs."""
+    digest = hashlib.sha256()
+    for folder in ("schedules", "passes"):
+        for base, _, files in sorted(os.walk(os.path.join(ROOT, folder))):
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    with open(os.path.join(base, name), "rb") as handle:
+                        digest.update(name.encode() + handle.read())
+    return digest.hexdigest()[:12]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args) -> dict:
+    import onnxruntime
+    import tvm
+
+    return {"host": socket.gethostname(), "cpu": _cpu_name(),
+            "cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+            "python": platform.python_version(), "tvm": tvm.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__,
+            "tvm_threads": int(tvm.get_global_func("runtime.NumThreads")()),
+            "tvm_num_threads_env": os.environ.get("TVM_NUM_THREADS"),
+            "git": _git(), "schedules_hash": _schedules_hash(),
+            "load_before": [round(v, 2) for v in os.getloadavg()]}
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="light_vgg19,light_resnet50,fashion,ddddocr",
+                        help="comma list: light_<name> (onnx wheel), fashion, ddddocr, or an .onnx "
+                             "path (default: %(default)s)")
+    parser.add_argument("--ranks", default=None,
+                        help="comma list of ranks for every model: integers, 'full', 'energy' "
+                             "(the default --energy 0.95) or e<E>. Default per model: light "
+                             "models 1,2; fashion and ddddocr energy,2")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (min 3)")
+    parser.add_argument("--skip-tvm-default", action="store_true",
+                        help="do not build or time TVM's default (unscheduled) build")
+    parser.add_argument("--tvm-default-repeats", type=int, default=None,
+                        help=f"timed runs of TVM default (default: --repeats, or 1 when a call "
+                             f"takes > {SLOW_CALL_S:g} s)")
+    parser.add_argument("--per-op", action=argparse.BooleanOptionalAction, default=True,
+                        help="time each kernel of the factorized model alone; roofline")
+    parser.add_argument("--per-op-repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run: {QUICK_MODELS} (vgg19 at rank 1 only), 3 repeats")
+    parser.add_argument("--ort-threads", type=int, default=2)
+    parser.add_argument("--tvm-threads", type=int, default=None,
+                        help="TVM_NUM_THREADS (default: every CPU this process may use)")
+    parser.add_argument("--min-sample-ms", type=float, default=20.0,
+                        help="faster variants are called several times per sample")
+    parser.add_argument("--gap-ms", type=float, default=5.0,
+                        help="pause between calls of different variants")
+    parser.add_argument("--ocr-width", type=int, default=192, help="ddddocr input width")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        if args.models == parser.get_default("models"):
+            args.models = QUICK_MODELS
+        if args.repeats == parser.get_default("repeats"):
+            args.repeats = 3
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.tvm_threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.tvm_threads)
+    else:  # TVM's own default is half the logical CPUs on x86
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    from dwsep_compiler.targets import resolve_target
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    now = datetime.datetime.now()
+    env = environment(args)
+    preset = resolve_target("host")
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    specs, notes = model_specs(names, args.ocr_width)
+    log("machine limits ...")
+    limits = [machine_limits("start")]
+    log(f"  SGEMM {limits[0]['sgemm_gflops']:.1f} GFLOP/s, copy {limits[0]['copy_gbs']:.1f} GB/s; "
+        f"TVM threads {env['tvm_threads']}, onnxruntime threads {args.ort_threads}")
+    models = []
+    for spec in specs:
+        ranks = ([r.strip() for r in args.ranks.split(",") if r.strip()] if args.ranks
+                 else list(spec.default_ranks))
+        if args.quick and spec.name.startswith("light_") and not args.ranks:
+            ranks = ranks[:1]
+        log(f"{spec.name}: ranks {', '.join(ranks)}")
+        try:
+            models.append(bench_model(spec, ranks, args, preset, limits, log))
+        except Exception as exc:
+            notes.append(f"{spec.name} failed: {_first_line(exc)}")
+            log(f"  ! {spec.name} failed: {_first_line(exc)}")
+        log(f"  {spec.name} done ({time.perf_counter() - started:.0f} s so far)")
+    limits.append(machine_limits("end"))
+    machine = best_limits(limits)
+    for model in models:
+        finish_per_op(model, machine)
+    env["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    settings = {k: getattr(args, k) for k in ("models", "ranks", "repeats", "skip_tvm_default",
+                                              "tvm_default_repeats", "per_op", "per_op_repeats",
+                                              "quick", "ort_threads", "min_sample_ms", "gap_ms",
+                                              "ocr_width")}
+    settings["timing"] = ("wall clock (time.perf_counter) around one call: session.run / "
+                          "vm['main'](*args); interleaved round-robin after warm-up")
+    report = {"date": now.isoformat(timespec="seconds"), "environment": env, "settings": settings,
+              "machine": machine, "models": models, "notes": notes,
+              "wall_s": round(time.perf_counter() - started, 1)}
+    text = markdown(report)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"speed-{env['host']}-{now:%Y%m%d-%H%M}"
+                        + ("-quick" if args.quick else ""))
+    with open(stem + ".json", "w") as handle:
+        json.dump(report, handle, indent=1)
+    with open(stem + ".md", "w") as handle:
+        handle.write(text)
+    print(main_table(text))
+    log(f"wrote {stem}.json and {stem}.md ({report['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
