@@ -1,5 +1,9 @@
 """``dwsep-compile``: a thin shell over `dwsep_compiler.compile_model`.
 
+Ranks: ``--rank``, ``--energy``, ``--macs-ratio`` or ``--max-error`` (at most one); with none,
+``--energy 0.95``. ``--calibration`` adds sequential layer-wise distillation of every factorized
+layer on real inputs; without it the factors are data-free SVD and the report warns.
+
 Errors the user can act on print one line on stderr and exit 2; anything unexpected prints one
 line and exits 1 (set DWSEP_DEBUG=1 for the traceback).
 """
@@ -36,6 +40,30 @@ def _energy(text: str) -> float:
     return value
 
 
+def _fraction(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number in (0, 1], not {text!r}")
+        if not 0.0 < value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{what} must be in (0, 1], not {value}")
+        return value
+    return parse
+
+
+def _positive(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive number, not {text!r}")
+        if not value > 0.0:
+            raise argparse.ArgumentTypeError(f"{what} must be > 0, not {value}")
+        return value
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -56,7 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="depth multiplier r for every layer: an integer, or 'full' (exact)")
     ranks.add_argument("--energy", type=_energy,
                        help="per layer, the smallest r keeping this fraction of the squared "
-                            "singular values [default: 0.95]")
+                            "singular values [default when no rank flag: 0.95]")
+    ranks.add_argument("--macs-ratio", type=_fraction("macs ratio"), metavar="F",
+                       help="allocate ranks across layers so that conv MACs <= F x original "
+                            "with the least error (output error on --calibration data, else "
+                            "SVD weight error)")
+    ranks.add_argument("--max-error", type=_positive("max error"), metavar="E",
+                       help="per layer, the smallest rank whose relative error is <= E (output "
+                            "error on --calibration data, else weight error); layers that "
+                            "cannot reach it are kept")
+    parser.add_argument("--calibration", metavar="FILE.npz|DIR",
+                        help="real inputs (.npz keyed by input name, first axis = samples; or a "
+                             ".npy, or a directory of them): distill every factorized layer "
+                             "against the original model by least squares. Without it the "
+                             "factors are data-free SVD, which can ruin trained models")
+    parser.add_argument("--teacher", choices=("original", "local"), default="original",
+                        help="distillation target: the original model's layer output on the "
+                             "original activations, or the original conv on the rewritten "
+                             "model's activations [default: original]")
     parser.add_argument("--force-rewrite", action="store_true",
                         help="rewrite layers even where the rank would not cut MACs "
                              "(e.g. to check --rank full)")
@@ -97,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             args.model, target=args.target, output_dir=args.output, rank=args.rank,
             energy=args.energy, force=args.force_rewrite, skip=args.skip,
             input_shapes=parse_input_shapes(args.input_shape), compile=not args.no_compile,
-            cross_compiler=args.cross_compiler, verify=not args.no_verify, log=say)
+            cross_compiler=args.cross_compiler, verify=not args.no_verify, log=say,
+            calibration=args.calibration, macs_ratio=args.macs_ratio, max_error=args.max_error,
+            teacher=args.teacher)
     except NoEligibleConvs as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

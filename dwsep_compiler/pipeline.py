@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,10 +20,14 @@ import onnxruntime as ort
 
 from . import compile as tvm_compile
 from .errors import DwsepError
+from .initialization import allocation
+from .initialization.calibration import (CalibrationSet, TEACHERS, distill_layers,
+                                         load_calibration, rank_curves)
 from .initialization.ranks import RankPolicy
 from .macs import model_macs
 from .model import (graph_inputs, load_model, resolve_input_shapes, save_model, view_model)
-from .passes.onnx_factorize import factorize_onnx
+from .passes.conditions import plan_conv
+from .passes.onnx_factorize import conv_sites, factorize_onnx
 from .report import Report, format_table
 from .targets import TargetPreset, resolve_target
 
@@ -64,17 +69,45 @@ def compile_model(
     cross_compiler: str | None = None,
     verify: bool = True,
     log: Callable[[str], None] | None = None,
+    calibration=None,
+    macs_ratio: float | None = None,
+    max_error: float | None = None,
+    teacher: str = "original",
 ) -> CompileResult:
     """Factorize ``model_path``'s standard convolutions and build the result for ``target``.
 
     Writes ``model.onnx``, ``report.json`` and (unless ``compile=False``) the library into
     ``output_dir`` (default ``./<model stem>.dwsep``). ``verify`` runs host builds once on a
     random input against onnxruntime and records the error in the report.
+
+    Ranks: at most one of ``rank`` (every layer), ``energy`` (per layer, from the singular
+    values), ``macs_ratio`` (conv MACs <= ratio x original, ranks allocated across layers with
+    the least error) and ``max_error`` (per layer, the smallest rank whose relative error is at
+    most this). With none of them: ``energy=0.95``.
+
+    ``calibration``: real inputs (a ``.npz``/``.npy`` path, a directory of them, or an iterable of
+    feed dicts; see `load_calibration`). With it every factorized layer is distilled
+    sequentially against the original model (``teacher``: see `distill_layers`) and the errors
+    that drive ``macs_ratio``/``max_error`` are output errors on that data; without it the
+    factors are the data-free SVD and those errors are weight errors.
+
     Raises `DwsepError` (one-line message) for bad input, `NoEligibleConvs` after writing the
     unchanged model when nothing could be rewritten.
     """
     log = log or (lambda message: None)
     preset = target if isinstance(target, TargetPreset) else resolve_target(target)
+    chosen = [flag for flag, value in (("rank", rank), ("energy", energy),
+                                       ("macs_ratio", macs_ratio), ("max_error", max_error))
+              if value is not None]
+    if len(chosen) > 1:
+        raise DwsepError(f"give at most one of rank, energy, macs_ratio, max_error "
+                         f"(got {', '.join(chosen)})")
+    if macs_ratio is not None and not 0.0 < macs_ratio <= 1.0:
+        raise DwsepError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
+    if max_error is not None and not max_error > 0.0:
+        raise DwsepError(f"max_error must be > 0, got {max_error}")
+    if teacher not in TEACHERS:
+        raise DwsepError(f"teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
     try:
         policy = RankPolicy(rank=rank, energy=energy, force=force)
     except ValueError as exc:
@@ -84,22 +117,57 @@ def compile_model(
 
     model = load_model(model_path)
     shapes = resolve_input_shapes(model, input_shapes)
-    result = factorize_onnx(model, shapes, policy, frozenset(skip))
+    calib = load_calibration(calibration, model, shapes) if calibration is not None else None
+    started = time.perf_counter()
+    ranks, policy_text, allocation_info = None, policy.describe(), None
+    if macs_ratio is not None or max_error is not None:
+        ranks, policy_text, allocation_info = _allocate_ranks(
+            model, shapes, frozenset(skip), calib, macs_ratio, max_error, log)
+    distilled: dict = {}
+
+    def refine(view, sites, plans):
+        log(f"distilling {sum(p.report.factorized for p in plans)} layers on "
+            f"{calib.used_samples} calibration samples ...")
+        out = distill_layers(model, view, sites, plans, calib, teacher=teacher, log=log)
+        distilled.update(out.info)
+        return out.sites, out.plans
+
+    plan_ranks = (None if ranks is None else
+                  {name: KEEP_ORIGINAL if r is None else r for name, r in ranks.items()})
+    result = factorize_onnx(model, shapes, policy, frozenset(skip), plan_ranks,
+                            refine=refine if calib is not None else None)
     unknown = set(skip) - {layer.name for layer in result.layers}
     if unknown:
         raise DwsepError(f"--skip names no conv of the model: {', '.join(sorted(unknown))}")
     if not result.layers:
         raise DwsepError(f"the model has no Conv nodes: nothing to factorize ({model_path})")
+    for layer in result.layers:
+        if ranks is not None and ranks.get(layer.name, 0) is None:
+            layer.rank = None
+            layer.detail = ("kept: no MAC-saving rank is within --max-error" if max_error
+                            is not None else "kept: the --macs-ratio allocation found this "
+                            "layer's error costlier than its MACs")
 
     after_view = view_model(result.model, shapes)
     report = Report(
-        model=os.path.abspath(model_path), target=preset.name, rank_policy=policy.describe(),
+        model=os.path.abspath(model_path), target=preset.name, rank_policy=policy_text,
         layers=result.layers, model_macs_before=model_macs(result.view_before),
         model_macs_after=model_macs(after_view))
-    if policy.rank is None and policy.energy is None:
+    if calib is None:
         report.notes.append(
-            "no calibration data: ranks come from data-free SVD (energy 0.95), which can cost "
-            "accuracy on trained models; check the output error before deploying")
+            "WARNING: no calibration data: the factors are the data-free SVD of each kernel, "
+            "which can destroy a trained model's accuracy at ranks that save MACs; pass "
+            "--calibration FILE.npz (a few dozen real inputs) to distill every layer")
+    else:
+        report.calibration = {**_calibration_base(calib, teacher), **distilled,
+                              "distill_time_s": distilled.get("time_s"),
+                              "time_s": round(time.perf_counter() - started, 3)}
+        if allocation_info:
+            report.calibration["allocation"] = allocation_info
+        if calib.used_samples < calib.samples:
+            report.notes.append(
+                f"calibration: the model's batch size is fixed to {calib.batch}: used "
+                f"{calib.used_samples} of {calib.samples} samples")
     nothing = not report.factorized_layers
 
     staging = tempfile.mkdtemp(prefix=".dwsep-", dir=os.path.dirname(output_dir))
@@ -140,6 +208,48 @@ def compile_model(
             f"no eligible convolutions ({len(report.layers)} convs, skipped: "
             f"{', '.join(reasons)}); wrote the unchanged model to {out.model_path}")
     return out
+
+
+KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv
+
+
+def _calibration_base(calib: CalibrationSet, teacher: str) -> dict:
+    return {"source": calib.source, "samples": calib.used_samples, "teacher": teacher}
+
+
+def _allocate_ranks(model, shapes, skip, calib: CalibrationSet | None,
+                    macs_ratio: float | None, max_error: float | None, log):
+    """Per-layer ranks for ``--macs-ratio`` / ``--max-error`` (None: keep the original conv),
+    the report's policy text, and what the allocation measured."""
+    view = view_model(model, shapes)
+    sites = conv_sites(view)
+    at_rank_1 = [plan_conv(site.spec, RankPolicy(rank=1), skip).report for site in sites]
+    eligible = [site for site, report in zip(sites, at_rank_1) if report.factorized]
+    source = "calibration output error" if calib is not None else "SVD weight error"
+    started = time.perf_counter()
+    if calib is not None:
+        log(f"measuring error by rank on {calib.used_samples} calibration samples ...")
+        curves = list(rank_curves(model, view, eligible, calib, log=log).values())
+    else:
+        curves = [allocation.svd_curve(site.name, site.weight, site.spec.batch,
+                                       site.spec.out_spatial) for site in eligible]
+    info = {"error": source, "time_s": round(time.perf_counter() - started, 3),
+            "curves": {c.name: {str(o.rank): round(o.error, 6) for o in c.options if o.rank}
+                       for c in curves}}
+    if max_error is not None:
+        ranks = allocation.ranks_within_error(curves, max_error)
+        text = f"max_error={max_error} (per layer, {source})"
+    else:
+        total = sum(report.macs_before for report in at_rank_1)
+        fixed = total - sum(curve.macs_before for curve in curves)
+        budget = int(macs_ratio * total) - fixed
+        if allocation.cheapest_macs(curves) > budget:
+            least = (allocation.cheapest_macs(curves) + fixed) / total if total else 1.0
+            raise DwsepError(f"--macs-ratio {macs_ratio} is out of reach: rank 1 on every "
+                             f"eligible layer gives a conv MAC ratio of {least:.3f}")
+        ranks = allocation.allocate_ranks(curves, budget)
+        text = f"macs_ratio={macs_ratio} (greedy per-layer allocation, {source})"
+    return ranks, text, info
 
 
 def _check_output_dir(output_dir: str, model_path: str) -> None:

@@ -26,6 +26,10 @@ class LayerReport:
     weight_rel_error: float | None
     bn_folded: bool = False
     detail: str | None = None  # a human sentence for the reason, when skipped
+    # On calibration data (None without): ||y - teacher||_F / ||teacher||_F of this layer's output,
+    # the teacher being the original model's output of this conv (after BN when folded).
+    output_rel_error: float | None = None  # with the distilled factors
+    svd_output_rel_error: float | None = None  # with the data-free SVD factors, same input
 
     @property
     def factorized(self) -> bool:
@@ -43,6 +47,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     artifacts: dict[str, str] = field(default_factory=dict)
     verification: dict | None = None  # the library's outputs against onnxruntime, when run
+    calibration: dict | None = None  # samples, teacher, method, time; None: data-free SVD only
 
     @property
     def factorized_layers(self) -> list[LayerReport]:
@@ -84,6 +89,7 @@ class Report:
             "notes": list(self.notes),
             "artifacts": dict(self.artifacts),
             "verification": self.verification,
+            "calibration": self.calibration,
         }
 
     def to_json(self) -> str:
@@ -105,6 +111,9 @@ def format_table(report: Report) -> str:
     """A fixed-width table: one row per conv, then the totals."""
     head = ["layer", "status", "MxN", "kernel", "stride", "rank", "MACs before", "MACs after",
             "params", "weight err"]
+    calibrated = any(layer.output_rel_error is not None for layer in report.layers)
+    if calibrated:
+        head.append("out err svd->calib")
     rows = [head]
     for layer in report.layers:
         shape = (f"{layer.in_channels}x{layer.out_channels}"
@@ -120,7 +129,9 @@ def format_table(report: Report) -> str:
             _count(layer.macs_after),
             f"{_count(layer.params_before)}->{_count(layer.params_after)}",
             "-" if layer.weight_rel_error is None else f"{layer.weight_rel_error:.4f}",
-        ])
+        ] + ([] if not calibrated else [
+            "-" if layer.output_rel_error is None
+            else f"{layer.svd_output_rel_error:.4f}->{layer.output_rel_error:.4f}"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -133,6 +144,10 @@ def format_table(report: Report) -> str:
         f"{_count(t['model_macs_after'])} ({t['model_macs_ratio']:.3f}x)  |  conv params "
         f"{_count(t['params_before'])} -> {_count(t['params_after'])}"
     )
+    if report.calibration:
+        c = report.calibration
+        lines.append(f"calibration: {c['samples']} samples, teacher {c['teacher']}, "
+                     f"{c['time_s']:.1f} s")
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ class SkipReason(str, enum.Enum):
     UNSUPPORTED_LAYOUT = "unsupported_layout"
     UNKNOWN_SHAPE = "unknown_shape"
     NO_MAC_REDUCTION = "no_mac_reduction"
+    KEPT_BY_ALLOCATION = "kept_by_rank_allocation"
 
 
 DETAILS = {
@@ -42,6 +43,7 @@ DETAILS = {
     SkipReason.UNSUPPORTED_LAYOUT: "only NCHW data with OIHW kernels is rewritten",
     SkipReason.UNKNOWN_SHAPE: "the output shape could not be inferred",
     SkipReason.NO_MAC_REDUCTION: "at this rank r*(kh*kw+N) >= N*kh*kw: the rewrite would not cut MACs",
+    SkipReason.KEPT_BY_ALLOCATION: "the rank allocation (--macs-ratio / --max-error) kept it",
 }
 
 
@@ -98,7 +100,8 @@ def plan_conv(spec: ConvSpec, policy: RankPolicy, skip: set[str] | frozenset = f
               rank: int | None = None) -> ConvPlan:
     """Decide one conv: a skipped report entry, or the factors at the chosen rank.
 
-    ``rank`` overrides ``policy`` for this layer (used by per-layer rank allocation).
+    ``rank`` overrides ``policy`` for this layer (used by per-layer rank allocation); rank 0
+    means the allocation keeps the original conv.
     """
     reason = _refusal(spec, set(skip))
     shape = spec.weight_shape
@@ -119,6 +122,8 @@ def plan_conv(spec: ConvSpec, policy: RankPolicy, skip: set[str] | frozenset = f
 
     if reason is not None:
         return skipped(reason)
+    if rank == 0:
+        return skipped(SkipReason.KEPT_BY_ALLOCATION)
     svd = lowrank.channel_svd(spec.weight)
     chosen = policy.choose(svd) if rank is None else min(rank, svd.max_rank)
     if not policy.force and not macs.reduces_macs(n, kernel, chosen):

@@ -12,6 +12,7 @@ The pointwise conv writes the original output tensor, so the rest of the graph i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -118,15 +119,21 @@ def factorize_onnx(
     policy: RankPolicy | None = None,
     skip: set[str] | frozenset = frozenset(),
     ranks: dict[str, int] | None = None,
+    refine: Callable[[ModelView, list[ConvSite], list[ConvPlan]],
+                     tuple[list[ConvSite], list[ConvPlan]]] | None = None,
 ) -> OnnxFactorization:
     """Rewrite every eligible conv of ``model`` (which is not modified); report every conv.
 
     ``ranks`` fixes the rank of named layers (per-layer allocation); other layers use ``policy``.
+    ``refine(view, sites, plans) -> (sites, plans)`` may replace the factorized layers' weights
+    (and, through ``site.bias``, their bias) before the rewrite: the calibration hook.
     """
     policy = policy or RankPolicy()
     view = view_model(model, input_shapes)
     sites = conv_sites(view)
     plans = [plan_conv(site.spec, policy, skip, (ranks or {}).get(site.name)) for site in sites]
+    if refine is not None and any(plan.report.factorized for plan in plans):
+        sites, plans = refine(view, sites, plans)
     if not any(plan.report.factorized for plan in plans):
         unchanged = onnx.ModelProto()
         unchanged.CopyFrom(model)

@@ -1,5 +1,9 @@
 """Initialization of the depthwise + pointwise factors.
 
-`lowrank` holds the data-free math (per-input-channel truncated SVD); later stages (calibration,
-distillation) start from it.
+* `lowrank`: the data-free math (per-input-channel truncated SVD), the starting point;
+* `ranks`: `RankPolicy`, one rank per layer from its singular values (``--rank``/``--energy``);
+* `allocation`: ranks across layers from error-vs-rank curves (``--macs-ratio``/``--max-error``);
+* `distill`: the least-squares refit on calibration statistics (Gram matrices, ridge solves,
+  alternating least squares), pure numpy;
+* `calibration`: calibration data loading and the onnxruntime-driven sequential distillation.
 """

@@ -1,0 +1,130 @@
+"""Accuracy vs conv-MAC ratio: data-free SVD against layer-wise distillation.
+
+    python bench/accuracy.py                      # Fashion-MNIST example, writes bench/results/
+    python bench/accuracy.py --model ddddocr      # ddddocr's OCR model (see bench/ddddocr_ocr.py)
+
+For each target ratio F the ranks are allocated by ``--macs-ratio F`` (greedy per layer; on the
+SVD weight error without calibration, on the calibration output error with it), the model is
+rewritten with `compile_model(..., compile=False)` and its accuracy measured with onnxruntime.
+Writes ``accuracy_<model>.json`` (+ ``.png`` when matplotlib is installed) under ``--out``.
+Also records the uniform-rank points (``--rank r`` for every layer) for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "examples", "fashion_mnist"))
+
+from dwsep_compiler.pipeline import compile_model  # noqa: E402
+
+
+def fashion_task(limit: int):
+    import data  # examples/fashion_mnist/data.py
+
+    def accuracy(path: str) -> float:
+        return data.evaluate_onnx(path, limit=limit, threads=2)
+
+    return {"model": str(data.DEFAULT_MODEL), "calibration": str(data.DEFAULT_CALIBRATION),
+            "input_shapes": None, "accuracy": accuracy,
+            "metric": f"top-1 accuracy, first {limit} Fashion-MNIST test images"}
+
+
+def ddddocr_task(limit: int):
+    import ddddocr_ocr as ocr
+
+    texts = ocr.random_texts(limit, seed=1)
+    images = ocr.render(texts)
+    calibration = os.path.join(tempfile.mkdtemp(prefix="dwsep-bench-"), "ocr_calibration.npz")
+    np.savez(calibration, **{ocr.INPUT: ocr.render(ocr.random_texts(64, seed=2))})
+    return {"model": ocr.model_path(), "calibration": calibration,
+            "input_shapes": {ocr.INPUT: (1, 1, ocr.HEIGHT, ocr.WIDTH)},
+            "accuracy": lambda path: ocr.accuracy(path, texts, images),
+            "metric": f"exact string (case-insensitive), {limit} rendered 4-7 char strings"}
+
+
+def run_point(task, out_dir: str, calibrated: bool, **ranks) -> dict:
+    started = time.perf_counter()
+    result = compile_model(task["model"], compile=False, output_dir=out_dir,
+                           input_shapes=task["input_shapes"],
+                           calibration=task["calibration"] if calibrated else None, **ranks)
+    seconds = time.perf_counter() - started
+    totals = result.report.totals()
+    return {"calibrated": calibrated, **ranks, "conv_macs_ratio": totals["conv_macs_ratio"],
+            "accuracy": task["accuracy"](result.model_path), "rewrite_time_s": round(seconds, 2),
+            "ranks": {layer.name: layer.rank for layer in result.report.factorized_layers}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("fashion", "ddddocr"), default="fashion")
+    parser.add_argument("--ratios", default="0.15,0.2,0.3,0.4,0.5")
+    parser.add_argument("--ranks", default="1,2,3,4")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="test images (fashion: 2000) or strings (ddddocr: 200)")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args(argv)
+    task = (fashion_task(args.limit or 2000) if args.model == "fashion"
+            else ddddocr_task(args.limit or 200))
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="dwsep-bench-")
+    baseline = task["accuracy"](task["model"])
+    print(f"{args.model}: original {baseline:.4f} ({task['metric']})", flush=True)
+    points = []
+    settings = ([{"macs_ratio": float(f)} for f in args.ratios.split(",") if f]
+                + [{"rank": int(r)} for r in args.ranks.split(",") if r])
+    for index, ranks in enumerate(settings):
+        for calibrated in (False, True):
+            try:
+                point = run_point(task, os.path.join(work, f"p{index}{int(calibrated)}"),
+                                  calibrated, **ranks)
+            except Exception as exc:  # e.g. a ratio below rank 1 everywhere
+                print(f"  {ranks} calibrated={calibrated}: {exc}", flush=True)
+                continue
+            points.append(point)
+            print(f"  {ranks} {'distilled' if calibrated else 'SVD only '}: conv MACs "
+                  f"{point['conv_macs_ratio']:.3f}x accuracy {point['accuracy']:.4f} "
+                  f"({point['rewrite_time_s']:.1f} s)", flush=True)
+    result = {"model": task["model"], "metric": task["metric"], "original_accuracy": baseline,
+              "calibration": task["calibration"], "points": points}
+    path = os.path.join(args.out, f"accuracy_{args.model}.json")
+    with open(path, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(f"wrote {path}")
+    _plot(result, path[:-5] + ".png")
+
+
+def _plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for calibrated, label in ((False, "data-free SVD"), (True, "layer-wise distillation")):
+        pts = sorted((p["conv_macs_ratio"], p["accuracy"]) for p in result["points"]
+                     if p["calibrated"] == calibrated and "macs_ratio" in p)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.axhline(result["original_accuracy"], color="gray", linestyle="--", label="original")
+    ax.set_xlabel("conv MACs / original")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""Calibration data in, layer-wise distilled depthwise + pointwise factors out.
+
+This is the onnxruntime-driven half of distillation; the math is `distill`. Activations are read
+from the real model with hooks, not a copy of the network: each pass adds the wanted intermediate
+tensors as graph outputs, prunes what they do not need, and runs the result in onnxruntime.
+
+**Sequential distillation** (`distill_layers`), layers in graph (topological) order. For layer i:
+
+* student input: the input of conv i in the model whose convs before i are already rewritten
+  with their distilled factors (re-run per layer), so layer i corrects the error of the layers
+  before it;
+* teacher target (``teacher="original"``, the default): the original model's output of conv i
+  (after its BatchNorm when folded) on the original activations, i.e. what the network computed
+  there before any rewrite; ``teacher="local"``: the original conv applied to the student's
+  input (needs no teacher run; it only makes layer i mimic the original conv, it cannot undo
+  the drift of earlier layers).
+* Per batch, the patches and the teacher are folded into the layer's Gram matrices
+  (`distill.LayerGram`), then `distill.fit_layer` solves pointwise + bias in closed form and
+  refines the depthwise filters by alternating least squares.
+
+Memory: the calibration *inputs* are held (they are re-fed once per layer); activations are
+not: one batch of two tensors (student input, teacher output) plus one layer's Gram matrices,
+``8 * ((K+1)^2 + (K+1)*N)`` bytes with ``K = M*kh*kw``. `rank_curves` (used by the rank
+allocation) accumulates the Gram matrices of several layers in one pass over the original model,
+in groups of at most ``GRAM_BUDGET_BYTES``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from ..errors import DwsepError
+from ..model import MAX_IR_VERSION, ModelView, attribute, graph_inputs
+from ..passes.conditions import ConvPlan
+from ..passes.onnx_factorize import ConvSite, _remove_dead, apply_plans
+from . import allocation, distill
+
+TEACHERS = ("original", "local")
+DEFAULT_BATCH = 16  # samples per run when the model's batch axis is dynamic
+GRAM_BUDGET_BYTES = 1 << 30
+
+
+# ------------------------------------------------------------------------------ the data
+
+@dataclass
+class CalibrationSet:
+    """Validated calibration inputs: per model input, float32 samples stacked on axis 0."""
+
+    inputs: dict[str, np.ndarray]
+    source: str
+    batch: int | None = None  # the model's fixed batch size, None when dynamic
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    @property
+    def used_samples(self) -> int:
+        """Samples actually fed (a fixed batch size b drops a remainder of fewer than b)."""
+        return self.samples - (self.samples % self.batch if self.batch else 0)
+
+    def feeds(self, batch_size: int = DEFAULT_BATCH):
+        """Feed dicts for onnxruntime, each with the model's batch size (or up to
+        ``batch_size`` samples when it is dynamic)."""
+        step = self.batch or batch_size
+        for start in range(0, self.used_samples, step):
+            yield {name: array[start:start + step] for name, array in self.inputs.items()}
+
+
+def load_calibration(source, model: onnx.ModelProto,
+                     input_shapes: dict[str, tuple[int, ...]]) -> CalibrationSet:
+    """Validate calibration data for ``model`` (inputs fixed to ``input_shapes``).
+
+    ``source``: a ``.npz`` file (one array per model input name, first axis = samples), a
+    ``.npy`` file (single-input models: samples ``[S, ...]`` or one sample), a directory of such
+    files (concatenated in name order), a `CalibrationSet`, or any iterable of feeds (dicts input
+    name -> array with a batch axis). Every sample must have the model input's shape (batch axis
+    excluded) and dtype float32. Raises a one-line `DwsepError` otherwise.
+    """
+    if isinstance(source, CalibrationSet):
+        return source
+    inputs = graph_inputs(model)
+    names = [v.name for v in inputs]
+    expected = {name: tuple(input_shapes[name][1:]) for name in names}
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        parts = _read_path(path, names)
+        label = os.path.abspath(path)
+    else:
+        label = "python iterable of feeds"
+        feeds = [source] if isinstance(source, Mapping) else source
+        try:
+            parts = [(f"feed {i}", dict(feed)) for i, feed in enumerate(feeds)]
+        except TypeError:
+            raise DwsepError("calibration must be a .npz/.npy path, a directory, or an iterable "
+                             "of feeds (dicts input name -> array)") from None
+    if not parts:
+        raise DwsepError(f"calibration data is empty: {label}")
+    stacked: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for origin, arrays in parts:
+        _check_names(origin, arrays, names)
+        counts = set()
+        for name in names:
+            array = _check_array(origin, name, arrays[name], expected[name])
+            stacked[name].append(array)
+            counts.add(len(array))
+        if len(counts) > 1:
+            raise DwsepError(f"calibration {origin}: inputs have different sample counts "
+                             f"{sorted(counts)}")
+    result = {name: np.concatenate(stacked[name]) for name in names}
+    total = len(result[names[0]])
+    if total == 0:
+        raise DwsepError(f"calibration data has no samples: {label}")
+    batch = _fixed_batch(inputs)
+    if batch and total < batch:
+        raise DwsepError(f"calibration has {total} samples, fewer than the model's fixed batch "
+                         f"size {batch}")
+    return CalibrationSet(result, label, batch)
+
+
+def _read_path(path: str, names: list[str]) -> list[tuple[str, dict]]:
+    if not os.path.exists(path):
+        raise DwsepError(f"calibration file not found: {path}")
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.npz")) + glob.glob(os.path.join(path, "*.npy")))
+        if not files:
+            raise DwsepError(f"calibration directory has no .npz or .npy files: {path}")
+        return [part for file in files for part in _read_file(file, names)]
+    return _read_file(path, names)
+
+
+def _read_file(path: str, names: list[str]) -> list[tuple[str, dict]]:
+    origin = os.path.basename(path)
+    if os.path.getsize(path) == 0:
+        raise DwsepError(f"calibration file is empty: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except PermissionError:
+        raise DwsepError(f"calibration file is not readable: {path}") from None
+    except Exception:
+        raise DwsepError(f"not a numpy .npz/.npy calibration file (or a damaged one): "
+                         f"{path}") from None
+    if isinstance(loaded, np.ndarray):  # .npy: the only input's samples
+        if len(names) != 1:
+            raise DwsepError(f"calibration file {origin} is a .npy array, but the model has "
+                             f"{len(names)} inputs {names}: use a .npz keyed by input name")
+        return [(origin, {names[0]: loaded})]
+    with loaded:
+        try:
+            arrays = {key: loaded[key] for key in loaded.files}
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise DwsepError(f"cannot read calibration file {path}: {first}") from None
+    return [(origin, arrays)]
+
+
+def _check_names(origin: str, arrays: dict, names: list[str]) -> None:
+    missing = [n for n in names if n not in arrays]
+    extra = sorted(str(k) for k in arrays if k not in names)
+    if missing or extra:
+        raise DwsepError(
+            f"calibration {origin} has arrays {sorted(map(str, arrays))}, the model's inputs are "
+            f"{names}" + (f" (missing {missing})" if missing else f" (unknown {extra})"))
+
+
+def _check_array(origin: str, name: str, array, sample_shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(array, np.ndarray):
+        raise DwsepError(f"calibration {origin}: '{name}' is a {type(array).__name__}, "
+                         "not a numpy array")
+    if array.dtype != np.float32:
+        raise DwsepError(f"calibration {origin}: '{name}' has dtype {array.dtype}, the model "
+                         "input is float32 (convert with .astype(numpy.float32))")
+    if array.ndim == len(sample_shape):  # one sample without the batch axis
+        array = array[None]
+    if tuple(array.shape[1:]) != sample_shape:
+        raise DwsepError(
+            f"calibration {origin}: '{name}' has shape {tuple(array.shape)}, expected "
+            f"[samples, {', '.join(map(str, sample_shape))}] (the model input without its batch "
+            "axis; fix dynamic axes with --input-shape)")
+    if not np.all(np.isfinite(array)):
+        raise DwsepError(f"calibration {origin}: '{name}' contains NaN or infinite values")
+    return array
+
+
+def _fixed_batch(inputs: list[onnx.ValueInfoProto]) -> int | None:
+    sizes = set()
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+# ------------------------------------------------------------------------------ hooks
+
+def pruned(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are the named tensors, without what they do not need."""
+    hooked = onnx.ModelProto()
+    hooked.CopyFrom(model)
+    del hooked.graph.output[:]
+    hooked.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    _remove_dead(hooked, {v.name for v in graph_inputs(model)})
+    if hooked.ir_version > MAX_IR_VERSION:
+        hooked.ir_version = MAX_IR_VERSION
+    return hooked
+
+
+class Hooks:
+    """``model`` pruned to compute only the named tensors, run in onnxruntime."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str]):
+        hooked = pruned(model, names)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # Idle onnxruntime workers spin by default and steal the cores from the Gram GEMMs that
+        # run between two calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(hooked.SerializeToString(), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.names = names
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self.names, {k: v for k, v in feed.items() if k in self.inputs})
+
+
+# ------------------------------------------------------------------------------ geometry
+
+def conv_geometry(site: ConvSite, view: ModelView) -> distill.ConvGeometry:
+    """Kernel, strides, explicit pads (auto_pad resolved) and dilations of a 2-D conv."""
+    node = site.node
+    kernel = tuple(site.spec.weight_shape[2:])
+    strides = tuple(attribute(node, "strides", None) or (1, 1))
+    dilations = tuple(attribute(node, "dilations", None) or (1, 1))
+    pads = tuple(attribute(node, "pads", None) or (0, 0, 0, 0))
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        size = view.shapes[node.input[0]][2:]
+        begin, end = [], []
+        for n, k, s, d in zip(size, kernel, strides, dilations):
+            total = max(0, (math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        pads = (*begin, *end)
+    elif auto_pad == "VALID":
+        pads = (0, 0, 0, 0)
+    top, left, bottom, right = pads
+    return distill.ConvGeometry(kernel, strides, (top, left, bottom, right), dilations)
+
+
+def teacher_tensor(site: ConvSite) -> str:
+    """The original model's tensor that the factorized layer replaces (BN output when folded)."""
+    return site.batch_norm.output[0] if site.batch_norm is not None else site.node.output[0]
+
+
+# ------------------------------------------------------------------------------ rank curves
+
+def rank_curves(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite],
+                calibration: CalibrationSet, iterations: int = distill.DEFAULT_ITERATIONS,
+                ridge: float = distill.DEFAULT_RIDGE,
+                log: Callable[[str], None] | None = None) -> dict[str, allocation.RankCurve]:
+    """Per layer, the relative output error after distillation at every MAC-saving rank, on the
+    original model's activations (each layer alone: the input to rank allocation)."""
+    log = log or (lambda message: None)
+    curves: dict[str, allocation.RankCurve] = {}
+    for group in _groups(sites):
+        inputs = list(dict.fromkeys(site.node.input[0] for site in group))
+        hooks = Hooks(model, inputs)
+        grams = {site.name: _empty_gram(site) for site in group}
+        pending = {site.name: _Pending(grams[site.name], conv_geometry(site, view))
+                   for site in group}
+        for feed in calibration.feeds():
+            values = dict(zip(inputs, hooks.run(feed)))
+            for site in group:
+                pending[site.name].add(values[site.node.input[0]])
+        for site in group:
+            pending[site.name].flush()
+            gram = grams.pop(site.name).with_local_teacher(site.weight, site.bias)
+            n, m, *kernel = site.weight.shape
+            spec = site.spec
+            points = []
+            for rank in allocation.useful_ranks(n, tuple(kernel)):
+                with _solver_threads():
+                    fit = distill.fit_layer(
+                        gram, distill.svd_factors(site.weight, site.bias, rank), iterations, ridge)
+                macs = _factorized_macs(spec, rank)
+                points.append((rank, macs, fit.error))
+            curves[site.name] = allocation.RankCurve.build(
+                site.name, _conv_macs(spec), points)
+            log(f"  {site.name}: error by rank " + ", ".join(
+                f"{o.rank}:{o.error:.3f}" for o in curves[site.name].options if o.rank))
+    return curves
+
+
+def _solver_threads():
+    """BLAS limited to one thread while fitting: the solver's matrices are small (per-channel
+    blocks of ``r*taps``, systems of ``M*r+1``), where threads only add synchronization; on a
+    busy 2-core machine they made the fits 3x slower. Uses ``threadpoolctl`` when installed,
+    else changes nothing."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+class _Pending:
+    """Batches of activations held until they make ``distill.CHUNK_ROWS`` output pixels, then
+    folded into the Gram matrices (one large GEMM instead of many small ones per sample)."""
+
+    def __init__(self, gram: distill.LayerGram, geometry: distill.ConvGeometry):
+        self.gram, self.geometry = gram, geometry
+        self.inputs, self.teachers, self.rows = [], [], 0
+
+    def add(self, x: np.ndarray, teacher: np.ndarray | None = None) -> None:
+        self.inputs.append(x)
+        if teacher is not None:
+            self.teachers.append(teacher)
+        self.rows += x.shape[0] * int(np.prod(self.geometry.output_size(*x.shape[2:])))
+        if self.rows >= distill.CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.inputs:
+            x = np.concatenate(self.inputs)
+            t = np.concatenate(self.teachers) if self.teachers else None
+            self.gram.add_conv(x, self.geometry, t)
+        self.inputs, self.teachers, self.rows = [], [], 0
+
+
+def _groups(sites: list[ConvSite]):
+    group, used = [], 0
+    for site in sites:
+        k = int(np.prod(site.weight.shape[1:]))
+        size = 8 * (k + 1) ** 2
+        if group and used + size > GRAM_BUDGET_BYTES:
+            yield group
+            group, used = [], 0
+        group.append(site)
+        used += size
+    if group:
+        yield group
+
+
+def _empty_gram(site: ConvSite) -> distill.LayerGram:
+    n, m = site.weight.shape[:2]
+    return distill.LayerGram(m, int(np.prod(site.weight.shape[2:])), n)
+
+
+def _conv_macs(spec) -> int:
+    from .. import macs
+    return macs.conv_macs(spec.batch, spec.weight_shape[0], spec.weight_shape[1],
+                          tuple(spec.weight_shape[2:]), spec.out_spatial)
+
+
+def _factorized_macs(spec, rank: int) -> int:
+    from .. import macs
+    return macs.factorized_macs(spec.batch, spec.weight_shape[1], spec.weight_shape[0],
+                                tuple(spec.weight_shape[2:]), rank, spec.out_spatial)
+
+
+# ------------------------------------------------------------------------------ distillation
+
+@dataclass
+class DistillResult:
+    """The distilled plans (weights replaced) and sites (bias replaced), and what it cost."""
+
+    sites: list[ConvSite]
+    plans: list[ConvPlan]
+    info: dict = field(default_factory=dict)
+
+
+def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite],
+                   plans: list[ConvPlan], calibration: CalibrationSet,
+                   teacher: str = "original", iterations: int = distill.DEFAULT_ITERATIONS,
+                   ridge: float = distill.DEFAULT_RIDGE,
+                   log: Callable[[str], None] | None = None) -> DistillResult:
+    """Sequential layer-wise distillation of every factorized plan (see the module doc).
+
+    Fills each factorized layer's report ``output_rel_error`` (distilled) and
+    ``svd_output_rel_error`` (the data-free factors on the same input and teacher).
+    """
+    if teacher not in TEACHERS:
+        raise DwsepError(f"teacher must be one of {TEACHERS}, not {teacher!r}")
+    log = log or (lambda message: None)
+    start = time.perf_counter()
+    out_sites, out_plans = list(sites), list(plans)
+    # Only the part of the graph up to the last factorized conv is ever run: drop the rest once
+    # (e.g. a large recurrent head) instead of copying it for every layer.
+    needed = [name for site, plan in zip(sites, plans) if plan.report.factorized
+              for name in (site.node.input[0], teacher_tensor(site))]
+    model = pruned(model, list(dict.fromkeys(needed)))
+    done_sites: list[ConvSite] = []
+    done_plans: list[ConvPlan] = []
+    for index, (site, plan) in enumerate(zip(sites, plans)):
+        if not plan.report.factorized:
+            continue
+        student_model = apply_plans(model, done_sites, done_plans) if done_plans else model
+        student = Hooks(student_model, [site.node.input[0]])
+        teacher_run = Hooks(model, [teacher_tensor(site)]) if teacher == "original" else None
+        gram = _empty_gram(site)
+        pending = _Pending(gram, conv_geometry(site, view))
+        for feed in calibration.feeds():
+            x = student.run(feed)[0]
+            pending.add(x, teacher_run.run(feed)[0] if teacher_run else None)
+        pending.flush()
+        if teacher == "local":
+            gram = gram.with_local_teacher(site.weight, site.bias)
+        rank = plan.report.rank
+        with _solver_threads():
+            fit = distill.fit_layer(gram, distill.svd_factors(site.weight, site.bias, rank),
+                                    iterations, ridge)
+        depthwise, pointwise, bias = fit.factors.onnx_weights(tuple(site.spec.weight_shape[2:]))
+        report = plan.report
+        report.output_rel_error = fit.error
+        report.svd_output_rel_error = fit.svd_error
+        if site.bias is None:  # the fit adds a bias the original conv did not have
+            report.params_after += int(bias.size)
+        out_plans[index] = ConvPlan(report, depthwise, pointwise)
+        out_sites[index] = replace(site, bias=bias)
+        done_sites.append(out_sites[index])
+        done_plans.append(out_plans[index])
+        log(f"  {site.name}: rank {rank}, output error {fit.svd_error:.4f} (SVD) -> "
+            f"{fit.error:.4f} (distilled)")
+    info = {
+        "source": calibration.source,
+        "samples": calibration.used_samples,
+        "teacher": teacher,
+        "method": "sequential layer-wise least squares: pointwise + bias closed form, "
+                  f"depthwise by alternating least squares ({iterations} alternations)",
+        "ridge": ridge,
+        "time_s": round(time.perf_counter() - start, 3),
+    }
+    return DistillResult(out_sites, out_plans, info)

@@ -1,0 +1,350 @@
+"""Layer-wise distillation of one depthwise + pointwise pair: the least-squares math, once.
+
+A factorized layer computes ``y = sum_m P_m D_m x_m + b`` per output pixel, where ``x_m`` is the
+``taps = kh*kw`` patch of input channel m, ``D_m`` (``r x taps``) its depthwise filters and
+``P_m`` (``N x r``) the pointwise columns that read them. Given calibration pixels (patches ``X``
+of the layer's input, teacher outputs ``T``) we minimize ``||T - (W(D, P) X + b)||_F^2`` where
+``W(D, P)[:, m] = P_m D_m`` is the effective kernel.
+
+Everything the solver needs is in the Gram matrices of the augmented patches ``X~ = [X; 1]``:
+
+* ``xx = X~ X~^T``: ``(K+1)^2`` with ``K = M * taps``;
+* ``xt = X~ T^T``: ``(K+1) x N``;
+* ``tt = ||T||_F^2``.
+
+`LayerGram` accumulates them over batches, so the activations are never held: **memory is
+``8 * ((K+1)^2 + (K+1)*N)`` bytes per layer, whatever the number of samples** (one batch of
+patches, ``rows x K`` float32, is alive at a time; `add_conv` cuts batches into chunks of at most
+``CHUNK_ROWS`` pixels). The objective of any candidate is a quadratic form in these matrices
+(`output_error`), and both alternating steps are exact minimizers:
+
+* pointwise step, D fixed: the features are ``Z~ = [Dblk^T X; 1]`` (``M*r + 1`` channels, the bias
+  included), ``Z~ Z~^T = Dblk~^T xx Dblk~`` and ``Z~ T^T = Dblk~^T xt``: one ridge-regularized
+  linear solve of size ``M*r + 1`` (`solve_pointwise`);
+* depthwise step, P fixed: the output is linear in the filters too. The joint system has
+  ``(M*r*taps)^2`` entries; instead we update one input channel's block ``D_m`` at a time with the
+  others fixed (block Gauss-Seidel): its normal matrix is ``kron(P_m^T P_m, xx_mm)``, size
+  ``r*taps``, and the residual statistics ``xt - xx W~^T`` are updated after each block
+  (`solve_depthwise`). Each block update minimizes the (ridge) objective exactly, so a sweep
+  never increases it.
+
+`fit_layer` starts from the data-free SVD factors and alternates, keeping the best iterate by
+the unregularized calibration error: the result is never worse than the SVD initialization (nor
+than the first pointwise-only refit) on the calibration data.
+
+Pure numpy, no I/O: weights and statistics in, factors and numbers out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import lowrank
+
+CHUNK_ROWS = 16384  # pixels per Gram update: bounds the float32 patch buffer to CHUNK_ROWS*K*4 B
+DEFAULT_RIDGE = 1e-4  # relative to the mean diagonal of each normal matrix
+DEFAULT_ITERATIONS = 3  # alternations (depthwise sweep + pointwise solve) after the first refit
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a 2-D convolution does to its input's pixels (pads: top, left, bottom, right)."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        top, left, bottom, right = self.pads
+        return ((height + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+                (width + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+
+def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """The im2col matrix of ``x`` ``[B, M, H, W]``: ``[B*Ho*Wo, M*kh*kw]`` float32, pixel rows in
+    ``(b, i, j)`` order, columns ``m*taps + (u*kw + v)`` (the layout of ``W.reshape(N, -1)``)."""
+    b, m, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
+    top, left, bottom, right = geometry.pads
+    ho, wo = geometry.output_size(h, w)
+    padded = np.pad(np.asarray(x, dtype=np.float32),
+                    ((0, 0), (0, 0), (top, bottom), (left, right)))
+    s = padded.strides
+    view = np.lib.stride_tricks.as_strided(
+        padded, shape=(b, ho, wo, m, kh, kw),
+        strides=(s[0], s[2] * sh, s[3] * sw, s[1], s[2] * dh, s[3] * dw), writeable=False)
+    return view.reshape(b * ho * wo, m * kh * kw)
+
+
+def output_pixels(y: np.ndarray) -> np.ndarray:
+    """``[B, N, Ho, Wo]`` -> ``[B*Ho*Wo, N]`` in the row order of `conv_patches`."""
+    return np.asarray(y).transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+@dataclass
+class LayerGram:
+    """Streaming sufficient statistics of one layer's least-squares problem (see module doc)."""
+
+    in_channels: int
+    taps: int
+    out_channels: int
+    xx: np.ndarray = field(repr=False, default=None)  # (K+1, K+1) float64
+    xt: np.ndarray = field(repr=False, default=None)  # (K+1, N) float64
+    tt: float = 0.0
+    pixels: int = 0
+
+    def __post_init__(self):
+        k = self.in_channels * self.taps
+        if self.xx is None:
+            self.xx = np.zeros((k + 1, k + 1))
+        if self.xt is None:
+            self.xt = np.zeros((k + 1, self.out_channels))
+
+    @property
+    def size(self) -> int:
+        return self.in_channels * self.taps
+
+    def add(self, patches: np.ndarray, target: np.ndarray | None = None) -> None:
+        """Accumulate pixel rows: ``patches [P, K]`` and (unless the teacher is set later with
+        `with_local_teacher`) ``target [P, N]``."""
+        k = self.size
+        if patches.shape[1] != k:
+            raise ValueError(f"patches have {patches.shape[1]} columns, expected {k}")
+        # One chunk's products in float32 (at most CHUNK_ROWS terms each), accumulated across
+        # chunks in float64.
+        p = np.ascontiguousarray(patches, dtype=np.float32)
+        sums = p.sum(axis=0, dtype=np.float64)
+        self.xx[:k, :k] += p.T @ p
+        self.xx[:k, k] += sums
+        self.xx[k, :k] += sums
+        self.xx[k, k] += p.shape[0]
+        if target is not None:
+            t = np.ascontiguousarray(target, dtype=np.float32)
+            self.xt[:k] += p.T @ t
+            self.xt[k] += t.sum(axis=0, dtype=np.float64)
+            self.tt += float(np.sum(np.square(t, dtype=np.float64)))
+        self.pixels += p.shape[0]
+
+    def add_conv(self, x: np.ndarray, geometry: ConvGeometry,
+                 teacher: np.ndarray | None = None) -> None:
+        """Accumulate a batch: layer input ``x [B, M, H, W]``, teacher output ``[B, N, Ho, Wo]``."""
+        ho, wo = geometry.output_size(*x.shape[2:])
+        if teacher is not None and tuple(teacher.shape) != (x.shape[0], self.out_channels, ho, wo):
+            raise ValueError(f"teacher shape {teacher.shape} does not match the conv output "
+                             f"{(x.shape[0], self.out_channels, ho, wo)}")
+        per_sample = max(1, ho * wo)
+        step = max(1, CHUNK_ROWS // per_sample)
+        for start in range(0, x.shape[0], step):
+            patches = conv_patches(x[start:start + step], geometry)
+            target = None if teacher is None else output_pixels(teacher[start:start + step])
+            self.add(patches, target)
+
+    def with_local_teacher(self, weight: np.ndarray, bias: np.ndarray | None) -> "LayerGram":
+        """The statistics for the teacher "original conv applied to this (student) input":
+        ``T = W X + b`` needs no teacher activations, only ``xx``."""
+        waug = augmented_kernel(weight.reshape(weight.shape[0], -1), bias)
+        xt = self.xx @ waug.T
+        return LayerGram(self.in_channels, self.taps, self.out_channels, self.xx.copy(), xt,
+                         float(np.sum(waug * xt.T)), self.pixels)
+
+    def merged(self, other: "LayerGram") -> "LayerGram":
+        """The statistics of both sample sets (Gram matrices add)."""
+        return LayerGram(self.in_channels, self.taps, self.out_channels, self.xx + other.xx,
+                         self.xt + other.xt, self.tt + other.tt, self.pixels + other.pixels)
+
+
+@dataclass
+class Factors:
+    """One factorized layer: ``depthwise [M, r, taps]``, ``pointwise [N, M, r]``, ``bias [N]``
+    (float64; `onnx_weights` gives the ONNX tensors)."""
+
+    depthwise: np.ndarray
+    pointwise: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return self.depthwise.shape[1]
+
+    def kernel(self) -> np.ndarray:
+        """The effective standard kernel ``[N, M*taps]``."""
+        n, m, _ = self.pointwise.shape
+        return np.einsum("nmr,mrt->nmt", self.pointwise, self.depthwise).reshape(n, -1)
+
+    def onnx_weights(self, kernel: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(depthwise [M*r, 1, kh, kw], pointwise [N, M*r, 1, 1], bias [N])`` float32."""
+        m, r, _ = self.depthwise.shape
+        n = self.pointwise.shape[0]
+        return (self.depthwise.reshape(m * r, 1, *kernel).astype(np.float32),
+                self.pointwise.reshape(n, m * r, 1, 1).astype(np.float32),
+                self.bias.astype(np.float32))
+
+
+def svd_factors(weight: np.ndarray, bias: np.ndarray | None, rank: int,
+                svd: lowrank.ChannelSVD | None = None) -> Factors:
+    """The data-free initialization: `lowrank.factorize_kernel` in `Factors` form."""
+    n, m = weight.shape[:2]
+    taps = int(np.prod(weight.shape[2:]))
+    dw, pw = lowrank.factorize_kernel(np.asarray(weight, dtype=np.float64), rank, svd)
+    return Factors(dw.reshape(m, rank, taps), pw.reshape(n, m, rank),
+                   np.zeros(n) if bias is None else np.asarray(bias, dtype=np.float64))
+
+
+def augmented_kernel(kernel: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``[W, b]``: ``N x (K+1)`` float64."""
+    b = np.zeros(kernel.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return np.concatenate([np.asarray(kernel, dtype=np.float64), b[:, None]], axis=1)
+
+
+def squared_error(gram: LayerGram, kernel: np.ndarray, bias: np.ndarray | None) -> float:
+    """``||T - (W X + b)||_F^2`` over the calibration pixels, from the Gram matrices alone."""
+    waug = augmented_kernel(kernel.reshape(kernel.shape[0], -1), bias)
+    value = float(np.sum(waug * (waug @ gram.xx))) - 2.0 * float(np.sum(waug * gram.xt.T)) + gram.tt
+    return max(value, 0.0)
+
+
+def relative_error(gram: LayerGram, kernel: np.ndarray, bias: np.ndarray | None) -> float:
+    """``||T - (W X + b)||_F / ||T||_F`` (0 when the teacher is all zero).
+
+    Computed as a quadratic form of Gram matrices whose chunks are float32 products, so values
+    below about 1e-3 are at the round-off floor (the squared error cancels to ~1e-7 of ``tt``).
+    """
+    return float(np.sqrt(squared_error(gram, kernel, bias) / gram.tt)) if gram.tt > 0 else 0.0
+
+
+def factors_error(gram: LayerGram, factors: Factors) -> float:
+    """`relative_error` of a factorized layer."""
+    return relative_error(gram, factors.kernel(), factors.bias)
+
+
+def ridge_solve(a: np.ndarray, b: np.ndarray, ridge: float,
+                unpenalized: slice | None = None) -> np.ndarray:
+    """``argmin_x ||.||``: solves ``(A + lambda I) x = b`` with ``lambda = ridge * mean(diag A)``
+    (rows in ``unpenalized``, e.g. the bias, get no penalty). Falls back to least squares when
+    the system is singular (e.g. ridge 0 and a dead input channel)."""
+    a = np.array(a, dtype=np.float64)
+    scale = float(np.mean(np.diag(a))) if a.size else 0.0
+    penalty = np.full(a.shape[0], ridge * scale if scale > 0 else ridge)
+    if unpenalized is not None:
+        penalty[unpenalized] = 0.0
+    a[np.diag_indices_from(a)] += penalty
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def pointwise_normal_equations(gram: LayerGram, depthwise: np.ndarray):
+    """``(Z~ Z~^T, Z~ T^T)`` for the depthwise output ``Z~ = [Dblk^T X; 1]`` (``M*r + 1`` rows,
+    the bias last), computed from the patch Gram matrices (no data pass)."""
+    m, r, taps = depthwise.shape
+    k = m * taps
+    xx4 = gram.xx[:k, :k].reshape(m, taps, m, taps)
+    # tmp[m', t, m, j] = sum_u xx[(m', t), (m, u)] D[m, j, u], batched over m
+    tmp = np.matmul(xx4.transpose(2, 0, 1, 3).reshape(m, m * taps, taps),
+                    depthwise.transpose(0, 2, 1))  # [m, m'*taps, r]
+    tmp = tmp.reshape(m, m, taps, r).transpose(1, 2, 0, 3)  # [m', t, m, j]
+    zz = np.matmul(depthwise, tmp.reshape(m, taps, m * r)).reshape(m * r, m * r)
+    zx1 = np.einsum("mjt,mt->mj", depthwise, gram.xx[:k, k].reshape(m, taps)).reshape(-1)
+    a = np.empty((m * r + 1, m * r + 1))
+    a[:-1, :-1] = zz
+    a[:-1, -1] = zx1
+    a[-1, :-1] = zx1
+    a[-1, -1] = gram.xx[k, k]
+    b = np.empty((m * r + 1, gram.out_channels))
+    b[:-1] = np.matmul(depthwise, gram.xt[:k].reshape(m, taps, -1)).reshape(m * r, -1)
+    b[-1] = gram.xt[k]
+    return a, b
+
+
+def solve_pointwise(gram: LayerGram, depthwise: np.ndarray,
+                    ridge: float = DEFAULT_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise weights ``[N, M, r]`` and bias ``[N]`` minimizing the ridge objective with the
+    depthwise filters fixed (closed form)."""
+    m, r, _ = depthwise.shape
+    a, b = pointwise_normal_equations(gram, depthwise)
+    x = ridge_solve(a, b, ridge, unpenalized=slice(m * r, m * r + 1))
+    return x[:-1].T.reshape(-1, m, r), x[-1].copy()
+
+
+def solve_depthwise(gram: LayerGram, factors: Factors, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """One block Gauss-Seidel sweep over input channels: new depthwise filters ``[M, r, taps]``
+    with the pointwise weights and bias fixed. Each block is the exact ridge minimizer given the
+    other channels' current filters.
+
+    Only the residual projected on the pointwise columns is tracked,
+    ``S[c] = (xt - xx W~^T)[rows_c] P_c`` (``taps x r`` per channel): after channel c' moves by
+    ``dD``, ``S[c] -= xx[c, c'] dD^T (P_c'^T P_c)``; that is ``O(K * taps * r)`` work per block
+    instead of ``O(K * taps * N)`` for the full residual. Extra memory: ``(M*r)^2`` floats.
+    """
+    depthwise = factors.depthwise.copy()
+    pw = factors.pointwise
+    m, r, taps = depthwise.shape
+    k = m * taps
+    waug = augmented_kernel(factors.kernel(), factors.bias)
+    residual = (gram.xt[:k] - gram.xx[:k] @ waug.T).reshape(m, taps, -1)  # [M, taps, N]
+    projected = np.einsum("ctn,ncj->ctj", residual, pw)  # S: [M, taps, r]
+    flat = pw.reshape(pw.shape[0], m * r)
+    ptp = (flat.T @ flat).reshape(m, r, m, r)  # P_a^T P_b blocks
+    for c in range(m):
+        rows = slice(c * taps, (c + 1) * taps)
+        c_cc = gram.xx[rows, rows]
+        g_cc = ptp[c, :, c, :]
+        own = projected[c] + c_cc @ depthwise[c].T @ g_cc  # taps x r: channel c's part removed
+        new = ridge_solve(np.kron(g_cc, c_cc), own.T.reshape(-1), ridge).reshape(r, taps)
+        change = gram.xx[:k, rows] @ (new - depthwise[c]).T  # [K, r]
+        projected -= np.einsum("cti,icj->ctj", change.reshape(m, taps, r), ptp[c])
+        depthwise[c] = new
+    return depthwise
+
+
+def _balance(factors: Factors) -> Factors:
+    """Rescale each (channel, filter) pair so depthwise and pointwise norms match (the product is
+    unchanged; keeps the relative ridge meaningful across alternations)."""
+    d = np.linalg.norm(factors.depthwise, axis=2)  # [M, r]
+    p = np.linalg.norm(factors.pointwise, axis=0)  # [M, r]
+    scale = np.where((d > 0) & (p > 0), np.sqrt(p / np.where(d > 0, d, 1.0)), 1.0)
+    return Factors(factors.depthwise * scale[:, :, None], factors.pointwise / scale[None],
+                   factors.bias)
+
+
+@dataclass
+class LayerFit:
+    """The result of `fit_layer`: the best factors and the relative errors on the calibration
+    pixels of the SVD initialization, of each iterate, and of the returned factors."""
+
+    factors: Factors
+    svd_error: float
+    error: float
+    history: list[float]
+
+
+def fit_layer(gram: LayerGram, init: Factors, iterations: int = DEFAULT_ITERATIONS,
+              ridge: float = DEFAULT_RIDGE, refine_depthwise: bool = True) -> LayerFit:
+    """Refit ``init`` (the SVD factors) to the calibration statistics: pointwise + bias in closed
+    form, then ``iterations`` alternations of (depthwise sweep, pointwise solve). Returns the
+    iterate with the least calibration error (the SVD init included)."""
+    best = init
+    svd_error = factors_error(gram, init)
+    best_error = svd_error
+    history = [svd_error]
+    current = init
+    for step in range(1 + (iterations if refine_depthwise else 0)):
+        if step > 0:
+            current = _balance(Factors(solve_depthwise(gram, current, ridge), current.pointwise,
+                                       current.bias))
+        pointwise, bias = solve_pointwise(gram, current.depthwise, ridge)
+        current = Factors(current.depthwise, pointwise, bias)
+        error = factors_error(gram, current)
+        history.append(error)
+        if error < best_error:
+            best, best_error = current, error
+    return LayerFit(best, svd_error, best_error, history)
