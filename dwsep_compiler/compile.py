@@ -16,16 +16,8 @@ from tvm import relax
 from tvm.relax.frontend import onnx as rx_onnx
 
 from . import schedules
-from .errors import DwsepError
+from .errors import DwsepError, first_line
 from .targets import TargetPreset, find_cross_compiler
-
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).strip().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Traceback", "File ", "  File")):
-            return line[:300]
-    return type(exc).__name__
 
 
 def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tvm.IRModule:
@@ -34,7 +26,7 @@ def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
         return rx_onnx.from_onnx(model, shape_dict={k: list(v) for k, v in input_shapes.items()},
                                  keep_params_in_input=False)
     except Exception as exc:
-        raise DwsepError(f"TVM cannot import the model: {_first_line(exc)}") from None
+        raise DwsepError(f"TVM cannot import the model: {first_line(exc)}") from None
 
 
 def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
@@ -51,7 +43,7 @@ def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
                 return tvm.compile(mod, target=target, relax_pipeline=schedules.cpu_pipeline(target, fuse))
         return tvm.compile(mod, target=target)
     except Exception as exc:
-        raise DwsepError(f"TVM failed to build for target '{preset.name}': {_first_line(exc)}") from None
+        raise DwsepError(f"TVM failed to build for target '{preset.name}': {first_line(exc)}") from None
 
 
 # --- GPU (OpenCL) path: owned by dwsep_compiler/opencl.py --------------------------------------
@@ -67,7 +59,7 @@ def _build_gpu(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
     except DwsepError:
         raise
     except Exception as exc:
-        raise DwsepError(f"TVM failed to build for target '{preset.name}': {_first_line(exc)}") from None
+        raise DwsepError(f"TVM failed to build for target '{preset.name}': {first_line(exc)}") from None
     return executable
 
 
@@ -101,7 +93,7 @@ def export_library(executable: relax.Executable, preset: TargetPreset, directory
         try:
             executable.export_library(path, fcompile=cc.cross_compiler(program, options=options))
         except Exception as exc:
-            raise DwsepError(f"linking with {command} failed: {_first_line(exc)}") from None
+            raise DwsepError(f"linking with {command} failed: {first_line(exc)}") from None
         return Library(path, linked=True)
     path = os.path.join(directory, "model.tar")
     executable.export_library(path)

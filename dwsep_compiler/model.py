@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import DwsepError
+from .errors import DwsepError, first_line
 
 # onnxruntime 1.31 refuses IR version 11+ (onnx 1.23 writes 14 by default).
 MAX_IR_VERSION = 10
@@ -34,7 +34,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise DwsepError(f"model file is not readable: {path}") from None
     except Exception as exc:  # protobuf DecodeError and friends: not worth a traceback
         raise DwsepError(
-            f"not a valid ONNX model (truncated or not ONNX): {path} ({_short(exc)})"
+            f"not a valid ONNX model (truncated or not ONNX): {path} ({first_line(exc)})"
         ) from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise DwsepError(f"not a valid ONNX model (no graph nodes): {path}")
@@ -49,7 +49,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.load_external_data_for_model(model, base)
     except Exception as exc:
-        raise DwsepError(f"cannot read the model's external data: {_short(exc)}") from None
+        raise DwsepError(f"cannot read the model's external data: {first_line(exc)}") from None
     return model
 
 
@@ -57,11 +57,6 @@ def _external_tensors(model: onnx.ModelProto):
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
             yield tensor
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -232,7 +227,7 @@ def infer_shapes(
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise DwsepError(f"ONNX shape inference failed: {_short(exc)}") from None
+        raise DwsepError(f"ONNX shape inference failed: {first_line(exc)}") from None
     shapes: dict[str, tuple[int, ...]] = {}
     for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         ttype = value.type.tensor_type

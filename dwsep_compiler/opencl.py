@@ -39,7 +39,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from .errors import DwsepError
+from .errors import DwsepError, first_line
 
 _DIMS = {"x": 0, "y": 1, "z": 2}
 _SHARED_SCOPES = ("shared", "shared.dyn")
@@ -120,14 +120,6 @@ class GpuProgram:
 
 # ---------------------------------------------------------------------------------------------
 # Lowering
-
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).strip().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Traceback", "File ", "  File")):
-            return line[:300]
-    return type(exc).__name__
 
 
 def _as_target(target) -> tvm.target.Target:
@@ -479,7 +471,7 @@ def pocl_context():
         platforms = cl.get_platforms()
     except Exception as exc:
         raise OpenCLUnavailable(f"no OpenCL platform (apt-get install pocl-opencl-icd): "
-                                f"{_first_line(exc)}") from None
+                                f"{first_line(exc)}") from None
     for platform in platforms:
         if wanted.lower() in platform.name.lower():
             devices = platform.get_devices()
@@ -523,7 +515,7 @@ def run_on_pocl(program_or_executable, inputs: list[np.ndarray], context=None,
             try:
                 built = cl.Program(context, info.source).build()
             except Exception as exc:
-                raise DwsepError(f"OpenCL cannot build kernel {name}: {_first_line(exc)}") from None
+                raise DwsepError(f"OpenCL cannot build kernel {name}: {first_line(exc)}") from None
             kernels[name] = cl.Kernel(built, name)
         program._pocl_cache = {key: (context, kernels, {})}  # one context at a time
     _, kernels, constants = program._pocl_cache[key]

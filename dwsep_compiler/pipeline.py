@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from . import compile as tvm_compile
-from .errors import DwsepError
+from .errors import DwsepError, first_line
 from .initialization import allocation
 from .initialization.calibration import (CalibrationSet, TEACHERS, distill_layers,
                                          load_calibration, rank_curves)
@@ -292,7 +292,7 @@ def _check_runs_in_onnxruntime(path: str) -> None:
         _session(path)
     except Exception as exc:
         raise DwsepError(f"onnxruntime cannot load the rewritten model: "
-                         f"{tvm_compile._first_line(exc)}") from None
+                         f"{first_line(exc)}") from None
 
 
 def _verify_host(executable, model_path: str, model: onnx.ModelProto,

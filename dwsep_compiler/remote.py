@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DwsepError
+from .errors import DwsepError, first_line
 
 LIBRARY_NAME = "model.so"
 MODEL_NAME = "model.onnx"
@@ -242,7 +242,7 @@ def load_inputs(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             return {key: data[key] for key in data.files}
     except Exception as exc:
         raise RemoteError(f"cannot read inputs {path}: expected an .npz keyed by input name "
-                          f"({_first_line(exc)})") from None
+                          f"({first_line(exc, last=True)})") from None
 
 
 def _check_inputs(arrays: Mapping[str, np.ndarray], specs: list[InputSpec]) -> None:
@@ -380,7 +380,7 @@ def tracker_summary(tracker: str | tuple[str, int], timeout: float = 10.0) -> di
         value = _recv_json(sock)
     except (OSError, ValueError, struct.error) as exc:
         raise RemoteError(f"the RPC tracker at {address[0]}:{address[1]} did not answer a "
-                          f"summary request ({_first_line(exc)})") from None
+                          f"summary request ({first_line(exc, last=True)})") from None
     finally:
         sock.close()
     if not (isinstance(value, list) and value and value[0] == _TRACKER_SUCCESS):
@@ -417,7 +417,7 @@ def request_session(tracker: str | tuple[str, int], key: str,
         value = None
     except (OSError, ValueError, struct.error) as exc:
         raise RemoteError(f"the RPC tracker at {where} dropped the session request for key "
-                          f"'{key}' ({_first_line(exc)})") from None
+                          f"'{key}' ({first_line(exc, last=True)})") from None
     finally:
         sock.close()
     if value is None:
@@ -442,7 +442,7 @@ def request_session(tracker: str | tuple[str, int], key: str,
         session = tvm.rpc.connect(url, int(port), matchkey)
     except Exception as exc:
         raise RemoteError(f"cannot connect to the RPC server at {url}:{port} (key '{key}', from "
-                          f"tracker {where}): {_first_line(exc)}") from None
+                          f"tracker {where}): {first_line(exc, last=True)}") from None
     session._dwsep_where = f"{url}:{port} (key {key})"
     return session
 
@@ -450,13 +450,6 @@ def request_session(tracker: str | tuple[str, int], key: str,
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("Traceback", "File ", "  File"))]
-    # TVM errors end with "<Kind>: message": that last line is the telling one.
-    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 #: How TVM words a lost session: the server process died ("code=kShutdown": the client saw the
@@ -483,7 +476,7 @@ class _Stage:
     def __exit__(self, kind, exc, tb) -> bool:
         if exc is None or isinstance(exc, (DwsepError, KeyboardInterrupt, SystemExit)):
             return False
-        detail = _first_line(exc)
+        detail = first_line(exc, last=True)
         if "kShutdown" in detail:  # "Check failed: (code == RPCCode::kReturn) ...": say it plainly
             detail = "the connection closed in the middle of a call"
         if self.remote and _CONNECTION_LOST.search(detail):
@@ -547,10 +540,10 @@ def run_library(
             lib = (session.load_module(LIBRARY_NAME) if remote
                    else tvm.runtime.load_module(artifact.library))
         except Exception as exc:
-            if remote and not _CONNECTION_LOST.search(_first_line(exc)):
+            if remote and not _CONNECTION_LOST.search(first_line(exc, last=True)):
                 raise RemoteError(f"the RPC server at {where} cannot load {LIBRARY_NAME} (an "
                                   f"{artifact.arch} library: does the server run on "
-                                  f"{artifact.arch}?): {_first_line(exc)}") from None
+                                  f"{artifact.arch}?): {first_line(exc, last=True)}") from None
             raise
     with stage(f"opening the {device} device"):
         dev = (session.cpu() if device == "cpu" else session.cl()) if remote else (
