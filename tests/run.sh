@@ -2,13 +2,15 @@
 # Install everything the tests need on a fresh Debian/Ubuntu machine, then run them.
 #   bash tests/run.sh [pytest args...]
 # apt packages: the aarch64 cross toolchain and qemu-user (ARM artifacts are executed here),
-# debootstrap (an aarch64 Python root, cached under .cache/), PoCL (OpenCL kernels on the CPU).
+# debootstrap (an aarch64 Python root, cached under .cache/), PoCL (OpenCL kernels on the CPU),
+# the Fashion-MNIST test set (accuracy check of the bundled example).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
               qemu-user-static debootstrap binutils
-              pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev clinfo)
+              pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev clinfo
+              dataset-fashion-mnist)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

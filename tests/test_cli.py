@@ -85,7 +85,6 @@ def test_default_output_dir_and_arm_target(tmp_path, cnn_path):
     assert report["target"] == "arm" and report["rank_policy"] == "energy=0.5"
 
 
-@pytest.mark.skipif(not os.path.exists(EXAMPLE), reason="bundled example not built")
 def test_bundled_example(tmp_path):
     proc = dwsep(EXAMPLE, "--target", "host", "-o", tmp_path / "ex")
     assert proc.returncode == 0, proc.stderr
