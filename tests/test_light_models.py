@@ -90,3 +90,42 @@ def test_vgg19_conv_mac_ratio_is_the_closed_form():
               "after": sum(l.macs_after for l in result.layers)}
     assert totals == {"before": before, "after": after}
     assert all(layer.rank == 1 for layer in result.layers)
+
+
+def test_cli_on_vgg19_rank1_host(tmp_path):
+    """The issue's own check: dwsep-compile light_vgg19 --rank 1 --target host."""
+    import json
+    import subprocess
+    import sys
+
+    from dwsep_compiler.compile import run_executable
+
+    out = tmp_path / "vgg"
+    proc = subprocess.run([sys.executable, "-m", "dwsep_compiler.cli", light_model_path("vgg19"),
+                           "--rank", "1", "--target", "host", "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    model = load_model(light_model_path("vgg19"))
+    shapes = resolve_input_shapes(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    zeros = np.zeros(shapes["data_0"], np.float32)
+    conv_outs = run_onnx(with_outputs(model, [n.output[0] for n in convs]), {"data_0": zeros},
+                         [n.output[0] for n in convs])
+    before = after = 0
+    for layer, y in zip(report["layers"], conv_outs):
+        n, m, (kh, kw), (ho, wo) = (layer["out_channels"], layer["in_channels"],
+                                    layer["kernel"], y.shape[2:])
+        before += n * m * kh * kw * ho * wo
+        after += 1 * (kh * kw + n) * m * ho * wo
+    assert report["totals"]["conv_macs_ratio"] == pytest.approx(after / before, rel=1e-12)
+    # The written model matches the original before the softmax, and so does the library.
+    x = np.random.default_rng(1).uniform(0, 1, shapes["data_0"]).astype(np.float32)
+    probe = [n.input[0] for n in model.graph.node if n.op_type == "Softmax"]
+    expected = run_onnx(with_outputs(model, probe), {"data_0": x}, probe)[0]
+    written = load_model(str(out / "model.onnx"))
+    assert rel_error(run_onnx(with_outputs(written, probe), {"data_0": x}, probe)[0],
+                     expected) < 1e-5
+    (probs,) = run_executable(str(out / "model.so"), [x])
+    np.testing.assert_allclose(probs, run_onnx(model, {"data_0": x})[0], rtol=1e-5, atol=1e-7)
+    assert report["verification"]["max_rel_error"] < 1e-4
