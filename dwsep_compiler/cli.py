@@ -64,6 +64,18 @@ def _positive(what: str):
     return parse
 
 
+def _count(what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer >= 0, not {text!r}")
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{what} must be >= 0, not {value}")
+        return value
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -102,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="distillation target: the original model's layer output on the "
                              "original activations, or the original conv on the rewritten "
                              "model's activations [default: original]")
+    parser.add_argument("--finetune-steps", type=_count("finetune steps"), default=0, metavar="N",
+                        help="after the layer-wise distillation, train the factorized layers end "
+                             "to end against the original model for N Adam steps on the "
+                             "--calibration data (needs PyTorch: pip install "
+                             "'dwsep-compiler[finetune]') [default: 0]")
+    parser.add_argument("--finetune-lr", type=_positive("finetune lr"), default=1e-4,
+                        metavar="LR", help="Adam learning rate of --finetune-steps "
+                                           "[default: 0.0001]")
     parser.add_argument("--force-rewrite", action="store_true",
                         help="rewrite layers even where the rank would not cut MACs "
                              "(e.g. to check --rank full)")
@@ -144,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             input_shapes=parse_input_shapes(args.input_shape), compile=not args.no_compile,
             cross_compiler=args.cross_compiler, verify=not args.no_verify, log=say,
             calibration=args.calibration, macs_ratio=args.macs_ratio, max_error=args.max_error,
-            teacher=args.teacher)
+            teacher=args.teacher, finetune_steps=args.finetune_steps,
+            finetune_lr=args.finetune_lr)
     except NoEligibleConvs as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

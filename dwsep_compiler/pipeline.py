@@ -73,6 +73,8 @@ def compile_model(
     macs_ratio: float | None = None,
     max_error: float | None = None,
     teacher: str = "original",
+    finetune_steps: int = 0,
+    finetune_lr: float = 1e-4,
 ) -> CompileResult:
     """Factorize ``model_path``'s standard convolutions and build the result for ``target``.
 
@@ -91,6 +93,11 @@ def compile_model(
     that drive ``macs_ratio``/``max_error`` are output errors on that data; without it the
     factors are the data-free SVD and those errors are weight errors.
 
+    ``finetune_steps`` (needs ``calibration`` and PyTorch, the ``finetune`` extra): after the
+    layer-wise distillation, train the factorized layers end to end against the original model
+    for that many Adam steps (``finetune_lr``) on the calibration set; see
+    `initialization.finetune`. The report's ``calibration.finetune`` says what it did.
+
     Raises `DwsepError` (one-line message) for bad input, `NoEligibleConvs` after writing the
     unchanged model when nothing could be rewritten.
     """
@@ -108,6 +115,7 @@ def compile_model(
         raise DwsepError(f"max_error must be > 0, got {max_error}")
     if teacher not in TEACHERS:
         raise DwsepError(f"teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
+    _check_finetune(finetune_steps, finetune_lr, calibration)
     try:
         policy = RankPolicy(rank=rank, energy=energy, force=force)
     except ValueError as exc:
@@ -148,6 +156,12 @@ def compile_model(
                             is not None else "kept: the --macs-ratio allocation found this "
                             "layer's error costlier than its MACs")
 
+    finetune_info = None
+    if finetune_steps and any(layer.factorized for layer in result.layers):
+        from .initialization.finetune import finetune  # torch: imported only when asked for
+        result.model, finetune_info = finetune(model, result.model, result.layers, calib,
+                                               finetune_steps, finetune_lr, log=log)
+
     after_view = view_model(result.model, shapes)
     report = Report(
         model=os.path.abspath(model_path), target=preset.name, rank_policy=policy_text,
@@ -164,6 +178,8 @@ def compile_model(
                               "time_s": round(time.perf_counter() - started, 3)}
         if allocation_info:
             report.calibration["allocation"] = allocation_info
+        if finetune_info:
+            report.calibration["finetune"] = finetune_info
         if calib.used_samples < calib.samples:
             report.notes.append(
                 f"calibration: the model's batch size is fixed to {calib.batch}: used "
@@ -208,6 +224,26 @@ def compile_model(
             f"no eligible convolutions ({len(report.layers)} convs, skipped: "
             f"{', '.join(reasons)}); wrote the unchanged model to {out.model_path}")
     return out
+
+
+FINETUNE_NEEDS_TORCH = ("--finetune-steps needs PyTorch: pip install 'dwsep-compiler[finetune]' "
+                        "(torch==2.13.0)")
+
+
+def _check_finetune(steps: int, lr: float, calibration) -> None:
+    """Fine-tuning options, the calibration data and PyTorch, before any work is done."""
+    if not steps:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise DwsepError(f"finetune_steps must be an integer >= 0, got {steps!r}")
+    if not lr > 0.0:
+        raise DwsepError(f"finetune_lr must be > 0, got {lr}")
+    if calibration is None:
+        raise DwsepError("--finetune-steps needs --calibration")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise DwsepError(FINETUNE_NEEDS_TORCH) from None
 
 
 KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv

@@ -22,7 +22,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-python3 -m pip install -q -e '.[test]'
+# finetune: torch==2.13.0 (a CPU build that pip takes from local disk on this project's machines)
+python3 -m pip install -q -e '.[test,finetune]'
 
 # The aarch64 Python root with the aarch64 TVM runtime wheel (built once, cached in .cache/).
 export DWSEP_CACHE_DIR="${DWSEP_CACHE_DIR:-$PWD/.cache}"
