@@ -1,4 +1,4 @@
-"""Accuracy vs conv-MAC ratio: data-free SVD against layer-wise distillation.
+"""Accuracy vs conv-MAC ratio: data-free SVD, layer-wise distillation, and end-to-end.
 
     python bench/accuracy.py                      # Fashion-MNIST example, writes bench/results/
     python bench/accuracy.py --model ddddocr      # ddddocr's OCR model (see bench/ddddocr_ocr.py)
@@ -53,14 +53,21 @@ def ddddocr_task(limit: int):
             "metric": f"exact string (case-insensitive), {limit} rendered 4-7 char strings"}
 
 
-def run_point(task, out_dir: str, calibrated: bool, **ranks) -> dict:
+METHODS = ("svd", "layerwise", "end-to-end")
+
+
+def run_point(task, out_dir: str, method: str, finetune_steps: int, **ranks) -> dict:
+    calibrated = method != "svd"
     started = time.perf_counter()
     result = compile_model(task["model"], compile=False, output_dir=out_dir,
                            input_shapes=task["input_shapes"],
-                           calibration=task["calibration"] if calibrated else None, **ranks)
+                           calibration=task["calibration"] if calibrated else None,
+                           finetune_steps=finetune_steps if method == "end-to-end" else 0,
+                           **ranks)
     seconds = time.perf_counter() - started
     totals = result.report.totals()
-    return {"calibrated": calibrated, **ranks, "conv_macs_ratio": totals["conv_macs_ratio"],
+    return {"method": method, "calibrated": calibrated, **ranks,
+            "conv_macs_ratio": totals["conv_macs_ratio"],
             "accuracy": task["accuracy"](result.model_path), "rewrite_time_s": round(seconds, 2),
             "ranks": {layer.name: layer.rank for layer in result.report.factorized_layers}}
 
@@ -72,8 +79,16 @@ def main(argv=None):
     parser.add_argument("--ranks", default="1,2,3,4")
     parser.add_argument("--limit", type=int, default=None,
                         help="test images (fashion: 2000) or strings (ddddocr: 200)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma list of {', '.join(METHODS)} (end-to-end needs torch)")
+    parser.add_argument("--finetune-steps", type=int, default=150,
+                        help="steps of the end-to-end stage (after layer-wise distillation)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     task = (fashion_task(args.limit or 2000) if args.model == "fashion"
             else ddddocr_task(args.limit or 200))
     os.makedirs(args.out, exist_ok=True)
@@ -84,19 +99,20 @@ def main(argv=None):
     settings = ([{"macs_ratio": float(f)} for f in args.ratios.split(",") if f]
                 + [{"rank": int(r)} for r in args.ranks.split(",") if r])
     for index, ranks in enumerate(settings):
-        for calibrated in (False, True):
+        for method in methods:
             try:
-                point = run_point(task, os.path.join(work, f"p{index}{int(calibrated)}"),
-                                  calibrated, **ranks)
+                point = run_point(task, os.path.join(work, f"p{index}-{method}"), method,
+                                  args.finetune_steps, **ranks)
             except Exception as exc:  # e.g. a ratio below rank 1 everywhere
-                print(f"  {ranks} calibrated={calibrated}: {exc}", flush=True)
+                print(f"  {ranks} {method}: {exc}", flush=True)
                 continue
             points.append(point)
-            print(f"  {ranks} {'distilled' if calibrated else 'SVD only '}: conv MACs "
+            print(f"  {ranks} {method:10s}: conv MACs "
                   f"{point['conv_macs_ratio']:.3f}x accuracy {point['accuracy']:.4f} "
                   f"({point['rewrite_time_s']:.1f} s)", flush=True)
     result = {"model": task["model"], "metric": task["metric"], "original_accuracy": baseline,
-              "calibration": task["calibration"], "points": points}
+              "calibration": task["calibration"], "finetune_steps": args.finetune_steps,
+              "points": points}
     path = os.path.join(args.out, f"accuracy_{args.model}.json")
     with open(path, "w") as handle:
         json.dump(result, handle, indent=2)
@@ -112,9 +128,12 @@ def _plot(result: dict, path: str) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for calibrated, label in ((False, "data-free SVD"), (True, "layer-wise distillation")):
+    labels = {"svd": "data-free SVD", "layerwise": "layer-wise distillation",
+              "end-to-end": f"+ end-to-end ({result.get('finetune_steps')} steps)"}
+    for method, label in labels.items():
         pts = sorted((p["conv_macs_ratio"], p["accuracy"]) for p in result["points"]
-                     if p["calibrated"] == calibrated and "macs_ratio" in p)
+                     if p.get("method", "layerwise" if p["calibrated"] else "svd") == method
+                     and "macs_ratio" in p)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)
     ax.axhline(result["original_accuracy"], color="gray", linestyle="--", label="original")
