@@ -239,6 +239,17 @@ def infer_shapes(
     return shapes
 
 
+def same_pads(size, kernel, strides, dilations, mode: str) -> list[int]:
+    """ONNX pads ``[b0, b1, ..., e0, e1, ...]`` that auto_pad SAME_UPPER/SAME_LOWER means."""
+    begin, end = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    return begin + end
+
+
 def attribute(node: onnx.NodeProto, name: str, default=None):
     for attr in node.attribute:
         if attr.name == name:

@@ -12,13 +12,12 @@ run it first (``factorize_relax`` does).
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.ir.module import IRModule
 from tvm.ir.transform import PassContext
 from tvm.relax import Expr
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
 from tvm.relax.transform import function_pass
 
 from dwsep_compiler.initialization.ranks import RankPolicy

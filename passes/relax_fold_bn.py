@@ -8,7 +8,6 @@ see the same kernels as the ONNX pass (which folds BN the same way, with the sam
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 from tvm.ir.module import IRModule
 from tvm.ir.transform import PassContext

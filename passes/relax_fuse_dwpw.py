@@ -65,7 +65,6 @@ class _Fuser(PyExprMutator):
         call = super().visit_call_(call)
         if not _is_conv(call):
             return call
-        pw_attrs = call.attrs
         dw_var, w_pw = call.args
         dw_call = self.lookup_binding(dw_var) if isinstance(dw_var, relax.Var) else dw_var
         if not _is_conv(dw_call) or not _pointwise_ok(call, w_pw) or dw_var_users(self, dw_var):

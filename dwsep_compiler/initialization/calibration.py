@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -42,7 +41,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ..errors import DwsepError
-from ..model import MAX_IR_VERSION, ModelView, attribute, graph_inputs
+from ..model import MAX_IR_VERSION, ModelView, attribute, graph_inputs, same_pads
 from ..passes.conditions import ConvPlan
 from ..passes.onnx_factorize import ConvSite, _remove_dead, apply_plans
 from . import allocation, distill
@@ -250,14 +249,8 @@ def conv_geometry(site: ConvSite, view: ModelView) -> distill.ConvGeometry:
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        size = view.shapes[node.input[0]][2:]
-        begin, end = [], []
-        for n, k, s, d in zip(size, kernel, strides, dilations):
-            total = max(0, (math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n)
-            small, large = total // 2, total - total // 2
-            begin.append(small if auto_pad == "SAME_UPPER" else large)
-            end.append(large if auto_pad == "SAME_UPPER" else small)
-        pads = (*begin, *end)
+        pads = tuple(same_pads(view.shapes[node.input[0]][2:], kernel, strides, dilations,
+                               auto_pad))
     elif auto_pad == "VALID":
         pads = (0, 0, 0, 0)
     top, left, bottom, right = pads

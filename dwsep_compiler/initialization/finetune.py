@@ -20,7 +20,6 @@ Hooks a user's own training loop can call:
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Callable, Iterable
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from ..errors import DwsepError
-from ..model import graph_inputs
+from ..model import graph_inputs, same_pads
 from .calibration import DEFAULT_BATCH, CalibrationSet
 
 DEFAULT_LR = 1e-4  # 1e-3 measured worse on the Fashion example (89.9% vs 90.1-90.3%)
@@ -56,22 +55,11 @@ def _opset(model: onnx.ModelProto) -> int:
     return 13
 
 
-def _same_pads(size, kernel, strides, dilations, mode) -> list[int]:
-    """ONNX pads [b0, b1, ..., e0, e1, ...] for auto_pad SAME_UPPER/SAME_LOWER."""
-    begin, end = [], []
-    for n, k, s, d in zip(size, kernel, strides, dilations):
-        total = max(0, (math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n)
-        small, large = total // 2, total - total // 2
-        begin.append(small if mode == "SAME_UPPER" else large)
-        end.append(large if mode == "SAME_UPPER" else small)
-    return begin + end
-
-
 def _resolve_pads(a: dict, x, kernel, strides, dilations) -> list[int]:
     rank = len(kernel)
     mode = a.get("auto_pad", "NOTSET")
     if mode in ("SAME_UPPER", "SAME_LOWER"):
-        return _same_pads(x.shape[2:], kernel, strides, dilations, mode)
+        return same_pads(x.shape[2:], kernel, strides, dilations, mode)
     if mode == "VALID":
         return [0] * (2 * rank)
     return list(a.get("pads", [0] * (2 * rank)))

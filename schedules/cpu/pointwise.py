@@ -12,7 +12,7 @@ Knobs (sampled with ``tunable=True``): ``co_block`` (output channels per tile) a
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
