@@ -30,59 +30,40 @@ def _rank(text: str):
     return value
 
 
-def _energy(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"energy must be a number in (0, 1], not {text!r}")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"energy must be in (0, 1], not {value}")
-    return value
-
-
-def _fraction(what: str):
-    def parse(text: str) -> float:
+def checked(what: str, cast, ok, rule: str):
+    """An argparse type: ``cast`` the text, then require ``ok(value)`` ("<what> must be <rule>")."""
+    def parse(text: str):
         try:
-            value = float(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number in (0, 1], not {text!r}")
-        if not 0.0 < value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{what} must be in (0, 1], not {value}")
+            raise argparse.ArgumentTypeError(f"{what} must be {rule}, not {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{what} must be {rule}, not {value}")
         return value
     return parse
 
 
-def _positive(what: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a positive number, not {text!r}")
-        if not value > 0.0:
-            raise argparse.ArgumentTypeError(f"{what} must be > 0, not {value}")
-        return value
-    return parse
+def fraction(what: str):
+    return checked(what, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 
 
-def _count(what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer >= 0, not {text!r}")
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{what} must be >= 0, not {value}")
-        return value
-    return parse
+def positive(what: str):
+    return checked(what, float, lambda v: v > 0.0, "a number > 0")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+def count(what: str):
+    return checked(what, int, lambda v: v >= 0, "an integer >= 0")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line and exit 2 (argparse prints the whole usage otherwise)."""
+
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Replace standard convolutions by depthwise + pointwise pairs and compile "
                     "the model with Apache TVM.")
@@ -94,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     ranks = parser.add_mutually_exclusive_group()
     ranks.add_argument("--rank", type=_rank,
                        help="depth multiplier r for every layer: an integer, or 'full' (exact)")
-    ranks.add_argument("--energy", type=_energy,
+    ranks.add_argument("--energy", type=fraction("energy"),
                        help="per layer, the smallest r keeping this fraction of the squared "
                             "singular values [default when no rank flag: 0.95]")
-    ranks.add_argument("--macs-ratio", type=_fraction("macs ratio"), metavar="F",
+    ranks.add_argument("--macs-ratio", type=fraction("macs ratio"), metavar="F",
                        help="allocate ranks across layers so that conv MACs <= F x original "
                             "with the least error (output error on --calibration data, else "
                             "SVD weight error)")
-    ranks.add_argument("--max-error", type=_positive("max error"), metavar="E",
+    ranks.add_argument("--max-error", type=positive("max error"), metavar="E",
                        help="per layer, the smallest rank whose relative error is <= E (output "
                             "error on --calibration data, else weight error); layers that "
                             "cannot reach it are kept")
@@ -114,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="distillation target: the original model's layer output on the "
                              "original activations, or the original conv on the rewritten "
                              "model's activations [default: original]")
-    parser.add_argument("--finetune-steps", type=_count("finetune steps"), default=0, metavar="N",
+    parser.add_argument("--finetune-steps", type=count("finetune steps"), default=0, metavar="N",
                         help="after the layer-wise distillation, train the factorized layers end "
                              "to end against the original model for N Adam steps on the "
                              "--calibration data (needs PyTorch: pip install "
                              "'dwsep-compiler[finetune]') [default: 0]")
-    parser.add_argument("--finetune-lr", type=_positive("finetune lr"), default=1e-4,
+    parser.add_argument("--finetune-lr", type=positive("finetune lr"), default=1e-4,
                         metavar="LR", help="Adam learning rate of --finetune-steps "
                                            "[default: 0.0001]")
     parser.add_argument("--force-rewrite", action="store_true",

@@ -193,7 +193,7 @@ def compile_model(
     try:
         model_out = os.path.join(staging, MODEL_NAME)
         save_model(result.model, model_out)
-        _check_runs_in_onnxruntime(model_out)
+        reference = _load_in_onnxruntime(model_out)
         library = None
         if compile and not nothing:
             log(f"compiling for {preset.name} with TVM ...")
@@ -204,7 +204,7 @@ def compile_model(
             if library.note:
                 report.notes.append(library.note)
             if verify and preset.host_arch == "host":
-                report.verification = _verify_host(executable, model_out, result.model, shapes)
+                report.verification = _verify_host(executable, reference, result.model, shapes)
         report.artifacts["model"] = os.path.join(output_dir, MODEL_NAME)
         report.artifacts["report"] = os.path.join(output_dir, REPORT_NAME)
         with open(os.path.join(staging, REPORT_NAME), "w") as handle:
@@ -323,21 +323,22 @@ def _session(path_or_model) -> ort.InferenceSession:
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _check_runs_in_onnxruntime(path: str) -> None:
+def _load_in_onnxruntime(path: str) -> ort.InferenceSession:
+    """The written model's onnxruntime session (proves it loads; the verification reuses it)."""
     try:
-        _session(path)
+        return _session(path)
     except Exception as exc:
         raise DwsepError(f"onnxruntime cannot load the rewritten model: "
                          f"{first_line(exc)}") from None
 
 
-def _verify_host(executable, model_path: str, model: onnx.ModelProto,
+def _verify_host(executable, reference: ort.InferenceSession, model: onnx.ModelProto,
                  shapes: dict[str, tuple[int, ...]]) -> dict:
     """Run the library once on a random input and compare with onnxruntime on the same model."""
     rng = np.random.default_rng(0)
     names = [v.name for v in graph_inputs(model)]
     inputs = [rng.standard_normal(shapes[name]).astype(np.float32) for name in names]
-    expected = _session(model_path).run(None, dict(zip(names, inputs)))
+    expected = reference.run(None, dict(zip(names, inputs)))
     actual = tvm_compile.run_executable(executable, inputs)
     errors = [float(np.max(np.abs(a - e)) / max(float(np.max(np.abs(e))), 1e-30))
               for a, e in zip(actual, expected)]

@@ -16,36 +16,13 @@ import os
 import sys
 import traceback
 
+from .cli import OneLineParser, count, positive
+
 PROG = "dwsep-run"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, not {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, not {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Run a dwsep-compile library on a device through a TVM RPC tracker (or on "
                     "this machine with --local): print the outputs and the median latency.")
@@ -58,14 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run on this machine instead (libraries built for it only)")
     parser.add_argument("--rpc-key", metavar="KEY",
                         help="device key the server registered under (with --rpc-tracker)")
-    parser.add_argument("--session-timeout", type=_seconds, default=60.0, metavar="S",
+    parser.add_argument("--session-timeout", type=positive("session timeout (seconds)"), default=60.0, metavar="S",
                         help="give up when the tracker grants no session within S seconds "
                              "[default: 60]")
     parser.add_argument("--inputs", metavar="FILE.npz",
                         help="input arrays keyed by input name [default: random, standard "
                              "normal, of the library's input shapes]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs [0]")
-    parser.add_argument("--repeat", type=_count, default=10, metavar="N",
+    parser.add_argument("--repeat", type=count("repeat"), default=10, metavar="N",
                         help="time N runs after the first, print the median (0: no timing) [10]")
     parser.add_argument("--device", choices=("cpu", "opencl"),
                         help="device to run on [default: opencl for mali/adreno builds, else cpu]")

@@ -57,7 +57,6 @@ def depthwise_pointwise_compute(x, w_dw, w_pw, strides, padding, dilation):
 class _Fuser(PyExprMutator):
     def __init__(self, mod: tvm.IRModule, min_pixels: int):
         super().__init__(mod)
-        self.mod_ = mod
         self.min_pixels = min_pixels
         self.fused = 0
 
@@ -67,7 +66,7 @@ class _Fuser(PyExprMutator):
             return call
         dw_var, w_pw = call.args
         dw_call = self.lookup_binding(dw_var) if isinstance(dw_var, relax.Var) else dw_var
-        if not _is_conv(dw_call) or not _pointwise_ok(call, w_pw) or dw_var_users(self, dw_var):
+        if not _is_conv(dw_call) or not _pointwise_ok(call, w_pw) or _read_elsewhere(self.users, dw_var):
             return call
         x, w_dw = dw_call.args
         attrs = dw_call.attrs
@@ -99,9 +98,9 @@ def _i64(shape) -> list:
     return [tvm.tirx.IntImm("int64", int(d)) for d in shape]
 
 
-def dw_var_users(fuser, var) -> bool:
+def _read_elsewhere(users: dict, var) -> bool:
     """True if the depthwise output is read by anything but this pointwise conv."""
-    return fuser.users.get(var, 0) > 1
+    return users.get(var, 0) > 1
 
 
 def _is_conv(expr) -> bool:
