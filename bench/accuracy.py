@@ -2,11 +2,14 @@
 
     python bench/accuracy.py                      # Fashion-MNIST example, writes bench/results/
     python bench/accuracy.py --model ddddocr      # ddddocr's OCR model (see bench/ddddocr_ocr.py)
+    python bench/accuracy.py --model ddddocr --calibration-size 256 --tag cal256
 
 For each target ratio F the ranks are allocated by ``--macs-ratio F`` (greedy per layer; on the
 SVD weight error without calibration, on the calibration output error with it), the model is
 rewritten with `compile_model(..., compile=False)` and its accuracy measured with onnxruntime.
-Writes ``accuracy_<model>.json`` (+ ``.png`` when matplotlib is installed) under ``--out``.
+Writes ``accuracy_<model>[-<tag>].json`` (+ ``.png`` when matplotlib is installed) under
+``--out``. ddddocr's end-to-end stage trains its conv backbone only (the LSTM head is outside the
+torch executor): the loss is on the LSTM's input features, see `initialization.finetune`.
 Also records the uniform-rank points (``--rank r`` for every layer) for reference.
 """
 
@@ -36,18 +39,24 @@ def fashion_task(limit: int):
         return data.evaluate_onnx(path, limit=limit, threads=2)
 
     return {"model": str(data.DEFAULT_MODEL), "calibration": str(data.DEFAULT_CALIBRATION),
-            "input_shapes": None, "accuracy": accuracy,
+            "calibration_size": len(data.calibration_images()), "input_shapes": None,
+            "accuracy": accuracy,
             "metric": f"top-1 accuracy, first {limit} Fashion-MNIST test images"}
 
 
-def ddddocr_task(limit: int):
+def ddddocr_task(limit: int, calibration_size: int):
     import ddddocr_ocr as ocr
 
     texts = ocr.random_texts(limit, seed=1)
     images = ocr.render(texts)
+    # Calibration strings: another seed, and none of the evaluation strings.
+    evaluated = {text.lower() for text in texts}
+    pool = [t for t in ocr.random_texts(2 * calibration_size, seed=2) if t.lower() not in evaluated]
+    assert len(pool) >= calibration_size, "too many calibration strings are evaluation strings"
     calibration = os.path.join(tempfile.mkdtemp(prefix="dwsep-bench-"), "ocr_calibration.npz")
-    np.savez(calibration, **{ocr.INPUT: ocr.render(ocr.random_texts(64, seed=2))})
+    np.savez(calibration, **{ocr.INPUT: ocr.render(pool[:calibration_size])})
     return {"model": ocr.model_path(), "calibration": calibration,
+            "calibration_size": calibration_size,
             "input_shapes": {ocr.INPUT: (1, 1, ocr.HEIGHT, ocr.WIDTH)},
             "accuracy": lambda path: ocr.accuracy(path, texts, images),
             "metric": f"exact string (case-insensitive), {limit} rendered 4-7 char strings"}
@@ -83,14 +92,21 @@ def main(argv=None):
                         help=f"comma list of {', '.join(METHODS)} (end-to-end needs torch)")
     parser.add_argument("--finetune-steps", type=int, default=150,
                         help="steps of the end-to-end stage (after layer-wise distillation)")
+    parser.add_argument("--calibration-size", type=int, default=None,
+                        help="ddddocr: rendered calibration strings, none of them an evaluation "
+                             "string (default 64); fashion uses the bundled 64 images")
+    parser.add_argument("--tag", default="",
+                        help="results go to accuracy_<model>[-<tag>].json/.png")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
+    if args.calibration_size is not None and (args.model != "ddddocr" or args.calibration_size < 1):
+        parser.error("--calibration-size: a positive count, for --model ddddocr only")
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     task = (fashion_task(args.limit or 2000) if args.model == "fashion"
-            else ddddocr_task(args.limit or 200))
+            else ddddocr_task(args.limit or 200, args.calibration_size or 64))
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="dwsep-bench-")
     baseline = task["accuracy"](task["model"])
@@ -111,9 +127,11 @@ def main(argv=None):
                   f"{point['conv_macs_ratio']:.3f}x accuracy {point['accuracy']:.4f} "
                   f"({point['rewrite_time_s']:.1f} s)", flush=True)
     result = {"model": task["model"], "metric": task["metric"], "original_accuracy": baseline,
-              "calibration": task["calibration"], "finetune_steps": args.finetune_steps,
-              "points": points}
-    path = os.path.join(args.out, f"accuracy_{args.model}.json")
+              "calibration": task["calibration"],
+              "calibration_size": task["calibration_size"],
+              "finetune_steps": args.finetune_steps, "points": points}
+    stem = f"accuracy_{args.model}" + (f"-{args.tag}" if args.tag else "")
+    path = os.path.join(args.out, f"{stem}.json")
     with open(path, "w") as handle:
         json.dump(result, handle, indent=2)
     print(f"wrote {path}")

@@ -1,5 +1,6 @@
 """End-to-end fine-tuning (optional PyTorch extra): the torch executor against onnxruntime, the
-training on the Fashion-MNIST example, and the CLI errors (which need no torch)."""
+training on the Fashion-MNIST example, models with an operator the executor cannot run (trained
+on the runnable prefix), and the CLI errors (which need no torch)."""
 
 import importlib.util
 import os
@@ -9,10 +10,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.pipeline import compile_model
-from helpers import conv_model, run_onnx, small_cnn, with_outputs
+from helpers import conv_model, make_model, rel_error, run_onnx, small_cnn, with_outputs
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="PyTorch (the finetune extra) is not installed")
@@ -21,8 +23,37 @@ EXAMPLE = os.path.join(EXAMPLE_DIR, "fashion_cnn.onnx")
 CALIBRATION = os.path.join(EXAMPLE_DIR, "calibration.npz")
 
 
+def _shape_ops_model() -> onnx.ModelProto:
+    """Shape arithmetic as exporters write it between a backbone and its head: Shape (with
+    start), Gather (scalar and negative indices), Unsqueeze, Squeeze, Concat, Reshape,
+    ConstantOfShape."""
+    def ints(name, values):
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Unsqueeze", ["n", "axis0"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus1"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+        helper.make_node("Unsqueeze", ["flat", "axes_1_last"], ["u"]),
+        helper.make_node("Squeeze", ["u", "axis1"], ["sq"]),
+        helper.make_node("Shape", ["sq"], ["tail"], start=1),
+        helper.make_node("Concat", ["n1", "tail"], ["sq_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["sq_shape"], ["half"],
+                         value=numpy_helper.from_array(np.array([0.5], np.float32))),
+        helper.make_node("Add", ["sq", "half"], ["y"]),
+        helper.make_node("Gather", ["x", "last_first"], ["g"], axis=2),
+    ]
+    inits = [ints("zero", 0), ints("axis0", [0]), ints("minus1", [-1]),
+             ints("axes_1_last", [1, -1]), ints("axis1", [1]), ints("last_first", [-1, 0])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x], [y], inits, opset=15)
+
+
 @needs_torch
-@pytest.mark.parametrize("make", ["small_cnn", "conv_bn"])
+@pytest.mark.parametrize("make", ["small_cnn", "conv_bn", "shape_ops"])
 def test_onnx_module_matches_onnxruntime(make):
     from dwsep_compiler.initialization.finetune import OnnxModule
 
@@ -30,6 +61,9 @@ def test_onnx_module_matches_onnxruntime(make):
     if make == "small_cnn":
         model, x = small_cnn(rng), rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
         capture = ["r1", "c4"]
+    elif make == "shape_ops":
+        model, x = _shape_ops_model(), rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+        capture = ["n", "tail", "g"]
     else:
         model = conv_model(rng, batch_norm=True, strides=(2, 2), pads=(0, 1, 1, 2))
         x, capture = rng.standard_normal((2, 8, 12, 12)).astype(np.float32), ["bn_out"]
@@ -91,6 +125,124 @@ def test_finetune_on_fashion_example(tmp_path):
     print("accuracy, agreement with the original on 500 test images:", scores)
     # Measured: see the README. Only the training loss is asserted (64 samples overfit easily).
     assert scores["finetuned"][0] > 0.8
+
+
+def _backbone_then(rng, head: str) -> onnx.ModelProto:
+    """x [N, 2, 6, 10] -> conv1 3x3 -> relu -> conv2 3x3 -> relu, with an operator the torch
+    executor cannot run: ``"lstm"``, an LSTM over the width axis after the backbone (an OCR
+    model's recurrent head; its input, the cut tensor, is "seq"); ``"first"``, a Hardmax before
+    conv1; ``"middle"``, a Hardmax between the convs."""
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * scale, name)
+             for name, shape, scale in (("w1", (8, 2, 3, 3), 0.3), ("b1", (8,), 0.1),
+                                        ("w2", (8, 8, 3, 3), 0.15), ("b2", (8,), 0.1))]
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    hardmax = [helper.make_node("Hardmax", ["x" if head == "first" else "r1"], ["h"],
+                                name="hardmax", axis=-1)]
+    nodes = [*(hardmax if head == "first" else []),
+             helper.make_node("Conv", ["h" if head == "first" else "x", "w1", "b1"], ["c1"],
+                              name="conv1", **conv),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             *(hardmax if head == "middle" else []),
+             helper.make_node("Conv", ["h" if head == "middle" else "r1", "w2", "b2"], ["c2"],
+                              name="conv2", **conv),
+             helper.make_node("Relu", ["c2"], ["feat" if head == "lstm" else "y"], name="relu2")]
+    if head == "lstm":
+        hidden = 8
+        inits += [numpy_helper.from_array(np.array([0, 0, -1], np.int64), "seq_shape"),
+                  numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, 48)).astype(
+                      np.float32) * 0.2, "W"),
+                  numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(
+                      np.float32) * 0.2, "R")]
+        nodes += [helper.make_node("Transpose", ["feat"], ["wnch"], perm=[3, 0, 1, 2]),
+                  helper.make_node("Reshape", ["wnch", "seq_shape"], ["seq"]),
+                  helper.make_node("LSTM", ["seq", "W", "R"], ["y"], name="lstm",
+                                   hidden_size=hidden)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x], [y], inits)
+
+
+def _layerwise(tmp_path, model, x):
+    """Rank 1 everywhere, layer-wise distilled on ``x``: (model, report layers)."""
+    path = str(tmp_path / "model.onnx")
+    onnx.save(model, path)
+    result = compile_model(path, output_dir=str(tmp_path / "out"), compile=False, rank=1,
+                           calibration=[{"x": x}])
+    return onnx.load(result.model_path), result.report.layers
+
+
+@needs_torch
+def test_finetune_trains_the_prefix_before_an_unsupported_head(tmp_path):
+    """LSTM head: the backbone is trained on the cut tensor (the LSTM's input) + the layer
+    features, and the trained weights land in the full model, which still runs."""
+    from dwsep_compiler.initialization.calibration import load_calibration
+    from dwsep_compiler.initialization.finetune import finetune, trainable_names
+
+    rng = np.random.default_rng(0)
+    original = _backbone_then(rng, "lstm")
+    x = rng.uniform(0, 1, (32, 2, 6, 10)).astype(np.float32)
+    layerwise, layers = _layerwise(tmp_path, original, x)
+    calib = load_calibration([{"x": x}], original, {"x": (32, 2, 6, 10)})
+    tuned, info = finetune(original, layerwise, layers, calib, steps=60, lr=3e-3)
+
+    assert info["outputs"] == {"kind": "cut tensors", "names": ["seq"],
+                               "first_unsupported_op": "LSTM", "first_unsupported_node": "lstm",
+                               "layers_not_reached": []}
+    assert info["kept"] == "trained" and info["loss_end"] < info["loss_start"]
+    assert set(info["layer_output_rel_error"]) == {"conv1", "conv2"}
+    trained = trainable_names(layerwise, layers)
+    before = {t.name: numpy_helper.to_array(t) for t in layerwise.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) == (k not in trained) for k in before)
+
+    # The written-back full model, run in onnxruntime: the cut features are closer to the
+    # original's than the layer-wise model's.
+    [teacher] = run_onnx(with_outputs(original, ["seq"]), {"x": x}, ["seq"])
+    errors = {}
+    for name, model in (("layerwise", layerwise), ("tuned", tuned)):
+        y, seq = run_onnx(with_outputs(model, ["seq"]), {"x": x}, ["y", "seq"])
+        assert y.shape == (10, 1, 32, 8)
+        errors[name] = rel_error(seq, teacher)
+    assert errors["tuned"] < errors["layerwise"], errors
+
+
+@needs_torch
+def test_finetune_leaves_layers_beyond_the_cut_alone(tmp_path):
+    from dwsep_compiler.initialization.calibration import load_calibration
+    from dwsep_compiler.initialization.finetune import finetune
+
+    rng = np.random.default_rng(1)
+    original = _backbone_then(rng, "middle")
+    x = rng.uniform(0, 1, (16, 2, 6, 10)).astype(np.float32)
+    layerwise, layers = _layerwise(tmp_path, original, x)
+    calib = load_calibration([{"x": x}], original, {"x": (16, 2, 6, 10)})
+    tuned, info = finetune(original, layerwise, layers, calib, steps=5, lr=1e-3)
+    assert info["outputs"]["names"] == ["r1"]
+    assert info["outputs"]["layers_not_reached"] == ["conv2"]
+    assert set(info["layer_output_rel_error"]) == {"conv1"}
+    second = {i for node in layerwise.graph.node if node.name.startswith("conv2_")
+              for i in node.input[1:]}
+    assert second
+    for before, after in zip(layerwise.graph.initializer, tuned.graph.initializer):
+        if before.name in second:
+            assert before == after
+
+
+@needs_torch
+def test_finetune_without_a_runnable_factorized_layer_names_the_op(tmp_path):
+    from dwsep_compiler.initialization.calibration import load_calibration
+    from dwsep_compiler.initialization.finetune import finetune
+
+    rng = np.random.default_rng(2)
+    original = _backbone_then(rng, "first")
+    x = rng.uniform(0, 1, (8, 2, 6, 10)).astype(np.float32)
+    layerwise, layers = _layerwise(tmp_path, original, x)
+    assert sum(layer.factorized for layer in layers) == 2
+    calib = load_calibration([{"x": x}], original, {"x": (8, 2, 6, 10)})
+    with pytest.raises(DwsepError, match="operator Hardmax") as caught:
+        finetune(original, layerwise, layers, calib, steps=5)
+    assert "\n" not in str(caught.value)
 
 
 def _cli(*args, hide_torch=False):

@@ -5,6 +5,12 @@ PyTorch (CPU is enough): ``pip install 'dwsep-compiler[finetune]'``. The ONNX gr
 by `OnnxModule`, a ``torch.nn.Module`` that runs the graph node by node with torch functional
 ops (the CNN subset below), so no exporter or model source code is needed.
 
+Models with operators outside that subset (an OCR model's LSTM head, a custom op) are trained on
+their `runnable_prefix`: the largest part the executor can run, cut where the factorized layers'
+influence leaves it. The output loss is then taken on the cut tensors (e.g. the conv backbone's
+output features, which the head reads), the teacher computes the same tensors on the original
+model, and the trained weights are written back into the full model.
+
 Hooks a user's own training loop can call:
 
 * `student_module(factorized_model, layers)`: the factorized model as a module whose only
@@ -14,6 +20,8 @@ Hooks a user's own training loop can call:
   same name);
 * `distillation_loss(student_out, teacher_out, pairs, feature_weight)`: output MSE plus the mean
   normalized feature MSE;
+* `runnable_prefix(factorized_model, layers)`: the part to train and the tensors to match when
+  the executor cannot run the whole model (its ``model`` and ``layers`` go to the hooks above);
 * `write_back(factorized_model, module)`: the model with the module's trained weights;
 * `finetune(...)`: all of the above with Adam on the calibration set.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -32,7 +41,8 @@ from onnx import numpy_helper
 
 from ..errors import DwsepError
 from ..model import graph_inputs, same_pads
-from .calibration import DEFAULT_BATCH, CalibrationSet
+from ..passes.onnx_factorize import _subgraph_inputs
+from .calibration import DEFAULT_BATCH, CalibrationSet, pruned
 
 DEFAULT_LR = 1e-4  # 1e-3 measured worse on the Fashion example (89.9% vs 90.1-90.3%)
 DEFAULT_FEATURE_WEIGHT = 1.0
@@ -172,6 +182,45 @@ def _constant(a):
     raise DwsepError("Constant without a numeric value is not supported by the torch executor")
 
 
+def _shape(x, a):
+    return torch.tensor(x.shape, dtype=torch.int64)[a.get("start", 0):a.get("end")]
+
+
+def _gather(x, indices, a):
+    axis = a.get("axis", 0) % x.dim()
+    index = indices.long()
+    index = torch.where(index < 0, index + x.shape[axis], index)
+    out = x.index_select(axis, index.reshape(-1))
+    return out.reshape((*x.shape[:axis], *index.shape, *x.shape[axis + 1:]))
+
+
+def _axes(i: list, a: dict) -> list[int] | None:
+    """Squeeze/Unsqueeze axes: an attribute before opset 13, the second input since."""
+    if len(i) > 1 and i[1] is not None:
+        return [int(v) for v in i[1].tolist()]
+    return a.get("axes")
+
+
+def _unsqueeze(x, axes):
+    rank = x.dim() + len(axes)
+    for axis in sorted(axis % rank for axis in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _squeeze(x, axes):
+    if axes is None:
+        axes = [d for d, size in enumerate(x.shape) if size == 1]
+    drop = {axis % x.dim() for axis in axes}
+    return x.reshape([size for d, size in enumerate(x.shape) if d not in drop])
+
+
+def _constant_of_shape(shape, a):
+    value = (torch.from_numpy(numpy_helper.to_array(a["value"]).copy()).reshape(())
+             if "value" in a else torch.zeros(()))
+    return torch.full([int(d) for d in shape.tolist()], value.item(), dtype=value.dtype)
+
+
 def _run_node(op: str, i: list, a: dict, opset: int):
     """Outputs (a list) of one ONNX node on torch tensors ``i`` (None for absent inputs)."""
     if op == "Conv":
@@ -224,13 +273,31 @@ def _run_node(op: str, i: list, a: dict, opset: int):
         return [i[0], torch.ones_like(i[0], dtype=torch.bool)]
     if op == "Constant":
         return [_constant(a)]
+    if op == "Shape":
+        return [_shape(i[0], a)]
+    if op == "Gather":
+        return [_gather(i[0], i[1], a)]
+    if op == "Unsqueeze":
+        return [_unsqueeze(i[0], _axes(i, a))]
+    if op == "Squeeze":
+        return [_squeeze(i[0], _axes(i, a))]
+    if op == "ConstantOfShape":
+        return [_constant_of_shape(i[0], a)]
     raise DwsepError(f"operator {op} is not supported by the torch executor (finetune)")
 
 
 SUPPORTED_OPS = frozenset((
     "Conv", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Add", "Sub", "Mul", "Div", "MaxPool",
     "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Concat",
-    "BatchNormalization", "Softmax", "Transpose", "Identity", "Dropout", "Constant"))
+    "BatchNormalization", "Softmax", "Transpose", "Identity", "Dropout", "Constant", "Shape",
+    "Gather", "Unsqueeze", "Squeeze", "ConstantOfShape"))
+# Ops whose output is the input's shape, not a function of its values: no gradient flows through.
+_SHAPE_ONLY = frozenset(("Shape",))
+
+
+def supported(node: onnx.NodeProto) -> bool:
+    """Whether `OnnxModule` can run ``node``."""
+    return node.domain in ("", "ai.onnx") and node.op_type in SUPPORTED_OPS
 
 
 class OnnxModule(torch.nn.Module):
@@ -245,9 +312,7 @@ class OnnxModule(torch.nn.Module):
     def __init__(self, model: onnx.ModelProto, trainable: Iterable[str] = ()):
         super().__init__()
         graph = model.graph
-        unsupported = sorted({n.op_type for n in graph.node
-                              if n.domain not in ("", "ai.onnx")
-                              or n.op_type not in SUPPORTED_OPS})
+        unsupported = sorted({n.op_type for n in graph.node if not supported(n)})
         if unsupported:
             raise DwsepError(f"operator {', '.join(unsupported)} is not supported by the torch "
                              "executor (finetune)")
@@ -334,19 +399,25 @@ def layer_pairs(layers, factorized_model: onnx.ModelProto) -> list[tuple[str, st
     return [(pw.output[0], pw.output[0]) for _, _, pw in _factorized_nodes(factorized_model, layers)]
 
 
+def _normalized_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: comparable across tensors of any scale."""
+    return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+
+
 def distillation_loss(student_out: dict, teacher_out: dict, pairs: list[tuple[str, str]],
                       feature_weight: float = DEFAULT_FEATURE_WEIGHT,
-                      outputs: Iterable[str] | None = None):
+                      outputs: Iterable[str] | None = None, normalize_outputs: bool = False):
     """Output MSE summed over the graph ``outputs`` (default: the names the two dicts share that
-    are not in ``pairs``) + ``feature_weight`` x mean over ``pairs`` of the normalized feature MSE
-    ``mean((s - t)^2) / mean(t^2)``."""
+    are not in ``pairs``) + ``feature_weight`` x mean over ``pairs`` of the normalized feature
+    MSE ``mean((s - t)^2) / mean(t^2)``. ``normalize_outputs``: the output terms normalized the
+    same way (for cut tensors: inner features whose scale says nothing about their weight)."""
     paired = {s for s, _ in pairs} | {t for _, t in pairs}
     if outputs is None:
         outputs = [name for name in teacher_out if name in student_out and name not in paired]
-    loss = sum(F.mse_loss(student_out[name], teacher_out[name]) for name in outputs)
+    output_term = _normalized_mse if normalize_outputs else F.mse_loss
+    loss = sum(output_term(student_out[name], teacher_out[name]) for name in outputs)
     if pairs and feature_weight:
-        features = [F.mse_loss(student_out[s], teacher_out[t])
-                    / teacher_out[t].pow(2).mean().clamp_min(1e-12) for s, t in pairs]
+        features = [_normalized_mse(student_out[s], teacher_out[t]) for s, t in pairs]
         loss = loss + feature_weight * sum(features) / len(features)
     return loss if isinstance(loss, torch.Tensor) else torch.zeros(())
 
@@ -363,18 +434,133 @@ def write_back(factorized_model: onnx.ModelProto, module: OnnxModule) -> onnx.Mo
     return out
 
 
-def _evaluate(student, teacher, calibration, pairs, outputs, feature_weight, batch):
+# ------------------------------------------------------------------------------ the runnable part
+
+@dataclass
+class Prefix:
+    """The part of the factorized model that `finetune` trains, and the tensors its output loss
+    matches.
+
+    When `OnnxModule` runs every node, that is the whole model and its outputs. Otherwise (an
+    LSTM head, a custom op, ...) it is the largest prefix the executor can run, cut where the
+    factorized layers' influence leaves it: ``outputs`` are then the *cut tensors* (for a conv
+    backbone under a recurrent head, the backbone's output features), which the teacher also
+    computes, so the student learns to reproduce what the unsupported part reads.
+    """
+
+    model: onnx.ModelProto       # the nodes ``outputs`` need; graph outputs = ``outputs``
+    outputs: list[str]
+    layers: list[str]            # factorized layers inside
+    unreached: list[str] = field(default_factory=list)  # beyond the cut: layer-wise weights kept
+    unsupported: onnx.NodeProto | None = None  # first node the executor cannot run
+
+    def describe(self) -> dict:
+        """Which outputs the loss used (for the report)."""
+        node = self.unsupported
+        return {"kind": "cut tensors" if node is not None else "model outputs",
+                "names": list(self.outputs),
+                "first_unsupported_op": node.op_type if node is not None else None,
+                "first_unsupported_node": node.name if node is not None else None,
+                "layers_not_reached": list(self.unreached)}
+
+
+def _runnable(graph: onnx.GraphProto) -> list[bool]:
+    """Per node (graph order is topological): supported, and every input available from the
+    graph inputs, the initializers or earlier runnable nodes."""
+    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    flags = []
+    for node in graph.node:
+        ok = supported(node) and all(name in available for name in node.input)
+        if ok:
+            available.update(node.output)
+        flags.append(ok)
+    return flags
+
+
+def _cut_tensors(graph: onnx.GraphProto, runnable: list[bool], sources: set[str]) -> list[str]:
+    """Outputs of runnable nodes that depend on the values of ``sources`` (Shape passes on no
+    values, hence no gradient) and leave the runnable part: read by a node the executor cannot
+    run (its subgraphs included) or a graph output."""
+    tainted = set(sources)
+    for node, ok in zip(graph.node, runnable):
+        if ok and node.op_type not in _SHAPE_ONLY and tainted.intersection(node.input):
+            tainted.update(node.output)
+    leaving = {o.name for o in graph.output}
+    for node, ok in zip(graph.node, runnable):
+        if not ok:
+            leaving.update(node.input)
+            leaving.update(_subgraph_inputs(node))
+    return list(dict.fromkeys(name for node, ok in zip(graph.node, runnable) if ok
+                              for name in node.output if name in tainted and name in leaving))
+
+
+def _runnable_part(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` computing only the named tensors from its runnable nodes (dead
+    unsupported nodes, subgraph holders included, dropped first so that none survives)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = [node for node, ok in zip(model.graph.node, _runnable(model.graph)) if ok]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return pruned(out, names)
+
+
+def runnable_prefix(factorized_model: onnx.ModelProto, layers) -> Prefix:
+    """The `Prefix` of ``factorized_model`` to train for its factorized ``layers``: the whole
+    model when the executor runs every node; else the runnable nodes the cut tensors need.
+    Raises `DwsepError` naming the first unsupported operator when no factorized layer lies in
+    the runnable prefix."""
+    graph = factorized_model.graph
+    factorized = _factorized_nodes(factorized_model, layers)
+    names = [layer for layer, _, _ in factorized]
+    first = next((node for node in graph.node if not supported(node)), None)
+    if first is None:
+        return Prefix(factorized_model, [o.name for o in graph.output], names)
+    runnable = _runnable(graph)
+    sources = {name for _, dw, pw in factorized for name in (*dw.output, *pw.output)}
+    cut = _cut_tensors(graph, runnable, sources)
+    prefix = _runnable_part(factorized_model, cut)
+    produced = {name for node in prefix.graph.node for name in node.output}
+    reached = [layer for layer, _, pw in factorized if pw.output[0] in produced]
+    if not reached:
+        raise DwsepError(f"end-to-end fine-tuning: no factorized layer runs before operator "
+                         f"{first.op_type} (node {first.name or '?'}), which the torch "
+                         "executor does not support")
+    return Prefix(prefix, cut, reached, [n for n in names if n not in reached], first)
+
+
+# ------------------------------------------------------------------------------ training
+
+def _teacher_module(original_model: onnx.ModelProto, names: list[str]) -> OnnxModule:
+    """The original model, frozen, computing only the named tensors (a prefix of it when the
+    rest holds operators the executor cannot run)."""
+    teacher = OnnxModule(_runnable_part(original_model, names)).eval()
+    for buffer in teacher.buffers():
+        buffer.requires_grad_(False)
+    return teacher
+
+
+def _forward_loss(student, teacher, feed, pairs, prefix: Prefix, feature_weight):
+    """``(loss, student_out, teacher_out)`` of one chunk of samples."""
+    with torch.no_grad():
+        t_out = teacher(capture=[t for _, t in pairs], **feed)
+    s_out = student(capture=[s for s, _ in pairs], **feed)
+    loss = distillation_loss(s_out, t_out, pairs, feature_weight, prefix.outputs,
+                             normalize_outputs=prefix.unsupported is not None)
+    return loss, s_out, t_out
+
+
+def _evaluate(student, teacher, calibration, pairs, prefix, feature_weight, batch):
     """Calibration loss (sample-weighted mean over batches) and per-pair relative errors
     ||s - t|| / ||t|| over the whole set."""
     total, count = 0.0, 0
     err = {s: [0.0, 0.0] for s, _ in pairs}
-    capture = [s for s, _ in pairs]
     with torch.no_grad():
         for feed in calibration.feeds(batch):
             n = len(next(iter(feed.values())))
-            s_out = student(capture=capture, **feed)
-            t_out = teacher(capture=[t for _, t in pairs], **feed)
-            total += float(distillation_loss(s_out, t_out, pairs, feature_weight, outputs)) * n
+            loss, s_out, t_out = _forward_loss(student, teacher, feed, pairs, prefix,
+                                               feature_weight)
+            total += float(loss) * n
             count += n
             for s, t in pairs:
                 err[s][0] += float((s_out[s] - t_out[t]).pow(2).sum())
@@ -382,53 +568,66 @@ def _evaluate(student, teacher, calibration, pairs, outputs, feature_weight, bat
     return total / max(count, 1), {s: math.sqrt(a / max(b, 1e-30)) for s, (a, b) in err.items()}
 
 
+def _minibatches(samples: int, batch: int, steps: int, rng):
+    """``steps`` minibatches of ``batch`` sample indices: epochs of shuffled samples."""
+    order = np.array([], dtype=np.int64)
+    for _ in range(steps):
+        while len(order) < batch:
+            order = np.concatenate([order, rng.permutation(samples)])
+        take, order = order[:batch], order[batch:]
+        yield take
+
+
 def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto, layers,
              calibration: CalibrationSet, steps: int, lr: float = DEFAULT_LR,
              batch_size: int = DEFAULT_BATCH, feature_weight: float = DEFAULT_FEATURE_WEIGHT,
              log: Callable[[str], None] | None = None, seed: int = 0
              ) -> tuple[onnx.ModelProto, dict]:
-    """Train the factorized layers' DW/PW weights end to end (Adam, ``steps`` minibatches of the
-    calibration set) against the frozen original model: `distillation_loss` on the graph outputs
-    and every factorized layer's output. Returns the factorized model with the trained weights
-    and an info dict. If training ends with a higher calibration loss than it started with, the
-    starting weights are kept (``info["kept"] == "initial"``)."""
+    """Train the factorized layers' DW/PW weights end to end (Adam, ``steps`` minibatches of
+    ``batch_size`` calibration samples) against the frozen original model: `distillation_loss`
+    on the graph outputs and every factorized layer's output.
+
+    With operators the executor cannot run, the `runnable_prefix` is trained instead, its
+    output loss taken on the cut tensors (normalized); the info dict's ``outputs`` says which.
+    A model with a fixed batch size is fed in chunks of that size, their gradients accumulated
+    into one step. Returns the full factorized model with the trained weights and an info dict.
+    If training ends with a higher calibration loss than it started with, the starting weights
+    are kept (``info["kept"] == "initial"``)."""
     log = log or (lambda message: None)
     started = time.perf_counter()
     torch.manual_seed(seed)
-    student = student_module(factorized_model, layers)
-    teacher = OnnxModule(original_model).eval()
-    for buffer in teacher.buffers():
-        buffer.requires_grad_(False)
-    pairs = layer_pairs(layers, factorized_model)
-    outputs = [name for name in student.output_names if name in teacher.output_names]
-    batch = calibration.batch or batch_size
-    names = {pw.output[0]: layer for layer, _, pw in _factorized_nodes(factorized_model, layers)}
+    prefix = runnable_prefix(factorized_model, layers)
+    if prefix.unsupported is not None:
+        log(f"fine-tuning the prefix before {prefix.unsupported.op_type} (not supported by the "
+            f"torch executor): loss on {', '.join(prefix.outputs)}"
+            + (f"; not reached: {', '.join(prefix.unreached)}" if prefix.unreached else ""))
+    student = student_module(prefix.model, prefix.layers)
+    pairs = layer_pairs(prefix.layers, prefix.model)
+    teacher = _teacher_module(original_model, list(dict.fromkeys(
+        [*prefix.outputs, *(t for _, t in pairs)])))
+    chunk = calibration.batch or batch_size
+    batch = max(1, batch_size // chunk) * chunk
+    names = {pw.output[0]: layer for layer, _, pw in _factorized_nodes(prefix.model, prefix.layers)}
     initial = {k: v.detach().clone() for k, v in student.onnx_parameters().items()}
-    start_loss, start_errors = _evaluate(student, teacher, calibration, pairs, outputs,
-                                         feature_weight, batch)
+    start_loss, start_errors = _evaluate(student, teacher, calibration, pairs, prefix,
+                                         feature_weight, batch_size)
     log(f"fine-tuning {len(pairs)} layers end to end: {steps} steps, lr {lr}, "
         f"calibration loss {start_loss:.5f}")
     optimizer = torch.optim.Adam(list(student.onnx_parameters().values()), lr=lr)
-    rng = np.random.default_rng(seed)
     samples = calibration.used_samples
-    order = np.array([], dtype=np.int64)
-    capture_s, capture_t = [s for s, _ in pairs], [t for _, t in pairs]
-    for step in range(steps):
-        if len(order) < batch:
-            order = np.concatenate([order, rng.permutation(samples)])
-        take, order = order[:batch], order[batch:]
-        feed = {name: array[take] for name, array in calibration.inputs.items()}
-        with torch.no_grad():
-            t_out = teacher(capture=capture_t, **feed)
-        s_out = student(capture=capture_s, **feed)
-        loss = distillation_loss(s_out, t_out, pairs, feature_weight, outputs)
+    for step, take in enumerate(_minibatches(samples, batch, steps, np.random.default_rng(seed))):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = 0.0
+        for part in np.split(take, batch // chunk):
+            feed = {name: array[part] for name, array in calibration.inputs.items()}
+            loss = _forward_loss(student, teacher, feed, pairs, prefix, feature_weight)[0]
+            (loss * (chunk / batch)).backward()
+            step_loss += float(loss.detach()) * chunk / batch
         optimizer.step()
         if (step + 1) % max(1, steps // 5) == 0:
-            log(f"  step {step + 1}/{steps}: minibatch loss {float(loss.detach()):.5f}")
-    end_loss, end_errors = _evaluate(student, teacher, calibration, pairs, outputs,
-                                     feature_weight, batch)
+            log(f"  step {step + 1}/{steps}: minibatch loss {step_loss:.5f}")
+    end_loss, end_errors = _evaluate(student, teacher, calibration, pairs, prefix,
+                                     feature_weight, batch_size)
     kept = "trained"
     if end_loss > start_loss:
         with torch.no_grad():
@@ -438,8 +637,10 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
     log(f"fine-tuned: calibration loss {start_loss:.5f} -> {end_loss:.5f}"
         + (" (worse: kept the layer-wise weights)" if kept == "initial" else ""))
     info = {
-        "method": "end-to-end distillation (Adam): output MSE + feature_weight x mean normalized "
-                  "feature MSE of every factorized layer, teacher = the original model",
+        "method": "end-to-end distillation (Adam): output MSE (normalized on cut tensors) + "
+                  "feature_weight x mean normalized feature MSE of every factorized layer, "
+                  "teacher = the original model",
+        "outputs": prefix.describe(),
         "steps": steps, "lr": lr, "batch_size": batch, "feature_weight": feature_weight,
         "samples": samples, "loss_start": round(start_loss, 6), "loss_end": round(end_loss, 6),
         "kept": kept,
