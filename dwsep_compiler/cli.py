@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-lr", type=positive("finetune lr"), default=1e-4,
                         metavar="LR", help="Adam learning rate of --finetune-steps "
                                            "[default: 0.0001]")
+    tuning = parser.add_argument_group("tuning (CPU targets; MetaSchedule over our schedule spaces)")
+    tuning.add_argument("--tune", action="store_true",
+                        help="autotune the kernels on the device (needs --tuning-records); keeps "
+                             "the original conv where DW+PW is not faster there")
+    tuning.add_argument("--tuning-records", metavar="DIR",
+                        help="MetaSchedule JSON database: applied to this build (no --tune "
+                             "needed), appended by --tune, resumed after a crash")
+    tuning.add_argument("--trials", type=count("trials"), default=400, metavar="N",
+                        help="measurements in all, records included [400]")
+    tuning.add_argument("--tune-minutes", type=positive("tune minutes"), metavar="M",
+                        help="time budget for the search")
+    tuning.add_argument("--rpc-tracker", metavar="HOST:PORT",
+                        help="measure on the devices registered at this TVM RPC tracker")
+    tuning.add_argument("--rpc-key", metavar="KEY", help="the devices' key at the tracker")
     parser.add_argument("--force-rewrite", action="store_true",
                         help="rewrite layers even where the rank would not cut MACs "
                              "(e.g. to check --rank full)")
@@ -136,6 +150,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: no model given (usage: {PROG} model.onnx --target arm)",
               file=sys.stderr)
         return 2
+    tune = None
+    if args.tune or args.rpc_tracker or args.rpc_key:
+        if not args.tune:
+            print(f"{PROG}: error: --rpc-tracker/--rpc-key are for --tune", file=sys.stderr)
+            return 2
+        if not args.tuning_records:
+            print(f"{PROG}: error: --tune needs --tuning-records DIR (where measurements go)",
+                  file=sys.stderr)
+            return 2
+        if args.trials < 1:
+            print(f"{PROG}: error: --trials must be >= 1", file=sys.stderr)
+            return 2
+        from .tuning import TuneOptions
+
+        tune = TuneOptions(records=args.tuning_records, trials=args.trials,
+                           minutes=args.tune_minutes, rpc_tracker=args.rpc_tracker,
+                           rpc_key=args.rpc_key, cross_compiler=args.cross_compiler,
+                           progress=not args.quiet)
     say = (lambda message: None) if args.quiet else (
         lambda message: print(message, file=sys.stderr, flush=True))
     try:
@@ -146,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             cross_compiler=args.cross_compiler, verify=not args.no_verify, log=say,
             calibration=args.calibration, macs_ratio=args.macs_ratio, max_error=args.max_error,
             teacher=args.teacher, finetune_steps=args.finetune_steps,
-            finetune_lr=args.finetune_lr)
+            finetune_lr=args.finetune_lr, tune=tune,
+            tuning_records=None if tune else args.tuning_records)
     except NoEligibleConvs as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

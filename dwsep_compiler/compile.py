@@ -30,17 +30,19 @@ def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
 
 
 def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
-          fuse: bool | str = True) -> relax.Executable:
+          fuse: bool | str = True, records=None) -> relax.Executable:
     """``tvm.compile`` for the preset's target; CPU targets get our schedule rules
     (``schedule=False``: TVM's default pipeline, which leaves CPU loops unscheduled) and fused
-    depthwise+pointwise kernels where they pay (``fuse="always"``: every pair; False: none)."""
+    depthwise+pointwise kernels where they pay (``fuse="always"``: every pair; False: none).
+    ``records`` (`dwsep_compiler.tuning.TuningRecords`): tuned schedules to apply where the
+    records hold one for this target."""
     if preset.is_gpu:
         return _build_gpu(mod, preset)
     target = preset.tvm_target()
     try:
         if schedule and target.kind.name == "llvm":
             with tvm.transform.PassContext(opt_level=3, config=schedules.PASS_CONFIG):
-                return tvm.compile(mod, target=target, relax_pipeline=schedules.cpu_pipeline(target, fuse))
+                return tvm.compile(mod, target=target, relax_pipeline=schedules.cpu_pipeline(target, fuse, records))
         return tvm.compile(mod, target=target)
     except Exception as exc:
         raise DwsepError(f"TVM failed to build for target '{preset.name}': {first_line(exc)}") from None

@@ -75,6 +75,8 @@ def compile_model(
     teacher: str = "original",
     finetune_steps: int = 0,
     finetune_lr: float = 1e-4,
+    tune=None,
+    tuning_records: str | None = None,
 ) -> CompileResult:
     """Factorize ``model_path``'s standard convolutions and build the result for ``target``.
 
@@ -98,6 +100,13 @@ def compile_model(
     for that many Adam steps (``finetune_lr``) on the calibration set; see
     `initialization.finetune`. The report's ``calibration.finetune`` says what it did.
 
+    ``tune`` (`tuning.TuneOptions`): autotune the factorized and the original model's kernels for
+    the target (locally, or on devices behind an RPC tracker) into ``tune.records``, then keep
+    the original conv of every layer whose tuned DW+PW pair is not faster on the device
+    (``slower_than_original_on_device``). ``tuning_records``: apply (and gate with) records of
+    an earlier tuning run without tuning. The report's ``tuning`` and per-layer latencies say
+    what was measured.
+
     Raises `DwsepError` (one-line message) for bad input, `NoEligibleConvs` after writing the
     unchanged model when nothing could be rewritten.
     """
@@ -116,6 +125,10 @@ def compile_model(
     if teacher not in TEACHERS:
         raise DwsepError(f"teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
     _check_finetune(finetune_steps, finetune_lr, calibration)
+    if compile and (tune is not None or tuning_records):
+        from . import tuning as tuning_stage
+
+        tuning_stage.check(tune, tuning_records, preset)
     try:
         policy = RankPolicy(rank=rank, energy=energy, force=force)
     except ValueError as exc:
@@ -142,25 +155,56 @@ def compile_model(
 
     plan_ranks = (None if ranks is None else
                   {name: KEEP_ORIGINAL if r is None else r for name, r in ranks.items()})
-    result = factorize_onnx(model, shapes, policy, frozenset(skip), plan_ranks,
-                            refine=refine if calib is not None else None)
-    unknown = set(skip) - {layer.name for layer in result.layers}
-    if unknown:
-        raise DwsepError(f"--skip names no conv of the model: {', '.join(sorted(unknown))}")
-    if not result.layers:
-        raise DwsepError(f"the model has no Conv nodes: nothing to factorize ({model_path})")
-    for layer in result.layers:
-        if ranks is not None and ranks.get(layer.name, 0) is None:
-            layer.rank = None
-            layer.detail = ("kept: no MAC-saving rank is within --max-error" if max_error
-                            is not None else "kept: the --macs-ratio allocation found this "
-                            "layer's error costlier than its MACs")
 
-    finetune_info = None
-    if finetune_steps and any(layer.factorized for layer in result.layers):
-        from .initialization.finetune import finetune  # torch: imported only when asked for
-        result.model, finetune_info = finetune(model, result.model, result.layers, calib,
-                                               finetune_steps, finetune_lr, log=log)
+    def initialize(plan_ranks):
+        """Rewrite and initialize (distill, fine-tune) with these ranks."""
+        distilled.clear()
+        result = factorize_onnx(model, shapes, policy, frozenset(skip), plan_ranks,
+                                refine=refine if calib is not None else None)
+        unknown = set(skip) - {layer.name for layer in result.layers}
+        if unknown:
+            raise DwsepError(f"--skip names no conv of the model: {', '.join(sorted(unknown))}")
+        if not result.layers:
+            raise DwsepError(f"the model has no Conv nodes: nothing to factorize ({model_path})")
+        for layer in result.layers:
+            if ranks is not None and ranks.get(layer.name, 0) is None:
+                layer.rank = None
+                layer.detail = ("kept: no MAC-saving rank is within --max-error" if max_error
+                                is not None else "kept: the --macs-ratio allocation found this "
+                                "layer's error costlier than its MACs")
+        finetune_info = None
+        if finetune_steps and any(layer.factorized for layer in result.layers):
+            from .initialization.finetune import finetune  # torch: imported only when asked for
+            result.model, finetune_info = finetune(model, result.model, result.layers, calib,
+                                                   finetune_steps, finetune_lr, log=log)
+        return result, finetune_info
+
+    result, finetune_info = initialize(plan_ranks)
+    records = tuning = None
+    mod = None
+    if compile and (tune is not None or tuning_records) and any(
+            layer.factorized for layer in result.layers):
+        from . import tuning as tuning_stage
+
+        records, tuning, mod, slower = _tune_and_gate(
+            tuning_stage, model, result, shapes, preset, tune, tuning_records, log)
+        if slower:
+            log(f"keeping the original conv of {len(slower)} layer(s) the device runs faster "
+                f"than DW+PW: {', '.join(sorted(slower))}")
+            kept = {layer.name: (KEEP_ORIGINAL if layer.name in slower else
+                                 layer.rank if layer.factorized else KEEP_ORIGINAL)
+                    for layer in result.layers}
+            latencies = {layer.name: (layer.latency_ms, layer.original_latency_ms)
+                         for layer in result.layers}
+            result, finetune_info = initialize(kept)
+            mod = None
+            for layer in result.layers:
+                layer.latency_ms, layer.original_latency_ms = latencies[layer.name]
+                if layer.name in slower:
+                    layer.reason = SLOWER_ON_DEVICE
+                    layer.detail = (f"kept: tuned DW+PW {slower[layer.name][0]:.4g} ms >= "
+                                    f"original {slower[layer.name][1]:.4g} ms on the device")
+                    layer.latency_ms = layer.original_latency_ms
 
     after_view = view_model(result.model, shapes)
     report = Report(
@@ -184,6 +228,8 @@ def compile_model(
             report.notes.append(
                 f"calibration: the model's batch size is fixed to {calib.batch}: used "
                 f"{calib.used_samples} of {calib.samples} samples")
+    if tuning is not None:
+        report.tuning = tuning
     nothing = not report.factorized_layers
 
     staging = tempfile.mkdtemp(prefix=".dwsep-", dir=os.path.dirname(output_dir))
@@ -197,8 +243,9 @@ def compile_model(
         library = None
         if compile and not nothing:
             log(f"compiling for {preset.name} with TVM ...")
-            mod = tvm_compile.import_onnx(result.model, shapes)
-            executable = tvm_compile.build(mod, preset)
+            if mod is None:
+                mod = tvm_compile.import_onnx(result.model, shapes)
+            executable = tvm_compile.build(mod, preset, records=records)
             library = tvm_compile.export_library(executable, preset, staging, cross_compiler)
             report.artifacts["library"] = os.path.join(output_dir, os.path.basename(library.path))
             if library.note:
@@ -247,6 +294,49 @@ def _check_finetune(steps: int, lr: float, calibration) -> None:
 
 
 KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv
+SLOWER_ON_DEVICE = "slower_than_original_on_device"
+
+
+def _tune_and_gate(tuning_stage, model, result, shapes, preset, tune, tuning_records, log):
+    """Tune (when asked), then measure each factorized layer against its original conv.
+
+    Returns ``(records, report info, factorized Relax module, {layer: (dwpw_ms, original_ms)}
+    of the layers whose DW+PW is not faster)``; sets each layer's latencies."""
+    factorized = tvm_compile.import_onnx(result.model, shapes)
+    original = tvm_compile.import_onnx(model, shapes)
+    info: dict = {}
+    if tune is not None:
+        summary = tuning_stage.tune_module([factorized, original], preset, tune, log=log)
+        info = summary.as_dict()
+        records = tuning_stage.TuningRecords(tune.records)
+    else:
+        records = tuning_stage.TuningRecords(tuning_records, create=False)
+    info["records"] = os.path.abspath(records.directory)
+    target = preset.tvm_target()
+    sites = {site.name: site for site in conv_sites(result.view_before)}
+    after = view_model(result.model, shapes)
+    by_name = {node.name: node for node in result.model.graph.node}
+    pairs, originals = {}, {}
+    for layer in result.layers:
+        if not layer.factorized:
+            continue
+        originals[layer.name] = [tuning_stage.gating.digest(result.view_before.constant(
+            sites[layer.name].node.input[1]))]
+        pairs[layer.name] = [tuning_stage.gating.digest(after.constant(by_name[n].input[1]))
+                             for n in (f"{layer.name}_dw", f"{layer.name}_pw") if n in by_name]
+    new = tuning_stage.gating.layer_latencies(factorized, target, records, pairs)
+    old = tuning_stage.gating.layer_latencies(original, target, records, originals)
+    slower = {}
+    for layer in result.layers:
+        if layer.name not in pairs:
+            continue
+        layer.latency_ms = None if new[layer.name] is None else new[layer.name] * 1e3
+        layer.original_latency_ms = None if old[layer.name] is None else old[layer.name] * 1e3
+        if (layer.latency_ms is not None and layer.original_latency_ms is not None
+                and layer.latency_ms >= layer.original_latency_ms):
+            slower[layer.name] = (layer.latency_ms, layer.original_latency_ms)
+    info["gated_layers"] = sorted(slower)
+    return records, info, factorized, slower
 
 
 def _calibration_base(calib: CalibrationSet, teacher: str) -> dict:

@@ -30,6 +30,10 @@ class LayerReport:
     # the teacher being the original model's output of this conv (after BN when folded).
     output_rel_error: float | None = None  # with the distilled factors
     svd_output_rel_error: float | None = None  # with the data-free SVD factors, same input
+    # With tuning records (None without): the best measured kernel time of this layer as it is
+    # deployed (DW+PW, or the original conv when kept) and of its original conv, on the device.
+    latency_ms: float | None = None
+    original_latency_ms: float | None = None
 
     @property
     def factorized(self) -> bool:
@@ -48,6 +52,7 @@ class Report:
     artifacts: dict[str, str] = field(default_factory=dict)
     verification: dict | None = None  # the library's outputs against onnxruntime, when run
     calibration: dict | None = None  # samples, teacher, method, time; None: data-free SVD only
+    tuning: dict | None = None  # tuning run and records (dwsep_compiler.tuning); None: untuned
 
     @property
     def factorized_layers(self) -> list[LayerReport]:
@@ -90,6 +95,7 @@ class Report:
             "artifacts": dict(self.artifacts),
             "verification": self.verification,
             "calibration": self.calibration,
+            "tuning": self.tuning,
         }
 
     def to_json(self) -> str:
@@ -114,6 +120,9 @@ def format_table(report: Report) -> str:
     calibrated = any(layer.output_rel_error is not None for layer in report.layers)
     if calibrated:
         head.append("out err svd->calib")
+    timed = any(layer.original_latency_ms is not None for layer in report.layers)
+    if timed:
+        head.append("ms orig->now")
     rows = [head]
     for layer in report.layers:
         shape = (f"{layer.in_channels}x{layer.out_channels}"
@@ -131,7 +140,10 @@ def format_table(report: Report) -> str:
             "-" if layer.weight_rel_error is None else f"{layer.weight_rel_error:.4f}",
         ] + ([] if not calibrated else [
             "-" if layer.output_rel_error is None
-            else f"{layer.svd_output_rel_error:.4f}->{layer.output_rel_error:.4f}"]))
+            else f"{layer.svd_output_rel_error:.4f}->{layer.output_rel_error:.4f}"])
+           + ([] if not timed else [
+            "-" if layer.original_latency_ms is None or layer.latency_ms is None
+            else f"{layer.original_latency_ms:.4g}->{layer.latency_ms:.4g}"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -148,6 +160,16 @@ def format_table(report: Report) -> str:
         c = report.calibration
         lines.append(f"calibration: {c['samples']} samples, teacher {c['teacher']}, "
                      f"{c['time_s']:.1f} s")
+    if report.tuning:
+        u = report.tuning
+        if "trials_run" in u:
+            lines.append(f"tuning: {u['trials_run']} trials ({u['trials_before']} in the records "
+                         f"before) in {u['minutes']:.1f} min on {u['device']}, {u['stopped']}; "
+                         f"conv kernels {u['untuned_kernels_ms']} -> {u['tuned_kernels_ms']} ms")
+        if u.get("gated_layers"):
+            lines.append(f"tuning: kept the original conv (faster on the device): "
+                         f"{', '.join(u['gated_layers'])}")
+        lines.append(f"tuning records: {u['records']}")
     for note in report.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ import tvm
 PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
 
 
-def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True):
+def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None):
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from . import cpu
@@ -23,7 +23,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True):
 
     from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
 
-    schedule = ApplyScheduleRules(cpu.rules())
+    schedule = ApplyScheduleRules(cpu.rules(), records)
     front = (cpu_generic.library_dispatch_passes(target)
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
@@ -32,12 +32,13 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True):
     return front, schedule, back
 
 
-def cpu_pipeline(target: tvm.target.Target, fuse: bool | str = True):
+def cpu_pipeline(target: tvm.target.Target, fuse: bool | str = True, records=None):
     """The Relax pipeline ``tvm.compile`` runs for a CPU target, with our schedules.
 
     ``fuse``: depthwise -> pointwise pairs with large outputs become one fused kernel
-    (``"always"``: every pair; False: never)."""
-    front, schedule, back = _cpu_passes(target, fuse)
+    (``"always"``: every pair; False: never). ``records``: tuning records to apply
+    (`dwsep_compiler.tuning.TuningRecords`); PrimFuncs without one get the rules' defaults."""
+    front, schedule, back = _cpu_passes(target, fuse, records)
 
     @tvm.transform.module_pass(opt_level=0, name="DwsepCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -47,9 +48,11 @@ def cpu_pipeline(target: tvm.target.Target, fuse: bool | str = True):
     return _pipeline
 
 
-def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True):
-    """Legalize ``mod`` and apply the CPU rules; returns ``(module, {PrimFunc: rule name})``."""
-    front, schedule, _ = _cpu_passes(target, fuse)
+def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True,
+                    records=None):
+    """Legalize ``mod`` and apply the CPU rules (or ``records``); returns
+    ``(module, {PrimFunc: rule name})``."""
+    front, schedule, _ = _cpu_passes(target, fuse, records)
     with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         out = tvm.transform.Sequential(front + [schedule])(mod)
     return out, dict(schedule.applied)

@@ -2,7 +2,9 @@
 
 Like dlight's `ApplyDefaultSchedule`, except that a rule which raises while scheduling a
 PrimFunc it claimed falls through to the next rule instead of failing the build (reported on
-stderr with DWSEP_DEBUG=1), so the fallback rule always gets its chance.
+stderr with DWSEP_DEBUG=1), so the fallback rule always gets its chance; and that, given tuning
+records (`dwsep_compiler.tuning.TuningRecords`), a PrimFunc measured on this target gets its
+best recorded schedule instead (reported as ``tuned``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from tvm.target import Target
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyScheduleRules")
 class ApplyScheduleRules:
-    def __init__(self, rules):
+    def __init__(self, rules, records=None):
         self.rules = list(rules)
-        self.applied: dict[str, str] = {}  # PrimFunc name -> rule name
+        self.records = records
+        self.applied: dict[str, str] = {}  # PrimFunc name -> rule name ("tuned": from records)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}
@@ -27,6 +30,12 @@ class ApplyScheduleRules:
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
                 continue
             target = func.attrs.get("target") or Target.current(allow_none=False)
+            if self.records is not None:
+                sch = self.records.schedule(func, target)
+                if sch is not None:
+                    updates[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                    self.applied[gvar.name_hint] = "tuned"
+                    continue
             for rule in self.rules:
                 try:
                     sch = rule.apply(func, target, False)

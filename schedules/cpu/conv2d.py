@@ -20,6 +20,8 @@ from .knobs import cpu_knobs
 
 
 class Conv2D(ScheduleRule):
+    TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
+
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         blocks = find_conv(func, names=("conv2d_nchw",))
         if blocks is None:
@@ -53,7 +55,7 @@ class Conv2D(ScheduleRule):
             sch.parallel(sch.fuse(*pad_loops[:2]))
             sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
         if last is not None:
-            sch.reverse_compute_at(last, outer)
+            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])
         sch.decompose_reduction(conv, rc)
         return sch

@@ -62,7 +62,7 @@ class Dense(ScheduleRule):
         sch.unroll(jv)
         sch.vectorize(jl)
         if last is not None:
-            sch.reverse_compute_at(last, outer)
+            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
             lane_loop = sch.get_loops(last)[-1]
             if int(sch.get(lane_loop).extent) % knobs.lanes == 0:
                 sch.vectorize(sch.split(lane_loop, [None, knobs.lanes])[1])

@@ -18,6 +18,8 @@ from .knobs import cpu_knobs
 
 
 class Depthwise(ScheduleRule):
+    TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
+
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         blocks = find_conv(func, names=("group_conv2d_nchw",))
         if blocks is None:
@@ -47,7 +49,7 @@ class Depthwise(ScheduleRule):
         outer = sch.fuse(nn, ch)
         sch.parallel(outer)
         if blocks.pad is not None:
-            sch.compute_at(blocks.pad, outer)
+            sch.compute_at(blocks.pad, outer, preserve_unit_loops=True)
             pad_loops = sch.get_loops(blocks.pad)
             sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
         sch.unroll(ky)
@@ -55,7 +57,7 @@ class Depthwise(ScheduleRule):
         sch.unroll(xv)
         sch.vectorize(xl)
         if last is not None:
-            sch.reverse_compute_at(last, outer)
+            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])
         sch.decompose_reduction(conv, rc)
         return sch

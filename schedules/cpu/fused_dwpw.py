@@ -18,6 +18,8 @@ from .knobs import cpu_knobs
 
 
 class FusedDepthwisePointwise(ScheduleRule):
+    TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
+
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc):
             return None
@@ -62,10 +64,10 @@ class FusedDepthwisePointwise(ScheduleRule):
         dxo, dxl = sch.split(dx, [None, vector])
         sch.vectorize(dxl)
         # The padded input rows this output row reads: built once per row, for all segments.
-        sch.compute_at(pad, outer)
+        sch.compute_at(pad, outer, preserve_unit_loops=True)
 
         if last is not None:
-            sch.reverse_compute_at(last, xo)
+            sch.reverse_compute_at(last, xo, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, vector])[1])
         sch.decompose_reduction(pw, rc)
         sch.decompose_reduction(dw, ry)

@@ -22,6 +22,8 @@ from .knobs import cpu_knobs
 
 
 class Pointwise(ScheduleRule):
+    TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
+
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         blocks = find_conv(func, names=("conv2d_nchw",))
         if blocks is None:
@@ -65,7 +67,7 @@ class Pointwise(ScheduleRule):
         sch.unroll(pv)
         sch.vectorize(pl)
         if last is not None:
-            sch.reverse_compute_at(last, outer)
+            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, vector])[1])
         sch.decompose_reduction(conv, rc)
         return sch

@@ -1,0 +1,85 @@
+"""Tuning tasks: the PrimFuncs of a model that a tunable schedule rule claims, deduplicated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+
+from dwsep_compiler import schedules
+
+
+def workload(func: tirx.PrimFunc) -> tvm.IRModule:
+    """The MetaSchedule workload of a PrimFunc: a module whose only function is ``main``.
+
+    Tuning and compiling both key records by this module's structure, so it must be made the
+    same way on both sides."""
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def claim(func: tirx.PrimFunc, target: tvm.target.Target, rules=None):
+    """``(rule, untuned schedule)`` of the first rule that schedules ``func``, or None."""
+    from dwsep_compiler.schedules import cpu
+
+    for rule in rules if rules is not None else cpu.rules():
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - as in ApplyScheduleRules: the next rule's turn
+            continue
+        if sch is not None:
+            return rule, sch
+    return None
+
+
+def is_tunable(rule) -> bool:
+    return bool(getattr(rule, "TUNABLE", False))
+
+
+@dataclass
+class Task:
+    name: str                   # the first PrimFunc of this structure
+    func: tirx.PrimFunc
+    rule: object                # the schedule rule that claims it
+    default: s_tir.Schedule     # the rule's untuned schedule
+    names: list[str] = field(default_factory=list)  # every PrimFunc (per model) it stands for
+
+    @property
+    def workload(self) -> tvm.IRModule:
+        return workload(self.func)
+
+    @property
+    def weight(self) -> int:
+        return len(self.names)
+
+
+def legalized(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True) -> tvm.IRModule:
+    """``mod`` after the compiler's passes up to scheduling: its PrimFuncs are what gets tuned."""
+    front, _, _ = schedules._cpu_passes(target, fuse)
+    with target, tvm.transform.PassContext(opt_level=3, config=schedules.PASS_CONFIG):
+        return tvm.transform.Sequential(front)(mod)
+
+
+def extract_tasks(mods: list[tvm.IRModule], target: tvm.target.Target,
+                  fuse: bool | str = True) -> list[Task]:
+    """One task per distinct PrimFunc structure that a tunable rule claims, across ``mods``."""
+    tasks: list[Task] = []
+    by_hash: dict[int, list[Task]] = {}
+    for index, mod in enumerate(mods):
+        for gvar, func in legalized(mod, target, fuse).functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            wl = workload(func)
+            key = tvm_ffi.structural_hash(wl)
+            same = [t for t in by_hash.get(key, []) if tvm_ffi.structural_equal(t.workload, wl)]
+            if same:
+                same[0].names.append(f"{index}:{gvar.name_hint}")
+                continue
+            claimed = claim(wl["main"], target)
+            if claimed is None or not is_tunable(claimed[0]):
+                continue
+            task = Task(gvar.name_hint, func, claimed[0], claimed[1], [f"{index}:{gvar.name_hint}"])
+            by_hash.setdefault(key, []).append(task)
+            tasks.append(task)
+    return tasks
