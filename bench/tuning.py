@@ -87,6 +87,11 @@ def run_ms_default(tasks, target, trials: int, minutes: float, work: str):
 
     from dwsep_compiler.tuning import measure
 
+    import tvm
+
+    # The generic space's rules size their parallelism from the target's "num-cores".
+    target = tvm.target.Target({**dict(target.export()),
+                                "num-cores": len(os.sched_getaffinity(0))})
     started = time.monotonic()
     best = {i: None for i in range(len(tasks))}
     curve, done = [], [0]

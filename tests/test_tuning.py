@@ -27,13 +27,12 @@ from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.model import load_model, resolve_input_shapes
 from dwsep_compiler.schedules import schedule_module
 from dwsep_compiler.targets import resolve_target
-from dwsep_compiler.tuning import TuneOptions, TuningRecords
-from dwsep_compiler.tuning import records as records_module
+from dwsep_compiler.tuning import TuningRecords
 from dwsep_compiler.tuning.tasks import extract_tasks
 
-from helpers import rel_error, run_onnx, small_cnn
-from test_rpc import (HOST, RpcEnv, _aarch64_server, _start, _stock_server, dwsep_run,
-                      free_port, runtime)  # noqa: F401  (runtime is a fixture)
+from helpers import rel_error, run_onnx
+from test_rpc import (HOST, RpcEnv, _aarch64_server, _start, _stock_server, cnn,  # noqa: F401
+                      dwsep_run, free_port, runtime)  # (cnn, runtime: fixtures)
 
 RECORD_FILE = "database_tuning_record.json"
 
@@ -61,13 +60,6 @@ def distinct_points(directory: Path) -> int:
     """Distinct (workload, trace) pairs: a resumed run must not measure a point twice."""
     return len({(json.loads(line)[0], json.dumps(json.loads(line)[1][0]))
                 for line in record_lines(directory)})
-
-
-@pytest.fixture(scope="module")
-def cnn(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "cnn.onnx"
-    onnx.save(small_cnn(np.random.default_rng(0)), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,4 +12,4 @@ from . import gating
 from .records import TuningRecords
 from .tune import TuneOptions, TuneSummary, check, tune_module
 
-__all__ = ["TuneOptions", "TuneSummary", "TuningRecords", "check", "tune_module"]
+__all__ = ["TuneOptions", "TuneSummary", "TuningRecords", "check", "gating", "tune_module"]

@@ -11,6 +11,7 @@ Each measurement is appended to the records as it arrives.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -159,6 +160,9 @@ def check(options: TuneOptions | None, records: str | None, preset) -> None:
             raise DwsepError(f"tuning records: no such directory: {path}")
         return
     _check_options(options)
+    missing = [name for name in ("cloudpickle", "psutil") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DwsepError(f"--tune needs {', '.join(missing)}: pip install 'dwsep-compiler[tune]'")
     _device(options, preset)
 
 
