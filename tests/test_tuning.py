@@ -139,6 +139,18 @@ def test_latency_gating_keeps_the_original_conv_that_the_device_runs_faster(cnn,
     assert "conv1" in names and "conv1_dw" not in names and "conv2_dw" in names
 
 
+def test_time_budget_stops_the_search(cnn, tmp_path):
+    """--tune-minutes: the untuned baseline is always measured, the search stops at the budget."""
+    proc = cli(cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out", "--tune",
+               "--tuning-records", tmp_path / "records", "--trials", "400", "--tune-minutes",
+               "0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuning = json.loads((tmp_path / "out" / "report.json").read_text())["tuning"]
+    assert tuning["stopped"] == "time budget", tuning
+    assert 0 < tuning["trials_run"] < 400
+    assert all(task["best_ms"] is not None for task in tuning["tasks"])
+
+
 def test_torn_record_line_is_dropped_on_open(tuned, tmp_path):
     work, _ = tuned
     copy = tmp_path / "records"
