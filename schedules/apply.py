@@ -17,6 +17,23 @@ from tvm import tirx
 from tvm.target import Target
 
 
+def first_rule(rules, func: tirx.PrimFunc, target: Target, name: str = ""):
+    """``(rule, schedule)`` of the first rule that schedules ``func`` untuned, or None. A rule
+    that raises falls through to the next (reported on stderr with DWSEP_DEBUG=1)."""
+    for rule in rules:
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception as exc:  # a rule's bug must not fail the build
+            if os.environ.get("DWSEP_DEBUG"):
+                first = (str(exc).strip().splitlines() or [""])[0]
+                print(f"dwsep: rule {type(rule).__name__} failed on {name}: {first}",
+                      file=sys.stderr)
+            continue
+        if sch is not None:
+            return rule, sch
+    return None
+
+
 @tvm.transform.module_pass(opt_level=0, name="ApplyScheduleRules")
 class ApplyScheduleRules:
     def __init__(self, rules, records=None):
@@ -36,20 +53,10 @@ class ApplyScheduleRules:
                     updates[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
                     self.applied[gvar.name_hint] = "tuned"
                     continue
-            for rule in self.rules:
-                try:
-                    sch = rule.apply(func, target, False)
-                except Exception as exc:  # a rule's bug must not fail the build
-                    if os.environ.get("DWSEP_DEBUG"):
-                        first = (str(exc).strip().splitlines() or [""])[0]
-                        print(f"dwsep: rule {type(rule).__name__} failed on {gvar.name_hint}: "
-                              f"{first}", file=sys.stderr)
-                    continue
-                if sch is None:
-                    continue
-                updates[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-                self.applied[gvar.name_hint] = type(rule).__name__
-                break
+            claimed = first_rule(self.rules, func, target, gvar.name_hint)
+            if claimed is not None:
+                updates[gvar] = claimed[1].mod["main"].with_attr("tirx.is_scheduled", True)
+                self.applied[gvar.name_hint] = type(claimed[0]).__name__
         for gvar, func in updates.items():
             mod[gvar] = func
         return mod

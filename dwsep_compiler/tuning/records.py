@@ -77,29 +77,21 @@ class TuningRecords:
     def __len__(self) -> int:
         return len(self.database)
 
-    def _records(self, func: tirx.PrimFunc, target: tvm.target.Target) -> list:
+    def records(self, func: tirx.PrimFunc, target: tvm.target.Target) -> list:
         """This target's successful records of ``func``, fastest first."""
-        mod = workload(func)
-        if not self.database.has_workload(mod):
-            return []
-        entry = self.database.commit_workload(mod)  # an existing workload: looked up, not added
-        wanted = str(target)
-        records = [r for r in self.database.get_top_k(entry, 1 << 30)
-                   if str(r.target) == wanted and r.run_secs
-                   and _mean(r.run_secs) < FAILED]
-        return sorted(records, key=lambda r: _mean(r.run_secs))
+        return measured(self.database, workload(func), target)
 
     def trials(self, func: tirx.PrimFunc, target: tvm.target.Target) -> int:
-        return len(self._records(func, target))
+        return len(self.records(func, target))
 
     def latency(self, func: tirx.PrimFunc, target: tvm.target.Target) -> float | None:
         """Best measured seconds of ``func`` on ``target``, or None when never measured."""
-        records = self._records(func, target)
-        return _mean(records[0].run_secs) if records else None
+        records = self.records(func, target)
+        return mean(records[0].run_secs) if records else None
 
     def schedule(self, func: tirx.PrimFunc, target: tvm.target.Target) -> s_tir.Schedule | None:
         """``func`` scheduled by its best record, or None when there is none."""
-        records = self._records(func, target)
+        records = self.records(func, target)
         if not records:
             return None
         sch = s_tir.Schedule(workload(func))
@@ -114,6 +106,17 @@ class TuningRecords:
             ms.arg_info.ArgInfo.from_prim_func(func)))
 
 
-def _mean(values) -> float:
+def measured(database, mod: tvm.IRModule, target: tvm.target.Target) -> list:
+    """``target``'s successful records of workload ``mod`` in ``database``, fastest first."""
+    if not database.has_workload(mod):
+        return []
+    entry = database.commit_workload(mod)  # an existing workload: looked up, not added
+    wanted = str(target)
+    records = [r for r in database.get_top_k(entry, 1 << 30)
+               if str(r.target) == wanted and r.run_secs and mean(r.run_secs) < FAILED]
+    return sorted(records, key=lambda r: mean(r.run_secs))
+
+
+def mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values)

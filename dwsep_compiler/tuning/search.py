@@ -20,6 +20,8 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
+from .records import FAILED, mean, measured
+
 # Larger spaces (none of the rules has one today) are walked in their first this-many points.
 MAX_POINTS = 4096
 KNOB = "SampleCategorical"
@@ -53,25 +55,18 @@ class SpaceWalk(ms.search_strategy.PySearchStrategy):
         self.batch = num_trials_per_iter
         self.left = max_trials
         self.best: tuple[tuple[int, ...], float] | None = None
-        measured = set()
-        for record in self._records(database):
+        seen = set()
+        for record in ([] if database is None else measured(database, self.mod, self.target)):
             if len(knobs(record.trace)) != len(self.knobs):
                 continue  # recorded by an older version of the rule: a different space
             where = point(record.trace)
-            measured.add(where)
-            seconds = _mean(record.run_secs)
+            seen.add(where)
+            seconds = mean(record.run_secs)
             if self.best is None or seconds < self.best[1]:
                 self.best = (where, seconds)
         points = itertools.islice(itertools.product(*[range(n) for n in sizes]), MAX_POINTS)
-        self.todo = [p for p in points if p not in measured]
+        self.todo = [p for p in points if p not in seen]
         self.pending: list[tuple[int, ...]] = []
-
-    def _records(self, database) -> list:
-        if database is None or not database.has_workload(self.mod):
-            return []
-        wanted = str(self.target)
-        return [r for r in database.get_top_k(database.commit_workload(self.mod), 1 << 30)
-                if str(r.target) == wanted and r.run_secs and _mean(r.run_secs) < 1e9]
 
     def generate_measure_candidates(self):
         if self.left <= 0 or not self.todo:
@@ -100,8 +95,8 @@ class SpaceWalk(ms.search_strategy.PySearchStrategy):
         for where, result in zip(self.pending, results):
             if result.error_msg or not result.run_secs:
                 continue
-            seconds = _mean(result.run_secs)
-            if seconds < 1e9 and (self.best is None or seconds < self.best[1]):
+            seconds = mean(result.run_secs)
+            if seconds < FAILED and (self.best is None or seconds < self.best[1]):
                 self.best = (where, seconds)
 
     def post_tuning(self) -> None:
@@ -110,7 +105,3 @@ class SpaceWalk(ms.search_strategy.PySearchStrategy):
     def clone(self):
         return SpaceWalk()
 
-
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values)

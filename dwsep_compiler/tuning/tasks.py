@@ -19,18 +19,12 @@ def workload(func: tirx.PrimFunc) -> tvm.IRModule:
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
-def claim(func: tirx.PrimFunc, target: tvm.target.Target, rules=None):
-    """``(rule, untuned schedule)`` of the first rule that schedules ``func``, or None."""
+def claim(func: tirx.PrimFunc, target: tvm.target.Target):
+    """``(rule, untuned schedule)`` of the rule the compiler would use for ``func``, or None."""
     from dwsep_compiler.schedules import cpu
+    from dwsep_compiler.schedules.apply import first_rule
 
-    for rule in rules if rules is not None else cpu.rules():
-        try:
-            sch = rule.apply(func, target, False)
-        except Exception:  # noqa: BLE001 - as in ApplyScheduleRules: the next rule's turn
-            continue
-        if sch is not None:
-            return rule, sch
-    return None
+    return first_rule(cpu.rules(), func, target)
 
 
 def is_tunable(rule) -> bool:

@@ -26,7 +26,7 @@ from tvm.ir.utils import derived_object
 from dwsep_compiler.errors import DwsepError
 
 from . import measure
-from .records import FAILED, TuningRecords
+from .records import FAILED, TuningRecords, mean
 from .search import SpaceWalk
 from .space import space_generator
 from .tasks import Task, extract_tasks
@@ -113,7 +113,8 @@ def tune_module(mods: list[tvm.IRModule], preset, options: TuneOptions, log=None
     log(f"tuning {len(tasks)} task(s) on {summary.device}; records: {options.records} "
         f"({summary.trials_before} measurement(s) of these tasks already there)")
 
-    progress = Progress(tasks, options, target, records, started, device)
+    progress = Progress(tasks, options, target, records, started, device,
+                        summary.trials_before)
     try:
         if device is not None:
             runner = measure.GuardedRunner(runner, progress.devices_gone)
@@ -209,9 +210,9 @@ def _cross_compiler(options: TuneOptions) -> str:
 
 def _default_latency(records: TuningRecords, task: Task, target) -> float | None:
     """The recorded latency of the untuned schedule (the record whose trace samples nothing)."""
-    for record in records._records(task.func, target):
+    for record in records.records(task.func, target):
         if not any(inst.kind.name.startswith("Sample") for inst in record.trace.insts):
-            return sum(float(s) for s in record.run_secs) / len(record.run_secs)
+            return mean(record.run_secs)
     return None
 
 
@@ -232,7 +233,7 @@ def _measure_defaults(tasks: list[Task], target, builder, runner, records, progr
             progress.count(task.name, None, f"run: {result.error_msg}")
             continue
         records.commit(task.func, target, task.default.trace, result.run_secs)
-        seconds = sum(float(s) for s in result.run_secs) / len(result.run_secs)
+        seconds = mean(result.run_secs)
         progress.untuned_ms[task.name] = seconds * 1e3
         progress.count(task.name, seconds, None)
 
@@ -260,7 +261,8 @@ class Progress:
     """Counts measurements, prints a progress line, enforces the time budget and notices when
     the devices are gone (a whole batch failing to run while the tracker lists no server)."""
 
-    def __init__(self, tasks, options: TuneOptions, target, records, started: float, device):
+    def __init__(self, tasks, options: TuneOptions, target, records, started: float, device,
+                 trials_before: int):
         self.tasks = tasks
         self.options = options
         self.target = target
@@ -275,7 +277,7 @@ class Progress:
         self.untuned_ms: dict[str, float] = {}
         self.best_s: dict[str, float] = {t.name: records.latency(t.func, target) or 0.0
                                          for t in tasks}
-        self.total = max(1, options.trials - sum(records.trials(t.func, target) for t in tasks))
+        self.total = max(1, options.trials - trials_before)
         self.tty = sys.stderr.isatty()
         self._last_print = 0.0
         self._gone_at = (-1e9, False)
@@ -368,7 +370,7 @@ class Progress:
                     error = built.error_msg or ran.error_msg
                     seconds = None
                     if not error and ran.run_secs:
-                        seconds = sum(float(s) for s in ran.run_secs) / len(ran.run_secs)
+                        seconds = mean(ran.run_secs)
                         if seconds >= FAILED:
                             error, seconds = "failed", None
                     batch_failed += error is not None
