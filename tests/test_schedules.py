@@ -147,3 +147,29 @@ def test_tunable_spaces_sample_knobs_and_stay_correct(rule_name):
         out = _run_prim_func(sch.mod["main"], args)
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     assert len(decisions) > 1, "six samples, one decision: the space is not being explored"
+
+
+def test_softmax_is_scheduled_stage_by_stage_and_exact():
+    """A reduction chain (softmax: max, exp, sum, divide) is not claimed by the single-reduction
+    rule, whose schedule recomputes the whole chain at every output element (O(n^2) per row);
+    the result matches onnxruntime."""
+    from onnx import helper
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(3)
+    shape = (1, 1000)  # batch 1: dlight's rule then takes the class axis for the row axis
+    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
+                       [helper.make_tensor_value_info("x", 1, list(shape))],
+                       [helper.make_tensor_value_info("y", 1, list(shape))], [])
+    mod = import_onnx(model, {"x": shape})
+    scheduled, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    assert applied == {"softmax": "Fallback"}, applied
+    # Stage by stage: the max reduction runs once per row, not once per output element.
+    sch = tvm.s_tir.Schedule(scheduled["softmax"])
+    trips = np.prod([int(sch.get(loop).extent)
+                     for loop in sch.get_loops(sch.get_sblock("T_softmax_maxelem"))])
+    assert trips < shape[1] * 1.1, trips  # dlight's reduction rule: about 1000 * 1000
+    x = (rng.standard_normal(shape) * 5).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
