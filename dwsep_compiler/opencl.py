@@ -3,9 +3,11 @@ and running the whole model on an OpenCL implementation here (PoCL on the CPU).
 
 How a GPU build is taken apart (TVM 0.27, measured):
 
-* `lower` runs the same Relax pipeline ``tvm.compile`` picks for a GPU target
-  (``relax.get_default_pipeline(target)``: dlight schedules, ``adreno`` has its own rules) and keeps
-  the result: the Relax module right before VM codegen. Its ``main`` is a flat sequence of
+* `lower` runs the Relax pipeline ``tvm.compile`` picks for a GPU target
+  (``relax.get_default_pipeline(target)``: ``gpu_generic``, or ``adreno``'s own) with our rules
+  (`dwsep_compiler.schedules.gpu`) applied to the legalized PrimFuncs right before dlight's
+  (`relax_pipeline`; dlight schedules what they leave), and keeps the result: the Relax module
+  right before VM codegen. Its ``main`` is a flat sequence of
   ``R.vm.alloc_storage`` / ``R.vm.alloc_tensor`` / calls of PrimFuncs in destination-passing
   style / ``vm.builtin.reshape`` / ``R.vm.kill_object``.
 * The PrimFuncs then go through the TIR pipeline ``tvm.compile`` uses (``tir_pipeline="default"``)
@@ -114,6 +116,8 @@ class GpuProgram:
     source: str  # OpenCL C of all kernels
     kernels: dict[str, KernelInfo]  # by kernel name
     launches: dict[str, list[str]]  # PrimFunc name -> kernel names it launches, in order
+    # PrimFunc name -> the rule class that scheduled it ("dlight": dlight's default GPU rules)
+    schedules: dict[str, str] = field(default_factory=dict)
     executable: relax.Executable | None = None
     _pocl_cache: dict = field(default_factory=dict, repr=False)
 
@@ -139,14 +143,53 @@ def _with_host(target: tvm.target.Target) -> tvm.target.Target:
     return target.with_host(host)
 
 
-def lower(mod: tvm.IRModule, target) -> GpuProgram:
-    """Run the Relax and TIR pipelines ``tvm.compile`` uses for ``target`` (an OpenCL target,
-    preset, or dict) on ``mod`` (a Relax module as imported) and describe every kernel."""
+def relax_pipeline(target, rules=None):
+    """The Relax pipeline ``relax.get_default_pipeline(target)`` is for an OpenCL target, with
+    ``rules`` (default: `dwsep_compiler.schedules.gpu.rules`) applied to the legalized PrimFuncs
+    right before dlight's first ``ApplyDefaultSchedule``, so dlight schedules only what our rules
+    leave. Same backend as TVM picks: ``adreno`` (its own legalization and dlight.adreno rules)
+    when "adreno" is in the target's keys, else ``gpu_generic``.
+
+    Returns ``(pass, schedule)``; after the pass ran, ``schedule.applied`` maps each PrimFunc our
+    rules scheduled to the rule's class name."""
+    from .schedules import gpu
+    from .schedules.apply import ApplyScheduleRules
+    from tvm.s_tir import dlight
+
+    target = _as_target(target)
+    backend = relax.backend.adreno if "adreno" in target.keys else relax.backend.gpu_generic
+    schedule = ApplyScheduleRules(gpu.rules(target) if rules is None else rules)
+
+    @tvm.transform.module_pass(opt_level=0, name="DwsepGPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:  # adreno's legalize_passes reads Target.current()
+            legalize = list(backend.legalize_passes(target))
+            at = next((i for i, p in enumerate(legalize)
+                       if isinstance(p, dlight.ApplyDefaultSchedule)), None)
+            if at is None:
+                raise DwsepError(f"internal: TVM's {backend.__name__} pipeline has no dlight "
+                                 "ApplyDefaultSchedule to put our schedule rules before")
+            passes = (backend.library_dispatch_passes(target) + legalize[:at] + [schedule]
+                      + legalize[at:] + backend.dataflow_lower_passes(target)
+                      + backend.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline, schedule
+
+
+def lower(mod: tvm.IRModule, target, rules=None) -> GpuProgram:
+    """Run the Relax pipeline (`relax_pipeline`: TVM's for ``target``, with our schedule rules
+    first) and the TIR pipeline ``tvm.compile`` uses on ``mod`` (a Relax module as imported),
+    for ``target`` (an OpenCL target, preset, or dict), and describe every kernel."""
     target = _with_host(_as_target(target))
-    relax_pipeline = relax.get_default_pipeline(target)  # what relax.build picks for GPU targets
+    pipeline, schedule = relax_pipeline(target, rules)
     with target:
-        relax_mod = relax_pipeline(mod)
-    return _lower_tir(relax_mod, target)
+        relax_mod = pipeline(mod)
+    program = _lower_tir(relax_mod, target)
+    program.schedules = {gv.name_hint: schedule.applied.get(gv.name_hint, "dlight")
+                         for gv, func in relax_mod.functions.items()
+                         if isinstance(func, tvm.tirx.PrimFunc)}
+    return program
 
 
 def _lower_tir(relax_mod: tvm.IRModule, target: tvm.target.Target) -> GpuProgram:
@@ -525,7 +568,7 @@ def run_on_pocl(program_or_executable, inputs: list[np.ndarray], context=None,
         raise DwsepError(f"main takes {len(main.params)} inputs, got {len(inputs)}")
     env: dict = {}
     for param, value in zip(main.params, inputs):
-        value = np.ascontiguousarray(value)
+        value = np.asarray(value, order="C")  # ascontiguousarray would make 0-d 1-d
         ty = param.ty
         want = tuple(int(s) for s in ty.shape.values)
         if value.shape != want or value.dtype != np.dtype(str(ty.dtype)):
@@ -540,7 +583,7 @@ def run_on_pocl(program_or_executable, inputs: list[np.ndarray], context=None,
         if isinstance(expr, tvm.ir.GenericConst) and hasattr(expr.value, "numpy"):
             ckey = expr  # TVM objects hash and compare by identity
             if ckey not in constants:
-                data = np.ascontiguousarray(expr.value.numpy())
+                data = np.asarray(expr.value.numpy(), order="C")  # 0-d stays 0-d
                 constants[ckey] = _Tensor(
                     cl.Buffer(context, cl.mem_flags.READ_ONLY | cl.mem_flags.COPY_HOST_PTR,
                               hostbuf=data if data.nbytes else np.zeros(1, np.uint8)),

@@ -55,6 +55,14 @@ def extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
 
 
+def unit_stride_no_pad(sch, blocks) -> bool:
+    """Output pixels map 1:1 onto input pixels (a 1x1 conv with stride 1 and no padding)."""
+    n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
+    source = blocks.pad if blocks.pad is not None else blocks.conv
+    data = sch.get(source).reads[0].source
+    return [int(d) for d in data.shape[2:]] == [h, w]
+
+
 def inline_epilogue(blocks: ConvBlocks):
     """Inline all but the last epilogue block into it; return the last one (or None)."""
     sch = blocks.sch

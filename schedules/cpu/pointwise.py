@@ -17,7 +17,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .common import (divisors, extents, find_conv, inline_epilogue, knob, largest_divisor,
-                     vector_tile)
+                     unit_stride_no_pad, vector_tile)
 from .knobs import cpu_knobs
 
 
@@ -30,7 +30,7 @@ class Pointwise(ScheduleRule):
             return None
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
-        if (kh, kw) != (1, 1) or not _unit_stride_no_pad(sch, blocks):
+        if (kh, kw) != (1, 1) or not unit_stride_no_pad(sch, blocks):
             return None
         knobs = cpu_knobs(target)
         pixels = h * w
@@ -72,10 +72,3 @@ class Pointwise(ScheduleRule):
         sch.decompose_reduction(conv, rc)
         return sch
 
-
-def _unit_stride_no_pad(sch, blocks) -> bool:
-    """Output pixels map 1:1 onto input pixels (a 1x1 conv with stride 1 and no padding)."""
-    n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
-    source = blocks.pad if blocks.pad is not None else blocks.conv
-    data = sch.get(source).reads[0].source
-    return [int(d) for d in data.shape[2:]] == [h, w]

@@ -1,0 +1,13 @@
+"""Schedule rules for mobile GPUs (OpenCL: Mali, Adreno): one file per operator family.
+
+Applied before dlight's GPU rules (`dwsep_compiler.opencl`); a PrimFunc none of these claims is
+scheduled by dlight."""
+
+from .depthwise import Depthwise
+from .pointwise import Pointwise
+
+
+def rules(target=None):
+    """In order of precedence; the first rule that accepts a PrimFunc schedules it. ``target``
+    (unused today) is where target-specific rule sets would be chosen."""
+    return [Pointwise(), Depthwise()]

@@ -1,0 +1,220 @@
+"""Our mobile-GPU schedule rules (schedules/gpu) on the OpenCL targets (mali, adreno): they claim
+the depthwise and pointwise PrimFuncs instead of dlight, the kernels run on PoCL and match
+onnxruntime (odd shapes included), every launch fits a phone (256 work-items, 16 KB local
+memory), the pointwise kernel loads and stores float4 when the shapes allow, and the tunable
+space's points all run.
+
+Needs pyopencl and an OpenCL ICD (Debian pocl-opencl-icd): missing ones fail, never skip.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+import tvm
+from tvm import relax, s_tir
+
+from dwsep_compiler import compile as tvm_compile
+from dwsep_compiler import opencl
+from dwsep_compiler.schedules.gpu import Depthwise, Pointwise
+from dwsep_compiler.targets import resolve_target
+
+from helpers import make_model, rel_error, run_onnx
+from test_opencl import PHONE, SHAPE, _build, cl_context, models  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.opencl
+
+TARGETS = ["mali", "adreno"]
+OURS = {"Depthwise", "Pointwise"}
+
+
+def _conv_model(rng, channels, hw, kernel=(3, 3), group=1, out_channels=None, strides=(1, 1),
+                dilations=(1, 1), pads=(0, 0, 0, 0), bias=False, epilogue=None,
+                residual=False):
+    """One Conv with an optional epilogue: "relu", "clip" (0..6) and/or a residual Add of x."""
+    out_channels = out_channels or channels
+    w = rng.standard_normal((out_channels, channels // group, *kernel)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(
+            rng.standard_normal(out_channels).astype(np.float32), "B"))
+        inputs.append("B")
+    nodes = [helper.make_node("Conv", inputs, ["conv"], kernel_shape=list(kernel),
+                              strides=list(strides), dilations=list(dilations), pads=list(pads),
+                              group=group)]
+    last = "conv"
+    if residual:
+        nodes.append(helper.make_node("Add", [last, "x"], ["sum"]))
+        last = "sum"
+    if epilogue == "relu":
+        nodes.append(helper.make_node("Relu", [last], ["act"]))
+        last = "act"
+    elif epilogue == "clip":
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                  numpy_helper.from_array(np.array(6, np.float32), "hi")]
+        nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["act"]))
+        last = "act"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, *hw])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x], [y], inits)
+
+
+# name -> (rule that must schedule the conv, model arguments)
+ODD_SHAPES = {
+    "dw_c3_stride2_relu": ("Depthwise", dict(channels=3, hw=(11, 13), strides=(2, 2),
+                                             pads=(1, 1, 1, 1), bias=True, epilogue="relu")),
+    "dw_c5_dilation2_asym_clip": ("Depthwise", dict(channels=5, hw=(10, 9), dilations=(2, 2),
+                                                    pads=(0, 1, 2, 1), bias=True,
+                                                    epilogue="clip")),
+    "dw_c7_1x7": ("Depthwise", dict(channels=7, hw=(9, 14), kernel=(1, 7), pads=(0, 3, 0, 3))),
+    "dw_multiplier2_w16_relu": ("Depthwise", dict(channels=4, out_channels=8, hw=(8, 16),
+                                                  pads=(1, 1, 1, 1), bias=True, epilogue="relu")),
+    "pw_5to7_6x6_relu": ("Pointwise", dict(channels=5, out_channels=7, hw=(6, 6), kernel=(1, 1),
+                                           bias=True, epilogue="relu")),
+    "pw_12to3_7x7_clip": ("Pointwise", dict(channels=12, out_channels=3, hw=(7, 7),
+                                            kernel=(1, 1), epilogue="clip")),
+    "pw_16_residual": ("Pointwise", dict(channels=16, hw=(8, 8), kernel=(1, 1), bias=True,
+                                         residual=True, epilogue="relu")),
+}
+for _name, (_rule, _args) in ODD_SHAPES.items():
+    if _rule == "Depthwise":
+        _args.setdefault("group", _args["channels"])
+
+_ODD_BUILDS: dict = {}
+
+
+def _odd_build(name, target_name):
+    key = (name, target_name)
+    if key not in _ODD_BUILDS:
+        _, args = ODD_SHAPES[name]
+        model = _conv_model(np.random.default_rng(len(name)), **args)
+        shape = (1, args["channels"], *args["hw"])
+        mod = tvm_compile.import_onnx(model, {"x": shape})
+        program = opencl.lower(mod, resolve_target(target_name))
+        _ODD_BUILDS[key] = (model, shape, mod, program)
+    return _ODD_BUILDS[key]
+
+
+def _check_on_pocl(program, model, shape, context, seed=1):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    (actual,) = opencl.run_on_pocl(program, [x], context=context)
+    (expected,) = run_onnx(model, {"x": x})
+    assert actual.shape == expected.shape
+    return rel_error(actual, expected)
+
+
+def _conv_schedules(program) -> dict[str, str]:
+    return {name: rule for name, rule in program.schedules.items() if "conv2d" in name}
+
+
+@pytest.mark.parametrize("target_name", TARGETS)
+def test_factorized_cnn_convs_are_ours_and_match_onnxruntime(cl_context, models, target_name):
+    _, _, executable = _build(models, "cnn_rank2", target_name)
+    program = executable._dwsep_gpu_program
+    convs = _conv_schedules(program)
+    assert set(convs.values()) == OURS, program.schedules  # every conv ours, both rules used
+    assert "dlight" in program.schedules.values()  # the rest (GEMM, mean) is still dlight's
+    x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
+    (expected,) = run_onnx(models["cnn_rank2"], {"x": x})
+    assert rel_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize("target_name", TARGETS)
+@pytest.mark.parametrize("name", list(ODD_SHAPES))
+def test_odd_shapes_match_onnxruntime(cl_context, name, target_name):
+    model, shape, _, program = _odd_build(name, target_name)
+    rule, _ = ODD_SHAPES[name]
+    assert set(_conv_schedules(program).values()) == {rule}, program.schedules
+    # the epilogue is fused: one kernel for the conv and what follows it
+    assert len([k for k in program.kernels.values() if k.launched]) == 1, program.kernels
+    error = _check_on_pocl(program, model, shape, cl_context)
+    assert error < 1e-4, f"{name} on {target_name}: max rel error {error:.2e}"
+
+
+@pytest.mark.parametrize("target_name", TARGETS)
+def test_every_kernel_fits_a_phone(models, target_name):
+    programs = [_build(models, "cnn_rank2", target_name)[2]._dwsep_gpu_program]
+    programs += [_odd_build(name, target_name)[3] for name in ODD_SHAPES]
+    for program in programs:
+        kernels = list(program.kernels.values())
+        table = opencl.format_kernels(kernels)
+        assert opencl.check_limits(kernels, PHONE) == [], table
+        for k in kernels:
+            assert 1 <= k.threads_per_group <= 256 and k.local_memory_bytes <= 16 * 1024, table
+    # the pointwise with 16 input channels stages its tiles in local memory
+    program = _odd_build("pw_16_residual", target_name)[3]
+    (kernel,) = [k for k in program.kernels.values() if k.launched]
+    assert 0 < kernel.local_memory_bytes <= 16 * 1024, opencl.format_kernels([kernel])
+
+
+@pytest.mark.parametrize("target_name", TARGETS)
+def test_float4_when_the_shapes_allow(target_name):
+    def kernel_source(name):
+        program = _odd_build(name, target_name)[3]
+        (kernel,) = [k for k in program.kernels.values() if k.launched]
+        return kernel.source
+
+    # channels and pixels multiples of 4: float4 loads, stores and accumulators
+    source = kernel_source("pw_16_residual")
+    assert "float4" in source and "vload4" in source and "vstore4" in source, source
+    # a row of 16 pixels: the depthwise strip is stored as one float4
+    assert "vstore4" in kernel_source("dw_multiplier2_w16_relu")
+    # 7x7 = 49 pixels: never a float4 (it could not be aligned)
+    assert "float4" not in kernel_source("pw_12to3_7x7_clip")
+
+
+class _Point:
+    """A rule's tunable space replayed at one point: each knob's first or last candidate (how
+    MetaSchedule replays a trace with other decisions)."""
+
+    def __init__(self, rule, last: bool):
+        self.rule, self.last = rule, last
+
+    def apply(self, func, target, tunable):
+        space = self.rule.apply(func, target, True)
+        if space is None:
+            return None
+        trace = space.trace
+        for inst in [i for i in trace.insts if i.kind.name == "SampleCategorical"]:
+            choice = len(inst.attrs[0]) - 1 if self.last else 0
+            trace = trace.with_decision(inst, choice, remove_postproc=True)
+        sch = s_tir.Schedule(func)
+        trace.apply_to_schedule(sch, remove_postproc=True)
+        return sch
+
+
+@pytest.mark.parametrize("name", ["pw_16_residual", "dw_multiplier2_w16_relu",
+                                  "pw_12to3_7x7_clip"])
+def test_tunable_points_run_on_pocl(cl_context, name):
+    model, shape, mod, _ = _odd_build(name, "mali")
+    sources = []
+    for last in (False, True):
+        rules = [_Point(Pointwise(), last), _Point(Depthwise(), last)]
+        program = opencl.lower(mod, resolve_target("mali"), rules=rules)
+        assert set(_conv_schedules(program).values()) == {"_Point"}, program.schedules
+        kernels = list(program.kernels.values())
+        assert opencl.check_limits(kernels, PHONE) == [], opencl.format_kernels(kernels)
+        error = _check_on_pocl(program, model, shape, cl_context)
+        assert error < 1e-4, f"{name}, {'last' if last else 'first'} point: {error:.2e}"
+        sources.append(program.source)
+    assert sources[0] != sources[1]  # two different schedules
+
+
+def test_rules_refuse_what_is_not_theirs(models):
+    """Standard 3x3 convs are dlight's; the rules decline CPU targets and each other's convs."""
+    _, _, executable = _build(models, "cnn", "mali")
+    convs = _conv_schedules(executable._dwsep_gpu_program)
+    assert sorted(convs.values()) == ["Depthwise", "Pointwise", "dlight", "dlight"], convs
+    _, _, mod, _ = _odd_build("pw_16_residual", "mali")
+    mali = resolve_target("mali").tvm_target()
+    with mali:
+        legal = relax.transform.FuseTIR()(relax.transform.FuseOps()(
+            relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(mod))))
+    (func,) = [f for gv, f in legal.functions.items() if "conv2d" in gv.name_hint]
+    assert Pointwise().apply(func, mali, False) is not None
+    assert Depthwise().apply(func, mali, False) is None
+    assert Pointwise().apply(func, tvm.target.Target({"kind": "llvm"}), False) is None
