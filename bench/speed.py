@@ -19,7 +19,9 @@ Timing: wall clock (time.perf_counter) around one inference call, the same for e
 beforehand). Warm-up first, then ``--repeats`` rounds; each round calls every variant of the
 model once, round-robin, starting at a different variant each round, so that machine noise hits
 them alike. Variants faster than ``--min-sample-ms`` are called several times per sample and the
-mean of those calls is the sample. Medians, spreads and ratios come from these samples.
+mean of those calls is the sample; one untimed call of the same variant precedes each sample,
+so that the previous variant's spinning worker threads do not steal the cores (see
+``interleaved``). Medians, spreads and ratios come from these samples.
 
 Threads: onnxruntime ``intra_op_num_threads=2`` (``--ort-threads``); TVM gets every core this
 process may use (``TVM_NUM_THREADS`` set to that count unless already set or ``--tvm-threads``).
@@ -218,6 +220,7 @@ class Variant:
     samples: list = field(default_factory=list)
     first_output: np.ndarray | None = None
     repeats_note: str | None = None
+    settle: bool = True  # one untimed call before each sample (see interleaved)
 
 
 def warm_up(variant: Variant, min_total_s: float = 0.3, max_calls: int = 20) -> None:
@@ -235,10 +238,21 @@ def warm_up(variant: Variant, min_total_s: float = 0.3, max_calls: int = 20) -> 
 def interleaved(variants: list[Variant], min_sample_s: float, gap_s: float) -> None:
     """Round-robin over warmed-up variants: round i times each variant that still needs samples
     once, starting at variant i mod k. A sample is the mean of ``number`` back-to-back calls,
-    enough calls to last ``min_sample_s`` (by the warm-up's estimate)."""
+    enough calls to last ``min_sample_s`` (by the warm-up's estimate).
+
+    Each sample is preceded by one untimed call of the same variant (unless its calls take more
+    than ``SLOW_CALL_S``): after a call returns, the runtime's worker threads keep spinning for a
+    while (onnxruntime's intra-op pool by default, TVM's pool for TVM_THREAD_POOL_SPIN_COUNT
+    iterations) and, on a 2-core machine, steal the cores from the next variant's first call.
+    Measured here: one 512x28x28 pointwise conv took 2.2 ms in onnxruntime and 6.9 ms in TVM when
+    each TVM call directly followed an onnxruntime call, and 2.1 vs 1.9 ms with onnxruntime's
+    spinning off. A sleep between variants is no cure on a VM: an idle vCPU is descheduled and
+    the next call pays the wake-up (a 50 ms gap made calls 2-4x slower). ``gap_s`` (default 0)
+    still sleeps after each sample if asked."""
     for variant in variants:
         estimate = float(np.median(variant.warmup_s[-3:]))
         variant.number = max(1, min(1000, math.ceil(min_sample_s / max(estimate, 1e-7))))
+        variant.settle = estimate <= SLOW_CALL_S
     rounds = max(v.repeats for v in variants)
     gc.collect()
     gc.disable()
@@ -247,11 +261,14 @@ def interleaved(variants: list[Variant], min_sample_s: float, gap_s: float) -> N
             active = [v for v in variants if len(v.samples) < v.repeats]
             shift = i % len(active)
             for variant in active[shift:] + active[:shift]:
+                if variant.settle:
+                    variant.call()  # absorbs the previous variant's spinning threads
                 start = time.perf_counter()
                 for _ in range(variant.number):
                     variant.call()
                 variant.samples.append((time.perf_counter() - start) / variant.number)
-                time.sleep(gap_s)  # let the previous variant's spinning thread pool go idle
+                if gap_s:
+                    time.sleep(gap_s)
     finally:
         gc.enable()
 
@@ -938,8 +955,8 @@ def parse_args(argv=None):
                         help="TVM_NUM_THREADS (default: every CPU this process may use)")
     parser.add_argument("--min-sample-ms", type=float, default=20.0,
                         help="faster variants are called several times per sample")
-    parser.add_argument("--gap-ms", type=float, default=5.0,
-                        help="pause between calls of different variants")
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="pause after each sample (default none: see interleaved())")
     parser.add_argument("--ocr-width", type=int, default=192, help="ddddocr input width")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
