@@ -174,3 +174,33 @@ def test_softmax_is_scheduled_stage_by_stage_and_exact():
     x = (rng.standard_normal(shape) * 5).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+@pytest.mark.parametrize("strides,hw", [((2, 2), (14, 14)), ((2, 1), (15, 9)), ((3, 2), (7, 11))])
+def test_strided_pointwise_becomes_slice_then_gemm(strides, hw):
+    """A strided 1x1 conv (ResNet's projections) is rewritten to a strided slice and a stride-1
+    pointwise conv that the Pointwise rule schedules; the output matches onnxruntime."""
+    from dwsep_compiler.passes.relax_strided_pointwise import StridedPointwiseToSlice
+
+    model = conv_model(np.random.default_rng(hw[0]), in_channels=24, out_channels=40,
+                       kernel=(1, 1), strides=strides, pads=(0, 0, 0, 0), input_hw=hw)
+    shape = (1, 24, *hw)
+    mod = import_onnx(model, {"x": shape})
+    rewrite = StridedPointwiseToSlice()
+    rewrite(mod)
+    assert rewrite.rewritten == 1
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    assert "Pointwise" in applied.values() and "Conv2D" not in applied.values(), applied
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+def test_padded_or_3x3_strided_convs_are_not_rewritten():
+    from dwsep_compiler.passes.relax_strided_pointwise import StridedPointwiseToSlice
+
+    for kernel, pads in [((1, 1), (1, 1, 1, 1)), ((3, 3), (0, 0, 0, 0))]:
+        model = conv_model(np.random.default_rng(0), kernel=kernel, strides=(2, 2), pads=pads)
+        rewrite = StridedPointwiseToSlice()
+        rewrite(import_onnx(model, {"x": (1, 8, 12, 12)}))
+        assert rewrite.rewritten == 0, (kernel, pads)
