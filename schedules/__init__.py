@@ -22,10 +22,12 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
     from .apply import ApplyScheduleRules
 
     from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
+    from dwsep_compiler.passes.relax_fast_sigmoid import FastSigmoid
     from dwsep_compiler.passes.relax_strided_pointwise import StridedPointwiseToSlice
 
     schedule = ApplyScheduleRules(cpu.rules(), records)
-    front = (cpu_generic.library_dispatch_passes(target) + [StridedPointwiseToSlice()]
+    front = (cpu_generic.library_dispatch_passes(target)
+             + [StridedPointwiseToSlice(), FastSigmoid()]
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
              + cpu_generic.legalize_passes(target))

@@ -1,0 +1,54 @@
+"""Sigmoid (and so SiLU, ``x * sigmoid(x)``) with an exponential the CPU can vectorize.
+
+TVM legalizes ``R.sigmoid`` to ``T.sigmoid``, which LLVM lowers to a call of the C library's
+``expf`` per element: the epilogue of a pointwise GEMM then costs more than the GEMM (ddddocr's
+SiLU layers: 10-20% of the SGEMM peak, against 70-80% for the same GEMMs without it). This pass
+rewrites ``sigmoid(x)`` into ``1 / (1 + fast_exp(-x))`` (TOPI's polynomial exponential: plain
+arithmetic, vectorized with the tile; relative error about 1e-7 over float32's range), one
+elementwise PrimFunc that fuses into the conv's epilogue like the op it replaces.
+
+Run before legalization (the CPU compile pipeline does).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, topi
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+
+def fast_sigmoid(x: te.Tensor) -> te.Tensor:
+    e = topi.fast_exp(topi.negative(x))
+    one = tvm.tirx.const(1, x.dtype)
+    return te.compute(x.shape, lambda *i: one / (one + e(*i)), name="fast_sigmoid")
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.rewritten = 0
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.sigmoid"
+                and str(call.ty.dtype) == "float32"):
+            self.rewritten += 1
+            return self.builder_.call_te(fast_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+        return call
+
+
+@tvm.transform.module_pass(opt_level=0, name="FastSigmoid")
+class FastSigmoid:
+    """Rewrite every float32 ``R.sigmoid`` into a vectorizable one (``rewritten`` counts them)."""
+
+    def __init__(self):
+        self.rewritten = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _Rewriter(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        self.rewritten += rewriter.rewritten
+        return rewriter.builder_.get()
