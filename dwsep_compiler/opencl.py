@@ -148,11 +148,13 @@ def relax_pipeline(target, rules=None):
     ``rules`` (default: `dwsep_compiler.schedules.gpu.rules`) applied to the legalized PrimFuncs
     right before dlight's first ``ApplyDefaultSchedule``, so dlight schedules only what our rules
     leave. Same backend as TVM picks: ``adreno`` (its own legalization and dlight.adreno rules)
-    when "adreno" is in the target's keys, else ``gpu_generic``.
+    when "adreno" is in the target's keys, else ``gpu_generic``. Every depthwise -> pointwise
+    conv pair is fused first (`FuseDepthwisePointwise(0)`, scheduled by our fused rule).
 
     Returns ``(pass, schedule)``; after the pass ran, ``schedule.applied`` maps each PrimFunc our
     rules scheduled to the rule's class name."""
     from .schedules import gpu
+    from .passes.relax_fuse_dwpw import FuseDepthwisePointwise
     from .schedules.apply import ApplyScheduleRules
     from tvm.s_tir import dlight
 
@@ -169,7 +171,9 @@ def relax_pipeline(target, rules=None):
             if at is None:
                 raise DwsepError(f"internal: TVM's {backend.__name__} pipeline has no dlight "
                                  "ApplyDefaultSchedule to put our schedule rules before")
-            passes = (backend.library_dispatch_passes(target) + legalize[:at] + [schedule]
+            # every depthwise -> pointwise pair as one kernel (schedules/gpu/fused_dwpw.py)
+            passes = (backend.library_dispatch_passes(target) + [FuseDepthwisePointwise(0)]
+                      + legalize[:at] + [schedule]
                       + legalize[at:] + backend.dataflow_lower_passes(target)
                       + backend.finalize_passes(target))
             return tvm.transform.Sequential(passes)(mod)

@@ -17,7 +17,7 @@ from tvm import relax, s_tir
 
 from dwsep_compiler import compile as tvm_compile
 from dwsep_compiler import opencl
-from dwsep_compiler.schedules.gpu import Depthwise, Pointwise
+from dwsep_compiler.schedules.gpu import Depthwise, FusedDepthwisePointwise, Pointwise
 from dwsep_compiler.targets import resolve_target
 
 from helpers import make_model, rel_error, run_onnx
@@ -107,7 +107,9 @@ def _check_on_pocl(program, model, shape, context, seed=1):
 
 
 def _conv_schedules(program) -> dict[str, str]:
-    return {name: rule for name, rule in program.schedules.items() if "conv2d" in name}
+    """Rules of the conv PrimFuncs, the fused depthwise + pointwise ones included."""
+    return {name: rule for name, rule in program.schedules.items()
+            if "conv2d" in name or "depthwise_pointwise" in name}
 
 
 @pytest.mark.parametrize("target_name", TARGETS)
@@ -115,7 +117,9 @@ def test_factorized_cnn_convs_are_ours_and_match_onnxruntime(cl_context, models,
     _, _, executable = _build(models, "cnn_rank2", target_name)
     program = executable._dwsep_gpu_program
     convs = _conv_schedules(program)
-    assert set(convs.values()) == OURS, program.schedules  # every conv ours, both rules used
+    # every conv ours: its two DW -> PW pairs fused, the 1x1 and the 3x3 depthwise on their own
+    assert set(convs.values()) == OURS | {"FusedDepthwisePointwise"}, program.schedules
+    assert list(convs.values()).count("FusedDepthwisePointwise") == 2, program.schedules
     assert "dlight" in program.schedules.values()  # the rest (GEMM, mean) is still dlight's
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
@@ -218,3 +222,156 @@ def test_rules_refuse_what_is_not_theirs(models):
     assert Pointwise().apply(func, mali, False) is not None
     assert Depthwise().apply(func, mali, False) is None
     assert Pointwise().apply(func, tvm.target.Target({"kind": "llvm"}), False) is None
+
+
+# ---- fused depthwise + pointwise (schedules/gpu/fused_dwpw.py) ----
+
+def _dwpw_model(rng, channels, hw, out_channels, multiplier=1, kernel=(3, 3), strides=(1, 1),
+                dilations=(1, 1), pads=(1, 1, 1, 1), bias=False, relu=False, residual=False):
+    """Depthwise Conv (multiplier r) -> 1x1 Conv [+ bias] [+ residual Add of x] [-> Relu]."""
+    mr = channels * multiplier
+    inits = [numpy_helper.from_array(rng.standard_normal((mr, 1, *kernel)).astype(np.float32),
+                                     "Wd"),
+             numpy_helper.from_array(
+                 (rng.standard_normal((out_channels, mr, 1, 1)) / np.sqrt(mr)).astype(np.float32),
+                 "Wp")]
+    nodes = [helper.make_node("Conv", ["x", "Wd"], ["dw"], kernel_shape=list(kernel),
+                              strides=list(strides), dilations=list(dilations), pads=list(pads),
+                              group=channels)]
+    pw_inputs = ["dw", "Wp"]
+    if bias:
+        inits.append(numpy_helper.from_array(
+            rng.standard_normal(out_channels).astype(np.float32), "B"))
+        pw_inputs.append("B")
+    nodes.append(helper.make_node("Conv", pw_inputs, ["pw"], kernel_shape=[1, 1]))
+    last = "pw"
+    if residual:
+        nodes.append(helper.make_node("Add", [last, "x"], ["sum"]))
+        last = "sum"
+    if relu:
+        nodes.append(helper.make_node("Relu", [last], ["act"]))
+        last = "act"
+    nodes.append(helper.make_node("Identity", [last], ["y"]))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, *hw])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return make_model(nodes, [x], [y], inits)
+
+
+FUSED_SHAPES = {
+    "c3_stride2_bias_relu": dict(channels=3, hw=(11, 13), out_channels=5, strides=(2, 2),
+                                 bias=True, relu=True),
+    "c5_dilation2_asym_r2": dict(channels=5, hw=(10, 9), out_channels=7, multiplier=2,
+                                 dilations=(2, 2), pads=(0, 1, 2, 1), bias=True, relu=True),
+    "c7_1x7": dict(channels=7, hw=(9, 14), out_channels=3, kernel=(1, 7), pads=(0, 3, 0, 3)),
+    "c16_residual_relu": dict(channels=16, hw=(8, 16), out_channels=16, bias=True,
+                              residual=True, relu=True),
+    # 512 DW channels: a 4-pixel strip's tile is 8 KB of local memory
+    "c512_many_channels": dict(channels=512, hw=(6, 8), out_channels=24, bias=True, relu=True),
+    # 4104 DW channels: not even one pixel's tile fits 16 KB; the DW values stay in registers
+    "c4104_too_many_for_local": dict(channels=4104, hw=(3, 2), out_channels=4, pads=(1, 1, 1, 1)),
+}
+_FUSED_BUILDS: dict = {}
+
+
+def _fused_build(name, target_name, rules=None):
+    key = (name, target_name)
+    if rules is not None or key not in _FUSED_BUILDS:
+        args = FUSED_SHAPES[name]
+        model = _dwpw_model(np.random.default_rng(len(name)), **args)
+        shape = (1, args["channels"], *args["hw"])
+        mod = tvm_compile.import_onnx(model, {"x": shape})
+        program = opencl.lower(mod, resolve_target(target_name), rules=rules)
+        if rules is not None:
+            return model, shape, mod, program
+        _FUSED_BUILDS[key] = (model, shape, mod, program)
+    return _FUSED_BUILDS[key]
+
+
+def _assert_fused_kernel_fits(program, name):
+    """One launched kernel (DW, PW and epilogue fused) that never passes the depthwise output
+    through global memory, within a phone's limits; returns it."""
+    kernels = list(program.kernels.values())
+    table = opencl.format_kernels(kernels)
+    (kernel,) = [k for k in kernels if k.launched]
+    assert opencl.check_limits(kernels, PHONE) == [], table
+    assert 1 <= kernel.threads_per_group <= 256, table
+    assert kernel.local_memory_bytes <= 16 * 1024, table
+    assert not any("depthwise" in p.name for p in kernel.params), (name, kernel.params)
+    assert kernel.unsupported is None, kernel.unsupported
+    return kernel
+
+
+@pytest.mark.parametrize("target_name", TARGETS)
+def test_factorized_cnn_dw_pw_pairs_are_fused(cl_context, models, target_name):
+    _, _, executable = _build(models, "cnn_rank2", target_name)
+    program = executable._dwsep_gpu_program
+    fused = [name for name, rule in program.schedules.items()
+             if rule == "FusedDepthwisePointwise"]
+    assert len(fused) == 2 and all("depthwise_pointwise" in n for n in fused), program.schedules
+    for kernel in program.kernels.values():
+        if kernel.primfunc in fused:
+            # the DW tile in local memory, the DW output never a kernel argument
+            assert 0 < kernel.local_memory_bytes <= 16 * 1024, opencl.format_kernels([kernel])
+            assert not any("depthwise" in p.name for p in kernel.params), kernel.params
+    x = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
+    (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
+    (expected,) = run_onnx(models["cnn_rank2"], {"x": x})
+    assert rel_error(actual, expected) < 1e-4
+
+
+@pytest.mark.parametrize("target_name", TARGETS)
+@pytest.mark.parametrize("name", list(FUSED_SHAPES))
+def test_fused_odd_shapes_match_onnxruntime(cl_context, name, target_name):
+    model, shape, _, program = _fused_build(name, target_name)
+    assert set(_conv_schedules(program).values()) == {"FusedDepthwisePointwise"}, \
+        program.schedules
+    kernel = _assert_fused_kernel_fits(program, name)
+    args = FUSED_SHAPES[name]
+    mr = args["channels"] * args.get("multiplier", 1)
+    if 4 * mr <= 16 * 1024:
+        # the DW tile of all M*r channels for a strip of pixels: a multiple of one pixel's
+        assert kernel.local_memory_bytes and kernel.local_memory_bytes % (4 * mr) == 0, \
+            opencl.format_kernels([kernel])
+    else:
+        assert kernel.local_memory_bytes == 0, opencl.format_kernels([kernel])
+    error = _check_on_pocl(program, model, shape, cl_context)
+    assert error < 1e-4, f"{name} on {target_name}: max rel error {error:.2e}"
+
+
+@pytest.mark.parametrize("name", ["c16_residual_relu", "c512_many_channels"])
+def test_fused_tunable_points_run_on_pocl(cl_context, name):
+    sources = []
+    for last in (False, True):
+        model, shape, _, program = _fused_build(
+            name, "mali", rules=[_Point(FusedDepthwisePointwise(), last)])
+        assert set(_conv_schedules(program).values()) == {"_Point"}, program.schedules
+        _assert_fused_kernel_fits(program, name)
+        error = _check_on_pocl(program, model, shape, cl_context)
+        assert error < 1e-4, f"{name}, {'last' if last else 'first'} point: {error:.2e}"
+        sources.append(program.source)
+    assert sources[0] != sources[1]  # two different schedules
+
+
+def test_fused_rule_refuses_what_is_not_its(models):
+    """Only the fused PrimFuncs, only on GPU targets; the single-conv rules leave them alone."""
+    _, _, mod, _ = _fused_build("c16_residual_relu", "mali")
+    mali = resolve_target("mali").tvm_target()
+    from dwsep_compiler.passes.relax_fuse_dwpw import FuseDepthwisePointwise
+
+    with mali:
+        legal = relax.transform.FuseTIR()(relax.transform.FuseOps()(
+            relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(
+                FuseDepthwisePointwise(0)(mod)))))
+    (func,) = [f for gv, f in legal.functions.items() if "depthwise_pointwise" in gv.name_hint]
+    assert FusedDepthwisePointwise().apply(func, mali, False) is not None
+    assert FusedDepthwisePointwise().apply(func, tvm.target.Target({"kind": "llvm"}),
+                                           False) is None
+    assert Pointwise().apply(func, mali, False) is None
+    assert Depthwise().apply(func, mali, False) is None
+    # a plain pointwise conv is not the fused rule's
+    _, _, pw_mod, _ = _odd_build("pw_16_residual", "mali")
+    with mali:
+        legal = relax.transform.FuseTIR()(relax.transform.FuseOps()(
+            relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(pw_mod))))
+    (func,) = [f for gv, f in legal.functions.items() if "conv2d" in gv.name_hint]
+    assert FusedDepthwisePointwise().apply(func, mali, False) is None

@@ -51,6 +51,25 @@ def find_conv(func: tirx.PrimFunc, names=("conv2d_nchw", "group_conv2d_nchw")) -
     return ConvBlocks(sch, conv, pad, epilogue, sch.get(conv).name_hint)
 
 
+def fused_dwpw_blocks(func: tirx.PrimFunc):
+    """``(sch, pad, depthwise, pointwise, epilogue)`` of a PrimFunc made by
+    `passes/relax_fuse_dwpw.py` (blocks pad_temp, depthwise, pointwise, then injective
+    epilogue blocks), else None. Shared by the CPU and the GPU fused rules."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if names[:3] != ["pad_temp", "depthwise", "pointwise"]:
+        return None
+    pad, dw, pw = (sch.get_sblock(n) for n in names[:3])
+    if _iter_kinds(sch, dw) != "SSSSRR" or _iter_kinds(sch, pw) != "SSSSR":
+        return None
+    epilogue = [sch.get_sblock(n) for n in names[3:]]
+    if any("R" in _iter_kinds(sch, b) for b in epilogue):
+        return None
+    return sch, pad, dw, pw, epilogue
+
+
 def extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
 

@@ -9,11 +9,11 @@ the cores. Knobs (sampled with ``tunable=True``): ``co_block``, ``vectors``. Pai
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import _iter_kinds, divisors, knob, largest_divisor, vector_tile
+from .common import divisors, fused_dwpw_blocks, knob, largest_divisor, vector_tile
 from .knobs import cpu_knobs
 
 
@@ -21,18 +21,10 @@ class FusedDepthwisePointwise(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        if not isinstance(func, tirx.PrimFunc):
+        found = fused_dwpw_blocks(func)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-        if names[:3] != ["pad_temp", "depthwise", "pointwise"]:
-            return None
-        pad, dw, pw = (sch.get_sblock(n) for n in names[:3])
-        if _iter_kinds(sch, dw) != "SSSSRR" or _iter_kinds(sch, pw) != "SSSSR":
-            return None
-        epilogue = [sch.get_sblock(n) for n in names[3:]]
-        if any("R" in _iter_kinds(sch, b) for b in epilogue):
-            return None
+        sch, pad, dw, pw, epilogue = found
         for block in epilogue[:-1]:
             sch.compute_inline(block)
         last = epilogue[-1] if epilogue else None

@@ -4,10 +4,11 @@ Applied before dlight's GPU rules (`dwsep_compiler.opencl`); a PrimFunc none of 
 scheduled by dlight."""
 
 from .depthwise import Depthwise
+from .fused_dwpw import FusedDepthwisePointwise
 from .pointwise import Pointwise
 
 
 def rules(target=None):
     """In order of precedence; the first rule that accepts a PrimFunc schedules it. ``target``
     (unused today) is where target-specific rule sets would be chosen."""
-    return [Pointwise(), Depthwise()]
+    return [FusedDepthwisePointwise(), Pointwise(), Depthwise()]
