@@ -13,8 +13,10 @@ Run before legalization (the CPU compile pipeline does).
 from __future__ import annotations
 
 import tvm
-from tvm import relax, te, topi
+from tvm import te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from .relax_rewrite import CallRewritePass
 
 
 def fast_sigmoid(x: te.Tensor) -> te.Tensor:
@@ -39,16 +41,7 @@ class _Rewriter(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="FastSigmoid")
-class FastSigmoid:
+class FastSigmoid(CallRewritePass):
     """Rewrite every float32 ``R.sigmoid`` into a vectorizable one (``rewritten`` counts them)."""
 
-    def __init__(self):
-        self.rewritten = 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        self.rewritten += rewriter.rewritten
-        return rewriter.builder_.get()
+    rewriter = _Rewriter

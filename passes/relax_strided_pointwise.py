@@ -18,6 +18,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .relax_fuse_dwpw import _is_conv, _layout_ok
+from .relax_rewrite import CallRewritePass
 
 
 def _strided_pointwise(call) -> tuple[int, int] | None:
@@ -63,17 +64,8 @@ class _Rewriter(PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="StridedPointwiseToSlice")
-class StridedPointwiseToSlice:
+class StridedPointwiseToSlice(CallRewritePass):
     """Rewrite every strided 1x1 conv2d (no padding, NCHW) into a strided slice of its input
     followed by a stride-1 1x1 conv2d (``rewritten`` counts them)."""
 
-    def __init__(self):
-        self.rewritten = 0
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        self.rewritten += rewriter.rewritten
-        return rewriter.builder_.get()
+    rewriter = _Rewriter

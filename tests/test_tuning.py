@@ -3,8 +3,9 @@ measured locally and through a real TVM RPC tracker with servers on 127.0.0.1 (t
 under one key, an aarch64 server under qemu-user, a server killed mid-run).
 
 Nothing here asserts a time: measured latencies only decide which schedule is kept, and every
-library built from records is checked against onnxruntime. The model is the small CNN of
-`helpers.small_cnn` (16x16), so a tuning run is tens of seconds.
+library built from records is checked against onnxruntime. The models are the small CNN of
+`helpers.small_cnn` (16x16; 32x32 with wider convs where a run must end with a factorized layer
+whatever latency gating measures), so a tuning run is tens of seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dwsep_compiler.targets import resolve_target
 from dwsep_compiler.tuning import TuningRecords
 from dwsep_compiler.tuning.tasks import extract_tasks
 
-from helpers import rel_error, run_onnx
+from helpers import rel_error, run_onnx, small_cnn
 from test_rpc import (HOST, RpcEnv, _aarch64_server, _start, _stock_server, cnn,  # noqa: F401
                       dwsep_run, free_port, runtime)  # (cnn, runtime: fixtures)
 
@@ -63,16 +64,27 @@ def distinct_points(directory: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def tuned(cnn, tmp_path_factory):
+def wide_cnn(tmp_path_factory) -> Path:
+    """`helpers.small_cnn` with 32 and 64 channels at 32x32: its 32 -> 64 conv is big enough
+    (4.7 M MACs against 1.2 M factorized) that latency gating keeps it factorized whatever the
+    machine's noise; with 8 -> 16 channels at 16x16 both versions take a few microseconds and
+    gating kept both originals on some runs (the CLI then exits 2: nothing to rewrite)."""
+    path = tmp_path_factory.mktemp("wide") / "wide_cnn.onnx"
+    onnx.save(small_cnn(np.random.default_rng(0), channels=(3, 32, 64), hw=(32, 32)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(wide_cnn, tmp_path_factory):
     """One local tuning run through the CLI; later tests reuse its records."""
     work = tmp_path_factory.mktemp("tuned")
-    proc = cli(cnn, "--target", "host", "--rank", "2", "-o", work / "out", "--tune",
+    proc = cli(wide_cnn, "--target", "host", "--rank", "2", "-o", work / "out", "--tune",
                "--tuning-records", work / "records", "--trials", "40")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work, proc
 
 
-def test_local_tuning_writes_records_and_a_tuned_correct_library(tuned, cnn):
+def test_local_tuning_writes_records_and_a_tuned_correct_library(tuned, wide_cnn):
     work, proc = tuned
     report = json.loads((work / "out" / "report.json").read_text())
     tuning = report["tuning"]
@@ -93,10 +105,10 @@ def test_local_tuning_writes_records_and_a_tuned_correct_library(tuned, cnn):
     assert tasks and all(applied[t.name] == "tuned" for t in tasks), applied
 
 
-def test_records_are_reused_without_tune(tuned, cnn, tmp_path):
+def test_records_are_reused_without_tune(tuned, wide_cnn, tmp_path):
     work, _ = tuned
     before = record_lines(work / "records")
-    proc = cli(cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out",
+    proc = cli(wide_cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out",
                "--tuning-records", work / "records")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert record_lines(work / "records") == before  # applied, not appended
@@ -139,9 +151,9 @@ def test_latency_gating_keeps_the_original_conv_that_the_device_runs_faster(cnn,
     assert "conv1" in names and "conv1_dw" not in names and "conv2_dw" in names
 
 
-def test_time_budget_stops_the_search(cnn, tmp_path):
+def test_time_budget_stops_the_search(wide_cnn, tmp_path):
     """--tune-minutes: the untuned baseline is always measured, the search stops at the budget."""
-    proc = cli(cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out", "--tune",
+    proc = cli(wide_cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out", "--tune",
                "--tuning-records", tmp_path / "records", "--trials", "400", "--tune-minutes",
                "0.01")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,9 +177,9 @@ def test_torn_record_line_is_dropped_on_open(tuned, tmp_path):
     assert record_lines(copy) == good
 
 
-def test_kill_9_mid_tuning_then_resume(cnn, tmp_path):
+def test_kill_9_mid_tuning_then_resume(wide_cnn, tmp_path):
     records = tmp_path / "records"
-    args = [sys.executable, "-m", "dwsep_compiler.cli", cnn, "--target", "host", "--rank",
+    args = [sys.executable, "-m", "dwsep_compiler.cli", wide_cnn, "--target", "host", "--rank",
             "2", "-o", tmp_path / "out", "--tune", "--tuning-records", records, "--trials",
             "200"]
     victim = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL,
@@ -264,9 +276,9 @@ def _wait_servers(env: RpcEnv, key: str, count: int, timeout: float = 150) -> No
 
 
 @pytest.mark.rpc
-def test_two_servers_under_one_key_share_the_tuning(farm, cnn, tmp_path):
+def test_two_servers_under_one_key_share_the_tuning(farm, wide_cnn, tmp_path):
     _wait_servers(farm, "farm", 2)
-    proc = cli(cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out", "--tune",
+    proc = cli(wide_cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out", "--tune",
                "--tuning-records", tmp_path / "records", "--trials", "24", "--rpc-tracker",
                farm.tracker, "--rpc-key", "farm")
     assert proc.returncode == 0, proc.stderr[-3000:]

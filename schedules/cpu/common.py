@@ -51,6 +51,32 @@ def find_conv(func: tirx.PrimFunc, names=("conv2d_nchw", "group_conv2d_nchw")) -
     return ConvBlocks(sch, conv, pad, epilogue, sch.get(conv).name_hint)
 
 
+def find_depthwise(func: tirx.PrimFunc) -> tuple[ConvBlocks, int] | None:
+    """A depthwise conv PrimFunc (one input channel per group) and its depth multiplier r."""
+    blocks = find_conv(func, names=("group_conv2d_nchw",))
+    if blocks is None:
+        return None
+    sch = blocks.sch
+    _, out_channels, _, _, rc, _, _ = extents(sch, blocks.conv)
+    if rc != 1:  # a grouped conv with several channels per group is not depthwise
+        return None
+    in_channels = int(sch.get(blocks.conv).reads[0].source.shape[1])
+    if out_channels % in_channels:
+        return None
+    return blocks, out_channels // in_channels
+
+
+def find_pointwise(func: tirx.PrimFunc) -> ConvBlocks | None:
+    """A 1x1 conv PrimFunc with stride 1 and no padding (a GEMM over the pixels)."""
+    blocks = find_conv(func, names=("conv2d_nchw",))
+    if blocks is None:
+        return None
+    kh, kw = extents(blocks.sch, blocks.conv)[5:]
+    if (kh, kw) != (1, 1) or not unit_stride_no_pad(blocks.sch, blocks):
+        return None
+    return blocks
+
+
 def fused_dwpw_blocks(func: tirx.PrimFunc):
     """``(sch, pad, depthwise, pointwise, epilogue)`` of a PrimFunc made by
     `passes/relax_fuse_dwpw.py` (blocks pad_temp, depthwise, pointwise, then injective

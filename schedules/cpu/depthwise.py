@@ -13,7 +13,7 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import divisors, extents, find_conv, inline_epilogue, knob, vector_tile
+from .common import divisors, extents, find_depthwise, inline_epilogue, knob, vector_tile
 from .knobs import cpu_knobs
 
 
@@ -21,20 +21,16 @@ class Depthwise(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        blocks = find_conv(func, names=("group_conv2d_nchw",))
-        if blocks is None:
+        found = find_depthwise(func)
+        if found is None:
             return None
+        blocks, multiplier = found
         sch = blocks.sch
-        n, f, h, w, rc, kh, kw = extents(sch, blocks.conv)
-        if rc != 1:  # a grouped conv with several channels per group is not depthwise
-            return None
-        in_channels = int(sch.get(blocks.conv).reads[0].source.shape[1])
-        if f % in_channels:
-            return None
+        w = extents(sch, blocks.conv)[3]
         knobs = cpu_knobs(target)
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=4)
         vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 8))
-        return self._schedule(blocks, knobs, f // in_channels, vectors, vector)
+        return self._schedule(blocks, knobs, multiplier, vectors, vector)
 
     def _schedule(self, blocks, knobs, multiplier: int, vectors, vector: int):
         sch = blocks.sch

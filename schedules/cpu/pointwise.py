@@ -16,8 +16,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (divisors, extents, find_conv, inline_epilogue, knob, largest_divisor,
-                     unit_stride_no_pad, vector_tile)
+from .common import (divisors, extents, find_pointwise, inline_epilogue, knob, largest_divisor,
+                     vector_tile)
 from .knobs import cpu_knobs
 
 
@@ -25,13 +25,11 @@ class Pointwise(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        blocks = find_conv(func, names=("conv2d_nchw",))
+        blocks = find_pointwise(func)
         if blocks is None:
             return None
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
-        if (kh, kw) != (1, 1) or not unit_stride_no_pad(sch, blocks):
-            return None
         knobs = cpu_knobs(target)
         pixels = h * w
         tile, vector = vector_tile(pixels, knobs.lanes, max_vectors=2)

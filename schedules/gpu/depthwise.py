@@ -17,7 +17,7 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..cpu.common import divisors, extents, find_conv, inline_epilogue, knob
+from ..cpu.common import divisors, extents, find_depthwise, inline_epilogue, knob
 from .knobs import gpu_knobs
 
 DEFAULT_THREADS = 64  # work-items per work-group: a Mali/Adreno warp multiple, many groups
@@ -46,16 +46,12 @@ class Depthwise(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if not is_gpu(target):
             return None
-        blocks = find_conv(func, names=("group_conv2d_nchw",))
-        if blocks is None:
+        found = find_depthwise(func)
+        if found is None:
             return None
+        blocks, _ = found
         sch = blocks.sch
         n, f, h, w, rc, kh, kw = extents(sch, blocks.conv)
-        if rc != 1:  # a grouped conv with several channels per group is not depthwise
-            return None
-        in_channels = int(sch.get(blocks.conv).reads[0].source.shape[1])
-        if f % in_channels:
-            return None
         knobs = gpu_knobs(target)
         if w % knobs.lanes == 0:
             # float4 stores: every candidate strip is whole vectors

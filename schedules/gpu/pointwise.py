@@ -22,8 +22,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..cpu.common import (divisors, extents, find_conv, inline_epilogue, knob, largest_divisor,
-                          unit_stride_no_pad)
+from ..cpu.common import (divisors, extents, find_pointwise, inline_epilogue, knob,
+                          largest_divisor)
 from .depthwise import is_gpu
 from .knobs import gpu_knobs
 
@@ -46,13 +46,11 @@ class Pointwise(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if not is_gpu(target):
             return None
-        blocks = find_conv(func, names=("conv2d_nchw",))
+        blocks = find_pointwise(func)
         if blocks is None:
             return None
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
-        if (kh, kw) != (1, 1) or not unit_stride_no_pad(sch, blocks):
-            return None
         knobs = gpu_knobs(target)
         pixels = h * w
         if pixels % knobs.lanes == 0:
