@@ -35,7 +35,7 @@ class Pointwise(ScheduleRule):
         tile, vector = vector_tile(pixels, knobs.lanes, max_vectors=2)
         registers = max(1, -(-tile // knobs.lanes))
         co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
-        vectors = knob(sch, tunable, tile // vector, divisors(pixels // vector, 4))
+        vectors = knob(sch, tunable, tile // vector, divisors(pixels // vector, 8))
         co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
         return self._schedule(blocks, knobs, co_block, vectors, vector)
 
