@@ -119,8 +119,14 @@ def test_factorized_cnn_convs_are_ours_and_match_onnxruntime(cl_context, models,
     convs = _conv_schedules(program)
     # every conv ours: its two DW -> PW pairs fused, the 1x1 and the 3x3 depthwise on their own
     assert set(convs.values()) == OURS | {"FusedDepthwisePointwise"}, program.schedules
-    assert list(convs.values()).count("FusedDepthwisePointwise") == 2, program.schedules
+    fused = [name for name, rule in convs.items() if rule == "FusedDepthwisePointwise"]
+    assert len(fused) == 2 and all("depthwise_pointwise" in n for n in fused), program.schedules
     assert "dlight" in program.schedules.values()  # the rest (GEMM, mean) is still dlight's
+    for kernel in program.kernels.values():
+        if kernel.primfunc in fused:
+            # the DW tile in local memory, the DW output never a kernel argument
+            assert 0 < kernel.local_memory_bytes <= 16 * 1024, opencl.format_kernels([kernel])
+            assert not any("depthwise" in p.name for p in kernel.params), kernel.params
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
     (expected,) = run_onnx(models["cnn_rank2"], {"x": x})
@@ -299,24 +305,6 @@ def _assert_fused_kernel_fits(program, name):
     assert not any("depthwise" in p.name for p in kernel.params), (name, kernel.params)
     assert kernel.unsupported is None, kernel.unsupported
     return kernel
-
-
-@pytest.mark.parametrize("target_name", TARGETS)
-def test_factorized_cnn_dw_pw_pairs_are_fused(cl_context, models, target_name):
-    _, _, executable = _build(models, "cnn_rank2", target_name)
-    program = executable._dwsep_gpu_program
-    fused = [name for name, rule in program.schedules.items()
-             if rule == "FusedDepthwisePointwise"]
-    assert len(fused) == 2 and all("depthwise_pointwise" in n for n in fused), program.schedules
-    for kernel in program.kernels.values():
-        if kernel.primfunc in fused:
-            # the DW tile in local memory, the DW output never a kernel argument
-            assert 0 < kernel.local_memory_bytes <= 16 * 1024, opencl.format_kernels([kernel])
-            assert not any("depthwise" in p.name for p in kernel.params), kernel.params
-    x = np.random.default_rng(3).standard_normal(SHAPE).astype(np.float32)
-    (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
-    (expected,) = run_onnx(models["cnn_rank2"], {"x": x})
-    assert rel_error(actual, expected) < 1e-4
 
 
 @pytest.mark.parametrize("target_name", TARGETS)

@@ -18,26 +18,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from ..cpu.common import divisors, extents, find_depthwise, inline_epilogue, knob
-from .knobs import gpu_knobs
-
-DEFAULT_THREADS = 64  # work-items per work-group: a Mali/Adreno warp multiple, many groups
-
-
-def is_gpu(target: Target) -> bool:
-    return "gpu" in {str(k) for k in target.keys}
-
-
-def thread_candidates(max_threads: int) -> list[int]:
-    return [t for t in (32, 64, 128, 256) if t <= max_threads] or [max_threads]
-
-
-def threads_for(items: int, max_threads: int, preferred: int = DEFAULT_THREADS) -> int:
-    """Work-group size for ``items`` work-items: ``preferred``, less when there are fewer items
-    (a power of two >= items, at least 32: a Mali/Adreno warp)."""
-    threads = min(preferred, max_threads)
-    while threads > 32 and threads // 2 >= items:
-        threads //= 2
-    return threads
+from .knobs import gpu_knobs, is_gpu, thread_candidates, threads_for
 
 
 class Depthwise(ScheduleRule):

@@ -34,3 +34,24 @@ def gpu_knobs(target: tvm.target.Target) -> GPUKnobs:
         max_threads = min(max_threads, MOBILE_MAX_THREADS)
         local_memory = min(local_memory, MOBILE_LOCAL_MEMORY)
     return GPUKnobs(max_threads=max_threads, local_memory=local_memory, lanes=4)
+
+
+DEFAULT_THREADS = 64  # work-items per work-group: a Mali/Adreno warp multiple, many groups
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    """The rules here schedule only GPU targets (``gpu`` among the target's keys)."""
+    return "gpu" in {str(k) for k in target.keys}
+
+
+def thread_candidates(max_threads: int) -> list[int]:
+    return [t for t in (32, 64, 128, 256) if t <= max_threads] or [max_threads]
+
+
+def threads_for(items: int, max_threads: int, preferred: int = DEFAULT_THREADS) -> int:
+    """Work-group size for ``items`` work-items: ``preferred``, less when there are fewer items
+    (a power of two >= items, at least 32: a Mali/Adreno warp)."""
+    threads = min(preferred, max_threads)
+    while threads > 32 and threads // 2 >= items:
+        threads //= 2
+    return threads

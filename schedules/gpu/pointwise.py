@@ -24,8 +24,7 @@ from tvm.target import Target
 
 from ..cpu.common import (divisors, extents, find_pointwise, inline_epilogue, knob,
                           largest_divisor)
-from .depthwise import is_gpu
-from .knobs import gpu_knobs
+from .knobs import gpu_knobs, is_gpu
 
 PIXEL_THREADS = (8, 16, 32, 64)  # tx candidates: work-items along pixels
 CHANNEL_THREADS = (1, 2, 4)  # ty candidates: work-items along output channels
