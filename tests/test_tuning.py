@@ -334,3 +334,25 @@ def test_server_killed_mid_tuning_keeps_records(farm, cnn, tmp_path):
     assert kept >= 4 and "record(s) kept" in line
     assert not (tmp_path / "out").exists()
     assert TuningRecords(records).dropped == 0
+
+
+def test_candidates_that_never_ran_are_deleted_with_the_builder(cnn):
+    """Every candidate library is written under its builder's directory, which closing the
+    tuning session deletes: a build killed after writing its library, or a candidate that never
+    ran (time budget, device lost), used to stay behind in /tmp as a dwsep-tune-* directory."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from dwsep_compiler.tuning import measure
+
+    target = resolve_target("host").tvm_target()
+    model = load_model(cnn)
+    task = extract_tasks([import_onnx(model, resolve_input_shapes(model, None))], target)[0]
+    builder, runner = measure.builder(None, 1), measure.runner(None)
+    try:
+        built = builder.build([ms.builder.BuilderInput(task.default.mod, target)])
+        assert built[0].error_msg is None, built[0].error_msg
+        artifact = Path(built[0].artifact_path)
+        assert artifact.is_file() and Path(builder.root) in artifact.parents
+    finally:
+        measure.close(builder, runner)
+    assert not artifact.exists() and not Path(builder.root).exists()

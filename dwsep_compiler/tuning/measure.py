@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,9 +40,11 @@ def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tv
         return tvm.tirx.build(mod, target=target)
 
 
-def export_candidate(rt_mod: tvm.runtime.Module, cross_compiler: str | None = None) -> str:
-    """A shared library of the candidate, linked for the device."""
-    path = os.path.join(tempfile.mkdtemp(prefix="dwsep-tune-"), "candidate.so")
+def export_candidate(rt_mod: tvm.runtime.Module, cross_compiler: str | None = None,
+                     root: str | None = None) -> str:
+    """A shared library of the candidate, linked for the device, in a new directory under
+    ``root`` (MetaSchedule removes that directory once the candidate ran)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="candidate-", dir=root), "candidate.so")
     if cross_compiler is None:
         rt_mod.export_library(path)
     else:
@@ -65,12 +68,18 @@ class RpcDevice:
 class Builder(ms.builder.PyBuilder):
     """MetaSchedule's LocalBuilder (same worker function, same results), with a worker pool
     that outlives a batch: see BATCHES_PER_POOL. A build past BUILD_TIMEOUT_S is killed and
-    reported as that candidate's error; the pool replaces the worker."""
+    reported as that candidate's error; the pool replaces the worker.
+
+    Candidates are written under one directory of this builder (``root``), removed by `close`:
+    a build killed between writing its library and reporting it, or a candidate that never
+    ran, leaves nothing behind in the system's temporary directory."""
 
     def __init__(self, cross_compiler: str | None, workers: int) -> None:
         super().__init__()
         self.workers = workers
-        self.f_export = functools.partial(export_candidate, cross_compiler=cross_compiler)
+        self.root = tempfile.mkdtemp(prefix="dwsep-tune-")
+        self.f_export = functools.partial(export_candidate, cross_compiler=cross_compiler,
+                                          root=self.root)
         self.pool: PopenPoolExecutor | None = None
         self.batches = 0
 
@@ -94,10 +103,16 @@ class Builder(ms.builder.PyBuilder):
         return results
 
     def close(self) -> None:
+        """Stop the worker pool (a later `build` starts a new one)."""
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
             self.batches = 0
+
+    def remove_files(self) -> None:
+        """Close, then delete every candidate this builder wrote."""
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def builder(cross_compiler: str | None, workers: int) -> Builder:
@@ -159,8 +174,8 @@ def close(builder: Builder, runner) -> None:
     device went away those threads wait on tracker requests that never complete (the tracker
     queues requests for a key without servers), so the process would hang at exit. Queued
     measurements are cancelled and the workers killed (private attributes of TVM's
-    PopenPoolExecutor: there is no public way to cancel)."""
-    builder.close()
+    PopenPoolExecutor: there is no public way to cancel). The builder's candidates are deleted."""
+    builder.remove_files()
     inner = getattr(runner, "_inst", runner)
     inner = getattr(inner, "inner", inner)
     pool = getattr(getattr(inner, "_inst", inner), "pool", None)

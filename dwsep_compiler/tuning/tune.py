@@ -245,7 +245,7 @@ def _search(tasks, target, builder, runner, records, progress, budget: int) -> N
                                task_name=t.name, num_threads=max(1, os.cpu_count() or 1))
                 for t in tasks]
     callbacks = ms.measure_callback.MeasureCallback.create("default") + [progress.callback()]
-    work_dir = tempfile.mkdtemp(prefix="dwsep-tune-")
+    work_dir = tempfile.mkdtemp(prefix="search-", dir=builder.root)
     try:
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=[float(t.weight) for t in tasks], work_dir=work_dir,
