@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,14 +19,10 @@ import onnxruntime as ort
 
 from . import compile as tvm_compile
 from .errors import DwsepError, first_line
-from .initialization import allocation
-from .initialization.calibration import (CalibrationSet, TEACHERS, distill_layers,
-                                         load_calibration, rank_curves)
-from .initialization.ranks import RankPolicy
+from .initialization.calibration import load_calibration
+from .initialization.stage import KEEP_ORIGINAL, Initializer, check_options
 from .macs import model_macs
-from .model import (graph_inputs, load_model, resolve_input_shapes, save_model, view_model)
-from .passes.conditions import plan_conv
-from .passes.onnx_factorize import conv_sites, factorize_onnx
+from .model import graph_inputs, load_model, resolve_input_shapes, save_model, view_model
 from .report import Report, format_table
 from .targets import TargetPreset, resolve_target
 
@@ -112,103 +107,42 @@ def compile_model(
     """
     log = log or (lambda message: None)
     preset = target if isinstance(target, TargetPreset) else resolve_target(target)
-    chosen = [flag for flag, value in (("rank", rank), ("energy", energy),
-                                       ("macs_ratio", macs_ratio), ("max_error", max_error))
-              if value is not None]
-    if len(chosen) > 1:
-        raise DwsepError(f"give at most one of rank, energy, macs_ratio, max_error "
-                         f"(got {', '.join(chosen)})")
-    if macs_ratio is not None and not 0.0 < macs_ratio <= 1.0:
-        raise DwsepError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
-    if max_error is not None and not max_error > 0.0:
-        raise DwsepError(f"max_error must be > 0, got {max_error}")
-    if teacher not in TEACHERS:
-        raise DwsepError(f"teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
-    _check_finetune(finetune_steps, finetune_lr, calibration)
-    if compile and (tune is not None or tuning_records):
+    policy = check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
+                           max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
+                           finetune_lr=finetune_lr, calibration=calibration)
+    tuned = compile and (tune is not None or bool(tuning_records))
+    if tuned:
         from . import tuning as tuning_stage
 
         tuning_stage.check(tune, tuning_records, preset)
-    try:
-        policy = RankPolicy(rank=rank, energy=energy, force=force)
-    except ValueError as exc:
-        raise DwsepError(str(exc)) from None
     output_dir = os.path.abspath(output_dir or default_output_dir(model_path))
     _check_output_dir(output_dir, model_path)
 
     model = load_model(model_path)
     shapes = resolve_input_shapes(model, input_shapes)
     calib = load_calibration(calibration, model, shapes) if calibration is not None else None
-    started = time.perf_counter()
-    ranks, policy_text, allocation_info = None, policy.describe(), None
-    if macs_ratio is not None or max_error is not None:
-        ranks, policy_text, allocation_info = _allocate_ranks(
-            model, shapes, frozenset(skip), calib, macs_ratio, max_error, log)
-    distilled: dict = {}
-
-    def refine(view, sites, plans):
-        log(f"distilling {sum(p.report.factorized for p in plans)} layers on "
-            f"{calib.used_samples} calibration samples ...")
-        out = distill_layers(model, view, sites, plans, calib, teacher=teacher, log=log)
-        distilled.update(out.info)
-        return out.sites, out.plans
-
-    plan_ranks = (None if ranks is None else
-                  {name: KEEP_ORIGINAL if r is None else r for name, r in ranks.items()})
-
-    def initialize(plan_ranks):
-        """Rewrite and initialize (distill, fine-tune) with these ranks."""
-        distilled.clear()
-        result = factorize_onnx(model, shapes, policy, frozenset(skip), plan_ranks,
-                                refine=refine if calib is not None else None)
-        unknown = set(skip) - {layer.name for layer in result.layers}
-        if unknown:
-            raise DwsepError(f"--skip names no conv of the model: {', '.join(sorted(unknown))}")
-        if not result.layers:
-            raise DwsepError(f"the model has no Conv nodes: nothing to factorize ({model_path})")
-        for layer in result.layers:
-            if ranks is not None and ranks.get(layer.name, 0) is None:
-                layer.rank = None
-                layer.detail = ("kept: no MAC-saving rank is within --max-error" if max_error
-                                is not None else "kept: the --macs-ratio allocation found this "
-                                "layer's error costlier than its MACs")
-        finetune_info = None
-        if finetune_steps and any(layer.factorized for layer in result.layers):
-            from .initialization.finetune import finetune  # torch: imported only when asked for
-            result.model, finetune_info = finetune(model, result.model, result.layers, calib,
-                                                   finetune_steps, finetune_lr, log=log)
-        return result, finetune_info
-
-    result, finetune_info = initialize(plan_ranks)
-    records = tuning = None
-    mod = None
-    if compile and (tune is not None or tuning_records) and any(
-            layer.factorized for layer in result.layers):
-        from . import tuning as tuning_stage
-
-        records, tuning, mod, slower = _tune_and_gate(
-            tuning_stage, model, result, shapes, preset, tune, tuning_records, log)
+    init = Initializer(model, shapes, policy, frozenset(skip), calib, macs_ratio=macs_ratio,
+                       max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
+                       finetune_lr=finetune_lr, source=model_path, log=log)
+    result = init.factorize(init.initial_ranks())
+    records = tuning = mod = None
+    if tuned and any(layer.factorized for layer in result.layers):
+        records, tuning, mod, slower = _tune_and_gate(tuning_stage, model, result, shapes,
+                                                      preset, tune, tuning_records, log)
         if slower:
             log(f"keeping the original conv of {len(slower)} layer(s) the device runs faster "
                 f"than DW+PW: {', '.join(sorted(slower))}")
-            kept = {layer.name: (KEEP_ORIGINAL if layer.name in slower else
-                                 layer.rank if layer.factorized else KEEP_ORIGINAL)
-                    for layer in result.layers}
+            kept = {layer.name: (layer.rank if layer.factorized and layer.name not in slower
+                                 else KEEP_ORIGINAL) for layer in result.layers}
             latencies = {layer.name: (layer.latency_ms, layer.original_latency_ms)
                          for layer in result.layers}
-            result, finetune_info = initialize(kept)
+            result = init.factorize(kept)
+            tuning_stage.gating.mark_kept(result.layers, slower, latencies)
             mod = None
-            for layer in result.layers:
-                layer.latency_ms, layer.original_latency_ms = latencies[layer.name]
-                if layer.name in slower:
-                    layer.reason = SLOWER_ON_DEVICE
-                    layer.detail = (f"kept: tuned DW+PW {slower[layer.name][0]:.4g} ms >= "
-                                    f"original {slower[layer.name][1]:.4g} ms on the device")
-                    layer.latency_ms = layer.original_latency_ms
 
     after_view = view_model(result.model, shapes)
     report = Report(
-        model=os.path.abspath(model_path), target=preset.name, rank_policy=policy_text,
+        model=os.path.abspath(model_path), target=preset.name, rank_policy=init.policy_text,
         layers=result.layers, model_macs_before=model_macs(result.view_before),
         model_macs_after=model_macs(after_view))
     if calib is None:
@@ -217,13 +151,7 @@ def compile_model(
             "which can destroy a trained model's accuracy at ranks that save MACs; pass "
             "--calibration FILE.npz (a few dozen real inputs) to distill every layer")
     else:
-        report.calibration = {**_calibration_base(calib, teacher), **distilled,
-                              "distill_time_s": distilled.get("time_s"),
-                              "time_s": round(time.perf_counter() - started, 3)}
-        if allocation_info:
-            report.calibration["allocation"] = allocation_info
-        if finetune_info:
-            report.calibration["finetune"] = finetune_info
+        report.calibration = init.calibration_report()
         if calib.used_samples < calib.samples:
             report.notes.append(
                 f"calibration: the model's batch size is fixed to {calib.batch}: used "
@@ -273,30 +201,6 @@ def compile_model(
     return out
 
 
-FINETUNE_NEEDS_TORCH = ("--finetune-steps needs PyTorch: pip install 'dwsep-compiler[finetune]' "
-                        "(torch==2.13.0)")
-
-
-def _check_finetune(steps: int, lr: float, calibration) -> None:
-    """Fine-tuning options, the calibration data and PyTorch, before any work is done."""
-    if not steps:
-        return
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise DwsepError(f"finetune_steps must be an integer >= 0, got {steps!r}")
-    if not lr > 0.0:
-        raise DwsepError(f"finetune_lr must be > 0, got {lr}")
-    if calibration is None:
-        raise DwsepError("--finetune-steps needs --calibration")
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise DwsepError(FINETUNE_NEEDS_TORCH) from None
-
-
-KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv
-SLOWER_ON_DEVICE = "slower_than_original_on_device"
-
-
 def _tune_and_gate(tuning_stage, model, result, shapes, preset, tune, tuning_records, log):
     """Tune (when asked), then measure each factorized layer against its original conv.
 
@@ -312,70 +216,10 @@ def _tune_and_gate(tuning_stage, model, result, shapes, preset, tune, tuning_rec
     else:
         records = tuning_stage.TuningRecords(tuning_records, create=False)
     info["records"] = os.path.abspath(records.directory)
-    target = preset.tvm_target()
-    sites = {site.name: site for site in conv_sites(result.view_before)}
-    after = view_model(result.model, shapes)
-    by_name = {node.name: node for node in result.model.graph.node}
-    pairs, originals = {}, {}
-    for layer in result.layers:
-        if not layer.factorized:
-            continue
-        originals[layer.name] = [tuning_stage.gating.digest(result.view_before.constant(
-            sites[layer.name].node.input[1]))]
-        pairs[layer.name] = [tuning_stage.gating.digest(after.constant(by_name[n].input[1]))
-                             for n in (f"{layer.name}_dw", f"{layer.name}_pw") if n in by_name]
-    new = tuning_stage.gating.layer_latencies(factorized, target, records, pairs)
-    old = tuning_stage.gating.layer_latencies(original, target, records, originals)
-    slower = {}
-    for layer in result.layers:
-        if layer.name not in pairs:
-            continue
-        layer.latency_ms = None if new[layer.name] is None else new[layer.name] * 1e3
-        layer.original_latency_ms = None if old[layer.name] is None else old[layer.name] * 1e3
-        if (layer.latency_ms is not None and layer.original_latency_ms is not None
-                and layer.latency_ms >= layer.original_latency_ms):
-            slower[layer.name] = (layer.latency_ms, layer.original_latency_ms)
+    slower = tuning_stage.gating.gate(original, factorized, result, shapes,
+                                      preset.tvm_target(), records)
     info["gated_layers"] = sorted(slower)
     return records, info, factorized, slower
-
-
-def _calibration_base(calib: CalibrationSet, teacher: str) -> dict:
-    return {"source": calib.source, "samples": calib.used_samples, "teacher": teacher}
-
-
-def _allocate_ranks(model, shapes, skip, calib: CalibrationSet | None,
-                    macs_ratio: float | None, max_error: float | None, log):
-    """Per-layer ranks for ``--macs-ratio`` / ``--max-error`` (None: keep the original conv),
-    the report's policy text, and what the allocation measured."""
-    view = view_model(model, shapes)
-    sites = conv_sites(view)
-    at_rank_1 = [plan_conv(site.spec, RankPolicy(rank=1), skip).report for site in sites]
-    eligible = [site for site, report in zip(sites, at_rank_1) if report.factorized]
-    source = "calibration output error" if calib is not None else "SVD weight error"
-    started = time.perf_counter()
-    if calib is not None:
-        log(f"measuring error by rank on {calib.used_samples} calibration samples ...")
-        curves = list(rank_curves(model, view, eligible, calib, log=log).values())
-    else:
-        curves = [allocation.svd_curve(site.name, site.weight, site.spec.batch,
-                                       site.spec.out_spatial) for site in eligible]
-    info = {"error": source, "time_s": round(time.perf_counter() - started, 3),
-            "curves": {c.name: {str(o.rank): round(o.error, 6) for o in c.options if o.rank}
-                       for c in curves}}
-    if max_error is not None:
-        ranks = allocation.ranks_within_error(curves, max_error)
-        text = f"max_error={max_error} (per layer, {source})"
-    else:
-        total = sum(report.macs_before for report in at_rank_1)
-        fixed = total - sum(curve.macs_before for curve in curves)
-        budget = int(macs_ratio * total) - fixed
-        if allocation.cheapest_macs(curves) > budget:
-            least = (allocation.cheapest_macs(curves) + fixed) / total if total else 1.0
-            raise DwsepError(f"--macs-ratio {macs_ratio} is out of reach: rank 1 on every "
-                             f"eligible layer gives a conv MAC ratio of {least:.3f}")
-        ranks = allocation.allocate_ranks(curves, budget)
-        text = f"macs_ratio={macs_ratio} (greedy per-layer allocation, {source})"
-    return ranks, text, info
 
 
 def _check_output_dir(output_dir: str, model_path: str) -> None:

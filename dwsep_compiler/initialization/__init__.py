@@ -5,5 +5,7 @@
 * `allocation`: ranks across layers from error-vs-rank curves (``--macs-ratio``/``--max-error``);
 * `distill`: the least-squares refit on calibration statistics (Gram matrices, ridge solves,
   alternating least squares), pure numpy;
-* `calibration`: calibration data loading and the onnxruntime-driven sequential distillation.
+* `calibration`: calibration data loading and the onnxruntime-driven sequential distillation;
+* `finetune`: end-to-end fine-tuning of the factorized layers (PyTorch, optional);
+* `stage`: the stage `compile_model` runs: option checks, ranks, rewrite, initialization.
 """

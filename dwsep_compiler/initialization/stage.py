@@ -1,0 +1,192 @@
+"""The initialization stage of `compile_model`: ranks, the rewrite, and the factors' values.
+
+`check_options` validates the rank and calibration options before any work is done. An
+`Initializer` chooses the ranks once (``--rank``/``--energy`` per layer from its singular values;
+``--macs-ratio``/``--max-error`` across layers from error-vs-rank curves), then each
+`Initializer.factorize` rewrites the ONNX model and sets every factorized layer's weights: the
+data-free SVD, distilled layer by layer on calibration data when there is some, fine-tuned end to
+end when asked. The latency gate of the tuning stage calls `factorize` a second time with the
+layers it keeps as original convs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import onnx
+
+from ..errors import DwsepError
+from ..model import view_model
+from ..passes.conditions import plan_conv
+from ..passes.onnx_factorize import OnnxFactorization, conv_sites, factorize_onnx
+from . import allocation
+from .calibration import TEACHERS, CalibrationSet, distill_layers, rank_curves
+from .ranks import RankPolicy
+
+KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv
+
+FINETUNE_NEEDS_TORCH = ("--finetune-steps needs PyTorch: pip install 'dwsep-compiler[finetune]' "
+                        "(torch==2.13.0)")
+
+
+def check_options(rank=None, energy=None, force: bool = False, macs_ratio=None, max_error=None,
+                  teacher: str = "original", finetune_steps: int = 0, finetune_lr: float = 1e-4,
+                  calibration=None) -> RankPolicy:
+    """The per-layer rank policy, after checking that the options make sense together."""
+    chosen = [flag for flag, value in (("rank", rank), ("energy", energy),
+                                       ("macs_ratio", macs_ratio), ("max_error", max_error))
+              if value is not None]
+    if len(chosen) > 1:
+        raise DwsepError(f"give at most one of rank, energy, macs_ratio, max_error "
+                         f"(got {', '.join(chosen)})")
+    if macs_ratio is not None and not 0.0 < macs_ratio <= 1.0:
+        raise DwsepError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
+    if max_error is not None and not max_error > 0.0:
+        raise DwsepError(f"max_error must be > 0, got {max_error}")
+    if teacher not in TEACHERS:
+        raise DwsepError(f"teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
+    _check_finetune(finetune_steps, finetune_lr, calibration)
+    try:
+        return RankPolicy(rank=rank, energy=energy, force=force)
+    except ValueError as exc:
+        raise DwsepError(str(exc)) from None
+
+
+def _check_finetune(steps: int, lr: float, calibration) -> None:
+    """Fine-tuning options, the calibration data and PyTorch, before any work is done."""
+    if not steps:
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise DwsepError(f"finetune_steps must be an integer >= 0, got {steps!r}")
+    if not lr > 0.0:
+        raise DwsepError(f"finetune_lr must be > 0, got {lr}")
+    if calibration is None:
+        raise DwsepError("--finetune-steps needs --calibration")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise DwsepError(FINETUNE_NEEDS_TORCH) from None
+
+
+@dataclass
+class Initializer:
+    """Rewrites ``model`` and initializes its factors; one instance per `compile_model` call.
+
+    ``policy`` gives each layer its rank unless ``macs_ratio``/``max_error`` allocate ranks across
+    layers (done once, here). ``calib``: the calibration set (None: data-free SVD)."""
+
+    model: onnx.ModelProto
+    shapes: dict[str, tuple[int, ...]]
+    policy: RankPolicy
+    skip: frozenset = frozenset()
+    calib: CalibrationSet | None = None
+    macs_ratio: float | None = None
+    max_error: float | None = None
+    teacher: str = "original"
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
+    source: str = "the input model"  # for messages
+    log: Callable[[str], None] = field(default=lambda message: None)
+
+    def __post_init__(self):
+        self.started = time.perf_counter()
+        self.policy_text = self.policy.describe()
+        self.ranks: dict[str, int | None] | None = None
+        self.allocation_info: dict | None = None
+        self.distilled: dict = {}
+        self.finetune_info: dict | None = None
+        if self.macs_ratio is not None or self.max_error is not None:
+            self.ranks, self.policy_text, self.allocation_info = allocate_ranks(
+                self.model, self.shapes, self.skip, self.calib, self.macs_ratio,
+                self.max_error, self.log)
+
+    def initial_ranks(self) -> dict[str, int] | None:
+        """The allocated ranks as `factorize` takes them (None: every layer by the policy)."""
+        if self.ranks is None:
+            return None
+        return {name: KEEP_ORIGINAL if r is None else r for name, r in self.ranks.items()}
+
+    def factorize(self, ranks: dict[str, int] | None) -> OnnxFactorization:
+        """Rewrite with these per-layer ranks (`KEEP_ORIGINAL`: keep the conv) and initialize."""
+        self.distilled.clear()
+        self.finetune_info = None
+        result = factorize_onnx(self.model, self.shapes, self.policy, self.skip, ranks,
+                                refine=self._distill if self.calib is not None else None)
+        unknown = set(self.skip) - {layer.name for layer in result.layers}
+        if unknown:
+            raise DwsepError(f"--skip names no conv of the model: {', '.join(sorted(unknown))}")
+        if not result.layers:
+            raise DwsepError(f"the model has no Conv nodes: nothing to factorize ({self.source})")
+        for layer in result.layers:
+            if self.ranks is not None and self.ranks.get(layer.name, 0) is None:
+                layer.rank = None
+                layer.detail = ("kept: no MAC-saving rank is within --max-error"
+                                if self.max_error is not None else
+                                "kept: the --macs-ratio allocation found this layer's error "
+                                "costlier than its MACs")
+        if self.finetune_steps and any(layer.factorized for layer in result.layers):
+            from .finetune import finetune  # torch: imported only when asked for
+
+            result.model, self.finetune_info = finetune(
+                self.model, result.model, result.layers, self.calib, self.finetune_steps,
+                self.finetune_lr, log=self.log)
+        return result
+
+    def _distill(self, view, sites, plans):
+        self.log(f"distilling {sum(p.report.factorized for p in plans)} layers on "
+                 f"{self.calib.used_samples} calibration samples ...")
+        out = distill_layers(self.model, view, sites, plans, self.calib, teacher=self.teacher,
+                             log=self.log)
+        self.distilled.update(out.info)
+        return out.sites, out.plans
+
+    def calibration_report(self) -> dict | None:
+        """The report's ``calibration`` section (None without calibration data)."""
+        if self.calib is None:
+            return None
+        out = {"source": self.calib.source, "samples": self.calib.used_samples,
+               "teacher": self.teacher, **self.distilled,
+               "distill_time_s": self.distilled.get("time_s"),
+               "time_s": round(time.perf_counter() - self.started, 3)}
+        if self.allocation_info:
+            out["allocation"] = self.allocation_info
+        if self.finetune_info:
+            out["finetune"] = self.finetune_info
+        return out
+
+
+def allocate_ranks(model, shapes, skip, calib: CalibrationSet | None,
+                   macs_ratio: float | None, max_error: float | None, log):
+    """Per-layer ranks for ``--macs-ratio`` / ``--max-error`` (None: keep the original conv),
+    the report's policy text, and what the allocation measured."""
+    view = view_model(model, shapes)
+    sites = conv_sites(view)
+    at_rank_1 = [plan_conv(site.spec, RankPolicy(rank=1), skip).report for site in sites]
+    eligible = [site for site, report in zip(sites, at_rank_1) if report.factorized]
+    source = "calibration output error" if calib is not None else "SVD weight error"
+    started = time.perf_counter()
+    if calib is not None:
+        log(f"measuring error by rank on {calib.used_samples} calibration samples ...")
+        curves = list(rank_curves(model, view, eligible, calib, log=log).values())
+    else:
+        curves = [allocation.svd_curve(site.name, site.weight, site.spec.batch,
+                                       site.spec.out_spatial) for site in eligible]
+    info = {"error": source, "time_s": round(time.perf_counter() - started, 3),
+            "curves": {c.name: {str(o.rank): round(o.error, 6) for o in c.options if o.rank}
+                       for c in curves}}
+    if max_error is not None:
+        ranks = allocation.ranks_within_error(curves, max_error)
+        text = f"max_error={max_error} (per layer, {source})"
+    else:
+        total = sum(report.macs_before for report in at_rank_1)
+        fixed = total - sum(curve.macs_before for curve in curves)
+        budget = int(macs_ratio * total) - fixed
+        if allocation.cheapest_macs(curves) > budget:
+            least = (allocation.cheapest_macs(curves) + fixed) / total if total else 1.0
+            raise DwsepError(f"--macs-ratio {macs_ratio} is out of reach: rank 1 on every "
+                             f"eligible layer gives a conv MAC ratio of {least:.3f}")
+        ranks = allocation.allocate_ranks(curves, budget)
+        text = f"macs_ratio={macs_ratio} (greedy per-layer allocation, {source})"
+    return ranks, text, info
