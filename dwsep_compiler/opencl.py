@@ -149,12 +149,16 @@ def relax_pipeline(target, rules=None):
     right before dlight's first ``ApplyDefaultSchedule``, so dlight schedules only what our rules
     leave. Same backend as TVM picks: ``adreno`` (its own legalization and dlight.adreno rules)
     when "adreno" is in the target's keys, else ``gpu_generic``. Every depthwise -> pointwise
-    conv pair is fused first (`FuseDepthwisePointwise(0)`, scheduled by our fused rule).
+    conv pair is fused first (`FuseDepthwisePointwise(0)`, scheduled by our fused rule), after
+    batch norms are folded into the convs before them (`FoldBatchNormIntoConv2D`) and ONNX
+    ``Sum`` nodes become additions (`SumToAdd`).
 
     Returns ``(pass, schedule)``; after the pass ran, ``schedule.applied`` maps each PrimFunc our
     rules scheduled to the rule's class name."""
     from .schedules import gpu
+    from .passes.relax_fold_bn import FoldBatchNormIntoConv2D
     from .passes.relax_fuse_dwpw import FuseDepthwisePointwise
+    from .passes.relax_sum_to_add import SumToAdd
     from .schedules.apply import ApplyScheduleRules
     from tvm.s_tir import dlight
 
@@ -172,7 +176,9 @@ def relax_pipeline(target, rules=None):
                 raise DwsepError(f"internal: TVM's {backend.__name__} pipeline has no dlight "
                                  "ApplyDefaultSchedule to put our schedule rules before")
             # every depthwise -> pointwise pair as one kernel (schedules/gpu/fused_dwpw.py)
-            passes = (backend.library_dispatch_passes(target) + [FuseDepthwisePointwise(0)]
+            passes = (backend.library_dispatch_passes(target)
+                      + [FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd(),
+                         FuseDepthwisePointwise(0)]
                       + legalize[:at] + [schedule]
                       + legalize[at:] + backend.dataflow_lower_passes(target)
                       + backend.finalize_passes(target))

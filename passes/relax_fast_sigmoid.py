@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import tvm
 from tvm import te, topi
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
-from .relax_rewrite import CallRewritePass
+from .relax_rewrite import CallRewritePass, CallRewriter
 
 
 def fast_sigmoid(x: te.Tensor) -> te.Tensor:
@@ -26,11 +26,7 @@ def fast_sigmoid(x: te.Tensor) -> te.Tensor:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self.rewritten = 0
-
+class _Rewriter(CallRewriter):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.sigmoid"

@@ -1,58 +1,105 @@
 """Fold an inference batch_norm into the conv2d (with or without bias add) that feeds it.
 
-TVM's `FoldBatchnormToConv2D` only matches ``batch_norm(conv2d(x, W))``; the ONNX frontend emits
-``batch_norm(add(conv2d(x, W), b))`` for convs with a bias. Folding first lets `FactorizeConv2D`
-see the same kernels as the ONNX pass (which folds BN the same way, with the same function).
+``batch_norm(conv2d(x, W) [+ b], gamma, beta, mean, var)[0]`` with constant ``W``, ``b`` and
+statistics becomes ``conv2d(x, W') + b'`` (`initialization.lowrank.fold_batch_norm`, the same
+function the ONNX pass folds with), computed in numpy: no kernel is built to fold it. TVM's
+`FoldBatchnormToConv2D` only matches ``batch_norm(conv2d(x, W))`` with a literal constant ``W``;
+the ONNX frontend emits ``batch_norm(add(conv2d(x, W), reshape(b)))`` for convs with a bias, and
+some exporters store constant-filled weights as ``broadcast_to`` (`relax_rewrite.constant_value`
+sees through both).
+
+Two users: `relax_factorize` folds first so that `FactorizeConv2D` sees the same kernels as the
+ONNX pass; the compile pipelines (``decompose_rest=True``) fold so that the conv ends in a bias
+add that fuses into its kernel with the ReLU after it, instead of a separate batch-norm kernel
+reading and writing the whole activation again (light_resnet50: 53 of them; onnxruntime folds
+them too), and decompose every other batch norm into elementwise ops
+(`relax.transform.DecomposeOpsForInference`) that fuse into the producer's kernel.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
-from tvm.ir.module import IRModule
-from tvm.ir.transform import PassContext
-from tvm.relax import Expr
-from tvm.relax.dpl import TupleGetItemPattern, is_const, is_op, rewrite_call, wildcard
-from tvm.relax.transform import function_pass
+from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.initialization.lowrank import fold_batch_norm
 
+from .relax_fuse_dwpw import _is_conv, _layout_ok
+from .relax_rewrite import (CallRewritePass, CallRewriter, bound_value, constant_value, digest,
+                            is_op)
 
-@function_pass(opt_level=0)
-class FoldBatchNormIntoConv2D:
-    def __init__(self):
-        self.data = wildcard()
-        self.weight = is_const()
-        self.bias = is_const()
-        self.conv = is_op("relax.nn.conv2d")(self.data, self.weight)
-        self.biased = is_op("relax.add")(self.conv, self.bias)
-        self.params = [is_const() for _ in range(4)]
-        self.bn = is_op("relax.nn.batch_norm")(self.conv | self.biased, *self.params)
-        self.pattern = TupleGetItemPattern(self.bn, 0)
 
-    def transform_function(self, func: Expr, mod: IRModule, ctx: PassContext) -> Expr:
-        if "Primitive" in func.attrs.keys() and func.attrs["Primitive"] != 0:
-            return func
+@mutator
+class _Rewriter(CallRewriter):
+    def _conv_and_bias(self, expr):
+        """``(conv call, bias values or None)`` if ``expr`` is conv2d [+ constant bias]."""
+        expr = bound_value(self, expr)
+        bias = None
+        if is_op(expr, "relax.add"):
+            lhs, rhs = (bound_value(self, a) for a in expr.args)
+            conv, other = (lhs, expr.args[1]) if _is_conv(lhs) else (rhs, expr.args[0])
+            if not _is_conv(conv):
+                return None, None
+            bias = constant_value(self, other)
+            if bias is None or bias.size != int(conv.ty.shape[1]):
+                return None, None
+            try:  # a per-channel bias: [O], [1, O, 1, 1] or [O, 1, 1]
+                bias = bias.reshape(-1) if bias.ndim == 1 or bias.shape[-2:] == (1, 1) else None
+            except ValueError:
+                bias = None
+            if bias is None:
+                return None, None
+            expr = conv
+        return (expr, bias) if _is_conv(expr) else (None, None)
 
-        def rewriter(expr, matches):
-            conv, bn = matches[self.conv], matches[self.bn]
-            if (conv.attrs.kernel_layout != "OIHW" or conv.attrs.data_layout != "NCHW"
-                    or int(bn.attrs.axis) != 1 or bn.attrs.training):
-                return expr
-            weight = matches[self.weight].value.numpy()
-            if weight.dtype != np.float32:
-                return expr
-            n = weight.shape[0]
-            bias = None
-            if self.bias in matches:
-                bias = matches[self.bias].value.numpy()
-                if bias.size != n or bias.shape not in ((n,), (1, n, 1, 1), (n, 1, 1)):
-                    return expr
-                bias = bias.reshape(n)
-            scale, shift, mean, var = (matches[p].value.numpy() for p in self.params)
-            folded_w, folded_b = fold_batch_norm(weight, bias, scale, shift, mean, var,
-                                                 float(bn.attrs.epsilon))
-            new_conv = relax.Call(conv.op, (matches[self.data], relax.const(folded_w)), conv.attrs)
-            return relax.op.add(new_conv, relax.const(folded_b.reshape(1, n, 1, 1)))
+    def visit_tuple_getitem_(self, op):
+        op = super().visit_tuple_getitem_(op)
+        if op.index != 0:
+            return op
+        bn = bound_value(self, op.tuple_value)
+        if (not is_op(bn, "relax.nn.batch_norm") or int(bn.attrs.axis) != 1
+                or bool(getattr(bn.attrs, "training", False))):
+            return op
+        conv, bias = self._conv_and_bias(bn.args[0])
+        if conv is None or not _layout_ok(conv.attrs):
+            return op
+        weight = constant_value(self, conv.args[1])
+        stats = [constant_value(self, a) for a in bn.args[1:]]
+        if weight is None or any(s is None for s in stats) or weight.dtype != np.float32:
+            return op
+        gamma, beta, mean, var = (np.asarray(s, dtype=np.float32).reshape(-1) for s in stats)
+        if not bn.attrs.scale:
+            gamma = np.ones_like(gamma)
+        if not bn.attrs.center:
+            beta = np.zeros_like(beta)
+        folded, shift = fold_batch_norm(np.ascontiguousarray(weight), bias, gamma, beta, mean,
+                                        var, float(bn.attrs.epsilon))
+        self.origins[digest(folded)] = digest(weight)
+        attrs = conv.attrs
+        new_conv = self.builder_.emit(relax.op.nn.conv2d(
+            conv.args[0], relax.const(folded), strides=attrs.strides, padding=attrs.padding,
+            dilation=attrs.dilation, groups=attrs.groups, data_layout="NCHW",
+            kernel_layout="OIHW", out_dtype="float32"))
+        self.rewritten += 1
+        return relax.op.add(new_conv, relax.const(shift.reshape(1, -1, 1, 1)))
 
-        return rewrite_call(self.pattern, rewriter, func)
+
+@tvm.transform.module_pass(opt_level=0, name="FoldBatchNormIntoConv2D")
+class FoldBatchNormIntoConv2D(CallRewritePass):
+    """Fold every inference batch norm that follows a conv2d with constant weights into it
+    (``rewritten`` counts them); with ``decompose_rest`` decompose the other batch norms into
+    elementwise ops. What the folding left unused is dropped."""
+
+    rewriter = _Rewriter
+    drop_unused = True
+
+    def __init__(self, decompose_rest: bool = False):
+        super().__init__()
+        self.decompose_rest = decompose_rest
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        mod = super().transform_module(mod, ctx)
+        if self.decompose_rest:
+            mod = relax.transform.DecomposeOpsForInference()(mod)
+        return mod

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from .relax_fuse_dwpw import _is_conv, _layout_ok
-from .relax_rewrite import CallRewritePass
+from .relax_rewrite import CallRewritePass, CallRewriter
 
 
 def _strided_pointwise(call) -> tuple[int, int] | None:
@@ -39,11 +39,7 @@ def _strided_pointwise(call) -> tuple[int, int] | None:
 
 
 @mutator
-class _Rewriter(PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self.rewritten = 0
-
+class _Rewriter(CallRewriter):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if not _is_conv(call):

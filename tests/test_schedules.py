@@ -235,3 +235,171 @@ def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
     outs = run_executable(build(mod, HOST), [x])
     for out, expected in zip(outs, run_onnx(model, {"x": x})):
         assert rel_error(out, expected) < 1e-5
+
+
+def _pointwise_model(rng, cin, cout, hw, batch=1, residual=False):
+    """1x1 Conv (+ bias) [+ residual Add of the input] + Relu."""
+    from onnx import helper, numpy_helper
+
+    from helpers import make_model
+
+    w = numpy_helper.from_array(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B")
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"])]
+    last = "c"
+    if residual:
+        nodes.append(helper.make_node("Add", ["c", "x"], ["a"]))
+        last = "a"
+    nodes.append(helper.make_node("Relu", [last], ["y"]))
+    shape = (batch, cin, *hw)
+    return make_model(nodes, [helper.make_tensor_value_info("x", 1, list(shape))],
+                      [helper.make_tensor_value_info("y", 1, [batch, cout, *hw])], [w, b]), shape
+
+
+# (in, out, hw, batch, residual): 49, 196, 45, 60 pixels (not whole vectors of 16 or 8 lanes);
+# 32 and 64 output channels (two-vector blocks), 48 (one-vector blocks on AVX-512).
+PACKED_CASES = [(20, 32, (7, 7), 1, False), (32, 32, (7, 7), 2, True),
+                (13, 48, (14, 14), 1, False), (64, 64, (5, 9), 1, True),
+                (3, 32, (6, 10), 1, False), (32, 32, (6, 10), 1, True)]  # tiles of 12 cross rows
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: f"{c[0]}x{c[1]}@{c[2][0]}x{c[2][1]}")
+def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
+    """Pixels that do not fill vectors: the weights are packed into channel blocks and the tile
+    vectorizes output channels; bias, residual add and ReLU fuse into it; batch 2 works; the
+    output matches onnxruntime."""
+    from dwsep_compiler.passes.relax_pack_pointwise import PackPointwiseWeights
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+
+    cin, cout, hw, batch, residual = case
+    model, shape = _pointwise_model(np.random.default_rng(cin), cin, cout, hw, batch, residual)
+    knobs = cpu_knobs(HOST.tvm_target())
+    mod = import_onnx(model, {"x": shape})
+    rewrite = PackPointwiseWeights(knobs.lanes, knobs.accumulators)
+    rewrite(mod)
+    packs = (hw[0] * hw[1]) % knobs.lanes != 0
+    assert rewrite.rewritten == int(packs)
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    packed = [name for name, rule in applied.items() if "conv2d_packed" in name]
+    assert len(packed) == int(packs) and all(applied[n] == "Pointwise" for n in packed), applied
+    if packs:  # the epilogue is in the same kernel
+        assert "relu" in packed[0] and (not residual or "add1" in packed[0]), packed
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    expected = run_onnx(model, {"x": x})[0]
+    assert np.count_nonzero(expected) > expected.size // 4
+    assert rel_error(out, expected) < 1e-5
+
+
+def test_packed_pointwise_tunable_rows_and_gating_digests():
+    """The packed kernel's tunable space samples its pixel rows and every sample computes the
+    same; the weight packing inverts exactly, so the tuning gate still finds the layer's kernel
+    by its OIHW weight."""
+    from dwsep_compiler.passes.relax_pack_pointwise import pack_weight, unpack_weight
+    from dwsep_compiler.schedules.cpu.pointwise import Pointwise
+    from dwsep_compiler.tuning import gating
+    from dwsep_compiler.tuning.tasks import legalized
+
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((64, 24, 1, 1)).astype(np.float32)
+    assert pack_weight(weight, 32).shape == (2, 24, 32)
+    np.testing.assert_array_equal(unpack_weight(pack_weight(weight, 32)), weight)
+
+    model, shape = _pointwise_model(rng, 24, 64, (7, 7))
+    target = HOST.tvm_target()
+    mod = legalized(import_onnx(model, {"x": shape}), target)
+    func = next(f for gv, f in mod.functions_items() if "conv2d_packed" in gv.name_hint)
+    args = [rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params]
+    expected = _run_prim_func(Pointwise().apply(func, target, False).mod["main"], args)
+    decisions = set()
+    for _ in range(10):
+        sch = Pointwise().apply(func, target, True)
+        samples = [inst for inst in sch.trace.insts if inst.kind.name == "SampleCategorical"]
+        decisions.add(tuple(int(sch.trace.decisions[inst]) for inst in samples))
+        np.testing.assert_allclose(_run_prim_func(sch.mod["main"], args), expected,
+                                   rtol=1e-5, atol=1e-5)
+    assert len(decisions) > 1, decisions
+
+    onnx_weight = {t.name: t for t in model.graph.initializer}["W"]
+    from onnx import numpy_helper
+
+    wanted = gating.digest(numpy_helper.to_array(onnx_weight))
+    calls = gating.kernel_calls(import_onnx(model, {"x": shape}), target)
+    assert any(wanted in held for _, held in calls), "the packed kernel is not found by weight"
+
+
+@pytest.mark.parametrize("kind", ["3x3", "1x1-packed", "depthwise", "bn-on-input"])
+def test_batch_norm_folds_into_the_conv_or_decomposes(kind):
+    """Conv + bias + BatchNormalization + ReLU: the batch norm is folded into the conv's weights
+    and bias (one kernel: conv, add, relu); a batch norm on the graph input is decomposed into
+    elementwise ops; no batch_norm kernel is left and the output matches onnxruntime."""
+    from onnx import helper, numpy_helper
+
+    from dwsep_compiler.passes.relax_fold_bn import FoldBatchNormIntoConv2D
+    from dwsep_compiler.tuning import gating
+    from helpers import make_model
+
+    rng = np.random.default_rng(7)
+    hw, cin, cout = (7, 7), 8, 32
+    if kind == "bn-on-input":
+        stats = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+                 [("g", rng.uniform(0.5, 1.5, cin)), ("b", rng.standard_normal(cin)),
+                  ("m", rng.standard_normal(cin)), ("v", rng.uniform(0.5, 1.5, cin))]]
+        model = make_model([helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"],
+                                             ["y"], epsilon=1e-3)],
+                           [helper.make_tensor_value_info("x", 1, [1, cin, *hw])],
+                           [helper.make_tensor_value_info("y", 1, [1, cin, *hw])], stats)
+    else:
+        kernel, group, cout = {"3x3": ((3, 3), 1, 16), "1x1-packed": ((1, 1), 1, 32),
+                               "depthwise": ((3, 3), cin, cin)}[kind]
+        pads = (1, 1, 1, 1) if kernel == (3, 3) else (0, 0, 0, 0)
+        model = conv_model(rng, in_channels=cin, out_channels=cout, kernel=kernel, pads=pads,
+                           input_hw=hw, batch_norm=True, group=group)
+    shape = (1, cin, *hw)
+    mod = import_onnx(model, {"x": shape})
+    fold = FoldBatchNormIntoConv2D()
+    fold(mod)
+    assert fold.rewritten == (0 if kind == "bn-on-input" else 1)
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    assert not any("batch_norm" in name for name in applied), applied
+    if kind != "bn-on-input":
+        conv = [n for n in applied if "conv2d" in n]
+        assert len(conv) == 1 and "relu" in conv[0], applied
+        # The tuning gate still finds the conv's kernel by its ONNX weight (folded, packed).
+        weight = {t.name: t for t in model.graph.initializer}["W"]
+        wanted = gating.digest(numpy_helper.to_array(weight))
+        assert any(wanted in held for _, held in gating.kernel_calls(mod, HOST.tvm_target()))
+    x = rng.standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+def test_onnx_sum_becomes_adds_fused_into_the_conv():
+    """ONNX Sum (a residual add, here with a broadcast third input): imported as stack + sum,
+    rewritten into adds that fuse with the ReLU into the conv's kernel; matches onnxruntime."""
+    from onnx import helper, numpy_helper
+
+    from dwsep_compiler.passes.relax_sum_to_add import SumToAdd
+    from helpers import make_model
+
+    rng = np.random.default_rng(8)
+    w = numpy_helper.from_array(rng.standard_normal((12, 12, 3, 3)).astype(np.float32), "W")
+    c = numpy_helper.from_array(rng.standard_normal((12, 1, 1)).astype(np.float32), "C")
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["conv"], pads=[1, 1, 1, 1]),
+         helper.make_node("Sum", ["conv", "x"], ["s2"]),
+         helper.make_node("Sum", ["s2", "C", "x"], ["s3"]),
+         helper.make_node("Relu", ["s3"], ["y"])],
+        [helper.make_tensor_value_info("x", 1, [1, 12, 9, 11])],
+        [helper.make_tensor_value_info("y", 1, [1, 12, 9, 11])], [w, c])
+    shape = (1, 12, 9, 11)
+    mod = import_onnx(model, {"x": shape})
+    rewrite = SumToAdd()
+    rewrite(mod)
+    assert rewrite.rewritten == 2
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    assert not any("stack" in name or "sum" in name for name in applied), applied
+    assert len(applied) == 1 and "relu" in next(iter(applied)), applied
+    x = rng.standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5

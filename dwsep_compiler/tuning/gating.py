@@ -11,9 +11,6 @@ after the rewrite that keeps their original convs.
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import onnx
 import tvm
 from onnx import numpy_helper
@@ -21,20 +18,28 @@ from tvm import relax, tirx
 
 from ..model import view_model
 from ..passes.onnx_factorize import conv_sites
+from ..passes.relax_rewrite import digest
 from .records import TuningRecords
 from .tasks import legalized
 
 SLOWER_ON_DEVICE = "slower_than_original_on_device"  # the skip reason of a gated layer
 
 
-def digest(array: np.ndarray) -> str:
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    return hashlib.sha1(repr(array.shape).encode() + array.tobytes()).hexdigest()
 
 
 def kernel_calls(mod: tvm.IRModule, target) -> list[tuple[tirx.PrimFunc, set[str]]]:
-    """Each kernel call of ``mod``'s main function: its PrimFunc and its 4-D weights' digests."""
-    lowered = legalized(mod, target)
+    """Each kernel call of ``mod``'s main function: its PrimFunc and the digests of the ONNX
+    weights behind its constant arguments (through the passes that fold or pack them)."""
+    origins: dict[str, str] = {}
+    lowered = legalized(mod, target, origins=origins)
+
+    def original(key: str) -> str:  # through every rewrite (folded, then packed, say)
+        seen = set()
+        while key in origins and key not in seen:
+            seen.add(key)
+            key = origins[key]
+        return key
+
     calls = []
     for block in lowered["main"].body.blocks:
         for binding in block.bindings:
@@ -42,8 +47,8 @@ def kernel_calls(mod: tvm.IRModule, target) -> list[tuple[tirx.PrimFunc, set[str
             if not (isinstance(value, relax.Call) and getattr(value.op, "name", "")
                     == "relax.call_tir"):
                 continue
-            weights = {digest(arg.value.numpy()) for arg in value.args[1].fields
-                       if isinstance(arg, tvm.ir.expr.Constant) and len(arg.value.shape) == 4}
+            weights = {original(digest(arg.value.numpy())) for arg in value.args[1].fields
+                       if isinstance(arg, tvm.ir.expr.Constant) and len(arg.value.shape) >= 3}
             if weights:
                 calls.append((lowered[value.args[0]], weights))
     return calls

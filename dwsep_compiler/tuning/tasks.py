@@ -48,11 +48,17 @@ class Task:
         return len(self.names)
 
 
-def legalized(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True) -> tvm.IRModule:
-    """``mod`` after the compiler's passes up to scheduling: its PrimFuncs are what gets tuned."""
+def legalized(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True,
+              origins: dict[str, str] | None = None) -> tvm.IRModule:
+    """``mod`` after the compiler's passes up to scheduling: its PrimFuncs are what gets tuned.
+    ``origins`` (if given) receives which weight each rewritten weight replaces (digests)."""
     front, _, _ = schedules._cpu_passes(target, fuse)
     with target, tvm.transform.PassContext(opt_level=3, config=schedules.PASS_CONFIG):
-        return tvm.transform.Sequential(front)(mod)
+        out = tvm.transform.Sequential(front)(mod)
+    if origins is not None:
+        for step in front:
+            origins.update(getattr(step, "origins", {}))
+    return out
 
 
 def extract_tasks(mods: list[tvm.IRModule], target: tvm.target.Target,

@@ -23,7 +23,8 @@ def _iter_kinds(sch: s_tir.Schedule, block) -> str:
     return "".join(kinds.get(int(iv.iter_type), "O") for iv in sch.get(block).iter_vars)
 
 
-def find_conv(func: tirx.PrimFunc, names=("conv2d_nchw", "group_conv2d_nchw")) -> ConvBlocks | None:
+def find_conv(func: tirx.PrimFunc, names=("conv2d_nchw", "group_conv2d_nchw"),
+              iters: str = "SSSSRRR") -> ConvBlocks | None:
     """The NCHW conv PrimFunc as TOPI legalizes it: [pad] -> conv -> [injective epilogue]."""
     if not isinstance(func, tirx.PrimFunc):
         return None
@@ -35,7 +36,7 @@ def find_conv(func: tirx.PrimFunc, names=("conv2d_nchw", "group_conv2d_nchw")) -
         name = sch.get(block).name_hint
         kinds = _iter_kinds(sch, block)
         if "R" in kinds:
-            if conv is not None or name not in names or kinds != "SSSSRRR":
+            if conv is not None or name not in names or kinds != iters:
                 return None
             conv = block
         elif "O" in kinds:
@@ -75,6 +76,35 @@ def find_pointwise(func: tirx.PrimFunc) -> ConvBlocks | None:
     if (kh, kw) != (1, 1) or not unit_stride_no_pad(blocks.sch, blocks):
         return None
     return blocks
+
+
+def find_packed_pointwise(func: tirx.PrimFunc) -> ConvBlocks | None:
+    """A pointwise conv with packed ``[O/b, C, b]`` weights, as
+    `passes/relax_pack_pointwise.py` makes it: conv2d_packed -> [injective epilogue]."""
+    from dwsep_compiler.passes.relax_pack_pointwise import PACKED_NAME
+
+    blocks = find_conv(func, names=(PACKED_NAME,), iters="SSSSR")
+    if blocks is None or blocks.pad is not None:
+        return None
+    return blocks
+
+
+def channel_tile(pixels: int, out_channels: int, lanes: int,
+                 accumulators: int) -> tuple[int, int] | None:
+    """The register tile of a channel-vectorized pointwise GEMM: ``(block, rows)``, ``block``
+    output channels (whole vectors; the weight packing of `passes/relax_pack_pointwise.py`) by
+    ``rows`` pixels (dividing ``pixels``), with the most FMAs per load that the
+    ``accumulators`` allow; None when no vector multiple divides ``out_channels``."""
+    best = None
+    for vectors in ((4, 2, 1) if lanes <= 4 else (2, 1)):
+        block = vectors * lanes
+        if out_channels % block:
+            continue
+        rows = largest_divisor(pixels, max(1, accumulators // vectors))
+        intensity = vectors * rows / (vectors + rows)
+        if best is None or intensity > best[0]:
+            best = (intensity, block, rows)
+    return None if best is None else best[1:]
 
 
 def fused_dwpw_blocks(func: tirx.PrimFunc):
