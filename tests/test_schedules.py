@@ -403,3 +403,16 @@ def test_onnx_sum_becomes_adds_fused_into_the_conv():
     x = rng.standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+@pytest.mark.parametrize("cin,cout,hw,residual", [(24, 32, (12, 12), False), (40, 40, (28, 28), True)])
+def test_pointwise_tail_tile_matches_onnxruntime(cin, cout, hw, residual):
+    """An odd number of whole pixel vectors (9 or 49 on AVX-512): tiles of two vectors, the last
+    one a tail, through the epilogue; the output matches onnxruntime."""
+    model, shape = _pointwise_model(np.random.default_rng(cout), cin, cout, hw, 1, residual)
+    mod = import_onnx(model, {"x": shape})
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    assert set(applied.values()) == {"Pointwise"}, applied
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5

@@ -40,9 +40,16 @@ class Pointwise(ScheduleRule):
         knobs = cpu_knobs(target)
         pixels = h * w
         tile, vector = vector_tile(pixels, knobs.lanes, max_vectors=2)
+        if tile == vector == knobs.lanes and pixels // vector >= 8:
+            # One register per row when no small count of vectors divides the pixels (28x28 =
+            # 49 vectors on AVX-512): a weight broadcast per FMA. Two registers per row, the
+            # last tile a tail that loop partitioning gives a clean body of its own: 512x28x28
+            # -> 512 1.2-1.4x faster.
+            tile = 2 * vector
         registers = max(1, -(-tile // knobs.lanes))
         co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
-        vectors = knob(sch, tunable, tile // vector, divisors(pixels // vector, 8))
+        vectors = knob(sch, tunable, tile // vector,
+                       divisors(pixels // vector, 8) + ([2, 4] if pixels // vector >= 8 else []))
         co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
         return self._schedule(blocks, knobs, co_block, vectors, vector)
 
