@@ -24,7 +24,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
     from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
     from dwsep_compiler.passes.relax_fast_sigmoid import FastSigmoid
     from dwsep_compiler.passes.relax_fold_bn import FoldBatchNormIntoConv2D
-    from dwsep_compiler.passes.relax_pack_pointwise import PackPointwiseWeights
+    from dwsep_compiler.passes.relax_pack_weights import PackConvWeights
     from dwsep_compiler.passes.relax_strided_pointwise import StridedPointwiseToSlice
     from dwsep_compiler.passes.relax_sum_to_add import SumToAdd
 
@@ -37,7 +37,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
                 StridedPointwiseToSlice(), FastSigmoid()]
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
-             + [PackPointwiseWeights(knobs.lanes, knobs.accumulators)]
+             + [PackConvWeights(knobs.lanes, knobs.accumulators)]
              + cpu_generic.legalize_passes(target))
     back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     return front, schedule, back

@@ -268,14 +268,14 @@ def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
     """Pixels that do not fill vectors: the weights are packed into channel blocks and the tile
     vectorizes output channels; bias, residual add and ReLU fuse into it; batch 2 works; the
     output matches onnxruntime."""
-    from dwsep_compiler.passes.relax_pack_pointwise import PackPointwiseWeights
+    from dwsep_compiler.passes.relax_pack_weights import PackConvWeights
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
     cin, cout, hw, batch, residual = case
     model, shape = _pointwise_model(np.random.default_rng(cin), cin, cout, hw, batch, residual)
     knobs = cpu_knobs(HOST.tvm_target())
     mod = import_onnx(model, {"x": shape})
-    rewrite = PackPointwiseWeights(knobs.lanes, knobs.accumulators)
+    rewrite = PackConvWeights(knobs.lanes, knobs.accumulators)
     rewrite(mod)
     packs = (hw[0] * hw[1]) % knobs.lanes != 0
     assert rewrite.rewritten == int(packs)
@@ -295,7 +295,7 @@ def test_packed_pointwise_tunable_rows_and_gating_digests():
     """The packed kernel's tunable space samples its pixel rows and every sample computes the
     same; the weight packing inverts exactly, so the tuning gate still finds the layer's kernel
     by its OIHW weight."""
-    from dwsep_compiler.passes.relax_pack_pointwise import pack_weight, unpack_weight
+    from dwsep_compiler.passes.relax_pack_weights import pack_weight, unpack_weight
     from dwsep_compiler.schedules.cpu.pointwise import Pointwise
     from dwsep_compiler.tuning import gating
     from dwsep_compiler.tuning.tasks import legalized
@@ -405,7 +405,8 @@ def test_onnx_sum_becomes_adds_fused_into_the_conv():
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
-@pytest.mark.parametrize("cin,cout,hw,residual", [(24, 32, (12, 12), False), (40, 40, (28, 28), True)])
+@pytest.mark.parametrize("cin,cout,hw,residual",
+                         [(24, 32, (12, 12), False), (40, 40, (28, 28), True)])
 def test_pointwise_tail_tile_matches_onnxruntime(cin, cout, hw, residual):
     """An odd number of whole pixel vectors (9 or 49 on AVX-512): tiles of two vectors, the last
     one a tail, through the epilogue; the output matches onnxruntime."""
@@ -414,5 +415,41 @@ def test_pointwise_tail_tile_matches_onnxruntime(cin, cout, hw, residual):
     _, applied = schedules.schedule_module(mod, HOST.tvm_target())
     assert set(applied.values()) == {"Pointwise"}, applied
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+# (in, out, kernel, strides, dilations, pads, hw): output rows of 7, 14, 5 and 10 pixels
+# (not whole vectors); stride 2, dilation 2, asymmetric pads, a 1x7 kernel.
+PACKED_CONV_CASES = [
+    (16, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), (14, 14)),
+    (8, 32, (3, 3), (2, 2), (1, 1), (0, 1, 2, 0), (15, 14)),
+    (5, 16, (1, 7), (1, 1), (1, 2), (0, 3, 0, 6), (9, 5)),
+    (12, 64, (3, 3), (1, 1), (2, 2), (2, 2, 2, 2), (10, 10)),
+]
+
+
+@pytest.mark.parametrize("case", PACKED_CONV_CASES,
+                         ids=lambda c: f"{c[0]}x{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}")
+def test_standard_conv_without_whole_row_vectors_runs_on_packed_weights(case):
+    """A standard conv whose output rows are not whole vectors: weights packed into
+    [O/b, C, kh, kw, b], the channel-vectorized tile over the padded input, bias + ReLU fused;
+    the weight unpacks exactly and the output matches onnxruntime."""
+    from dwsep_compiler.passes.relax_pack_weights import (PackConvWeights, pack_weight,
+                                                          unpack_weight)
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+
+    model, shape, _ = _model((*case, 1))
+    knobs = cpu_knobs(HOST.tvm_target())
+    mod = import_onnx(model, {"x": shape})
+    rewrite = PackConvWeights(knobs.lanes, knobs.accumulators)
+    rewrite(mod)
+    assert rewrite.rewritten == 1
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    packed = [name for name in applied if "conv2d_packed" in name]
+    assert len(packed) == 1 and applied[packed[0]] == "Conv2D" and "relu" in packed[0], applied
+    weight = np.random.default_rng(0).standard_normal((case[1], case[0], *case[2]))
+    np.testing.assert_array_equal(unpack_weight(pack_weight(weight, 16)), weight)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5

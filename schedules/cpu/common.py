@@ -78,21 +78,10 @@ def find_pointwise(func: tirx.PrimFunc) -> ConvBlocks | None:
     return blocks
 
 
-def find_packed_pointwise(func: tirx.PrimFunc) -> ConvBlocks | None:
-    """A pointwise conv with packed ``[O/b, C, b]`` weights, as
-    `passes/relax_pack_pointwise.py` makes it: conv2d_packed -> [injective epilogue]."""
-    from dwsep_compiler.passes.relax_pack_pointwise import PACKED_NAME
-
-    blocks = find_conv(func, names=(PACKED_NAME,), iters="SSSSR")
-    if blocks is None or blocks.pad is not None:
-        return None
-    return blocks
-
-
 def channel_tile(pixels: int, out_channels: int, lanes: int,
                  accumulators: int) -> tuple[int, int] | None:
     """The register tile of a channel-vectorized pointwise GEMM: ``(block, rows)``, ``block``
-    output channels (whole vectors; the weight packing of `passes/relax_pack_pointwise.py`) by
+    output channels (whole vectors; the weight packing of `passes/relax_pack_weights.py`) by
     ``rows`` pixels (dividing ``pixels``), with the most FMAs per load that the
     ``accumulators`` allow; None when no vector multiple divides ``out_channels``."""
     best = None

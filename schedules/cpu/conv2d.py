@@ -6,6 +6,9 @@ pixels of one row in vector registers; the reduction runs over input channels an
 padded input is materialized once (a parallel, vectorized copy); the epilogue runs per row tile.
 
 Knobs (sampled with ``tunable=True``): ``co_block``, ``vectors``.
+
+Where an output row is not whole vectors (56, 28, 14, 7 pixels on AVX-512) the weights are
+packed into blocks of output channels and the tile turns around (`packed.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from tvm.target import Target
 from .common import (divisors, extents, find_conv, inline_epilogue, knob, largest_divisor,
                      vector_tile)
 from .knobs import cpu_knobs
+from .packed import find_packed_conv, schedule_channel_tile
 
 
 class Conv2D(ScheduleRule):
@@ -25,7 +29,8 @@ class Conv2D(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         blocks = find_conv(func, names=("conv2d_nchw",))
         if blocks is None:
-            return None
+            packed = find_packed_conv(func, kernel_1x1=False)
+            return None if packed is None else schedule_channel_tile(packed, target, tunable)
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
         knobs = cpu_knobs(target)

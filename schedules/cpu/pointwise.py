@@ -10,7 +10,7 @@ Knobs (sampled with ``tunable=True``): ``co_block`` (output channels per tile) a
 (registers per row of the tile); untuned values fill the target's vector registers.
 
 Where the pixels are not whole vectors (49 or 196 per image on AVX-512),
-`passes/relax_pack_pointwise.py` packs the weights into blocks of output channels and the
+`passes/relax_pack_weights.py` packs the weights into blocks of output channels and the
 tile turns around: ``rows`` pixels x one channel block (whole vectors, contiguous weights), one
 broadcast pixel per row of FMAs, accumulated in a local tile with the channels innermost and
 written back to NCHW transposed, through the epilogue. Knob: ``rows``.
@@ -22,9 +22,10 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (channel_tile, divisors, extents, find_packed_pointwise, find_pointwise,
-                     inline_epilogue, knob, largest_divisor, vector_tile)
+from .common import (divisors, extents, find_pointwise, inline_epilogue, knob, largest_divisor,
+                     vector_tile)
 from .knobs import cpu_knobs
+from .packed import find_packed_conv, schedule_channel_tile
 
 
 class Pointwise(ScheduleRule):
@@ -33,8 +34,8 @@ class Pointwise(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         blocks = find_pointwise(func)
         if blocks is None:
-            packed = find_packed_pointwise(func)
-            return None if packed is None else self._channels(packed, target, tunable)
+            packed = find_packed_conv(func, kernel_1x1=True)
+            return None if packed is None else schedule_channel_tile(packed, target, tunable)
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
         knobs = cpu_knobs(target)
@@ -81,45 +82,5 @@ class Pointwise(ScheduleRule):
         if last is not None:
             sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, vector])[1])
-        sch.decompose_reduction(conv, rc)
-        return sch
-
-
-    def _channels(self, blocks, target: Target, tunable: bool):
-        """The channel-vectorized tile over packed ``[O/b, C, b]`` weights."""
-        sch = blocks.sch
-        conv = blocks.conv
-        knobs = cpu_knobs(target)
-        _, co, h, w, ci = extents(sch, conv)
-        block = int(sch.get(conv).reads[1].source.shape[2])
-        vectors = block // knobs.lanes
-        pixels = h * w
-        tile = channel_tile(pixels, co, knobs.lanes, knobs.accumulators)
-        rows = tile[1] if tile is not None and tile[0] == block else largest_divisor(
-            pixels, max(1, knobs.accumulators // max(1, vectors)))
-        rows = knob(sch, tunable, rows, divisors(pixels, max(1, knobs.accumulators // vectors)))
-        last = inline_epilogue(blocks)
-        sch.transform_block_layout(conv, lambda n, f, y, x, c: (n, f, y * w + x, c))
-        write_back = sch.cache_write(conv, 0, "local")
-        # The local tile: one flat pixel axis (so that it compacts to exactly rows x block, with
-        # constant indices that LLVM keeps in registers), channels innermost (whole vectors).
-        sch.transform_layout(conv, ("write", 0), lambda n, f, y, x: (n, y * w + x, f))
-        nn, ff, pix, rc = sch.get_loops(conv)
-        fo, fi = sch.split(ff, [None, block])
-        fv, fl = sch.split(fi, [None, knobs.lanes])
-        po, pi = sch.split(pix, [None, rows])
-        sch.reorder(nn, fo, po, rc, pi, fv, fl)
-        outer = sch.fuse(nn, fo, po)
-        sch.parallel(outer)
-        sch.unroll(pi)
-        sch.unroll(fv)
-        sch.vectorize(fl)
-        if last is not None:
-            sch.compute_inline(write_back)  # the epilogue reads the local tile directly
-            write_back = last
-        # The write-back iterates the same flat pixels: a tile of rows that crosses image rows
-        # is then exactly its pixels (in 4-D it would be a bounding box of whole rows).
-        sch.transform_block_layout(write_back, lambda n, f, y, x: (n, f, y * w + x))
-        sch.reverse_compute_at(write_back, outer, preserve_unit_loops=True)
         sch.decompose_reduction(conv, rc)
         return sch

@@ -1,0 +1,76 @@
+"""The channel-vectorized tile, shared by the pointwise and the standard-conv rules.
+
+Where a conv's pixels do not fill vector registers (7x7, 14x14, 28x28 or 56x56 outputs on
+AVX-512), `passes/relax_pack_weights.py` packs its weight into blocks of ``b`` output channels
+(``[O/b, C, b]`` for 1x1, ``[O/b, C, kh, kw, b]`` otherwise) and this tile turns the GEMM around:
+``rows`` pixels x one channel block (whole vectors, contiguous weights), one broadcast input
+pixel per row of FMAs, accumulated in a local tile with the channels innermost and written back
+to NCHW transposed, through the epilogue. The padded input (if any) is materialized once by a
+parallel, vectorized copy. Knob: ``rows``.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.target import Target
+
+from .common import (ConvBlocks, channel_tile, divisors, extents, find_conv, inline_epilogue,
+                     knob, largest_divisor)
+from .knobs import cpu_knobs
+
+
+def find_packed_conv(func: tirx.PrimFunc, kernel_1x1: bool) -> ConvBlocks | None:
+    """A conv with packed weights as the packing pass makes it: [pad_temp ->] conv2d_packed ->
+    [injective epilogue]; ``kernel_1x1`` selects the pointwise form (one reduction axis)."""
+    from dwsep_compiler.passes.relax_pack_weights import PACKED_NAME
+
+    return find_conv(func, names=(PACKED_NAME,), iters="SSSSR" if kernel_1x1 else "SSSSRRR")
+
+
+def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
+    sch = blocks.sch
+    conv = blocks.conv
+    knobs = cpu_knobs(target)
+    loops = extents(sch, conv)
+    _, co, h, w = loops[:4]
+    weight = sch.get(conv).reads[-1].source
+    block = int(weight.shape[-1])
+    vectors = block // knobs.lanes
+    pixels = h * w
+    tile = channel_tile(pixels, co, knobs.lanes, knobs.accumulators)
+    limit = max(1, knobs.accumulators // max(1, vectors))
+    rows = tile[1] if tile is not None and tile[0] == block else largest_divisor(pixels, limit)
+    rows = knob(sch, tunable, rows, divisors(pixels, limit))
+    last = inline_epilogue(blocks)
+    if len(loops) == 5:
+        sch.transform_block_layout(conv, lambda n, f, y, x, c: (n, f, y * w + x, c))
+    else:
+        sch.transform_block_layout(
+            conv, lambda n, f, y, x, c, ky, kx: (n, f, y * w + x, c, ky, kx))
+    write_back = sch.cache_write(conv, 0, "local")
+    # The local tile: one flat pixel axis (so that it compacts to exactly rows x block, with
+    # constant indices that LLVM keeps in registers), channels innermost (whole vectors).
+    sch.transform_layout(conv, ("write", 0), lambda n, f, y, x: (n, y * w + x, f))
+    nn, ff, pix, *reduce = sch.get_loops(conv)
+    fo, fi = sch.split(ff, [None, block])
+    fv, fl = sch.split(fi, [None, knobs.lanes])
+    po, pi = sch.split(pix, [None, rows])
+    sch.reorder(nn, fo, po, *reduce, pi, fv, fl)
+    outer = sch.fuse(nn, fo, po)
+    sch.parallel(outer)
+    sch.unroll(pi)
+    sch.unroll(fv)
+    sch.vectorize(fl)
+    if blocks.pad is not None:
+        pad_loops = sch.get_loops(blocks.pad)
+        sch.parallel(sch.fuse(*pad_loops[:2]))
+        sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
+    if last is not None:
+        sch.compute_inline(write_back)  # the epilogue reads the local tile directly
+        write_back = last
+    # The write-back iterates the same flat pixels: a tile of rows that crosses image rows is
+    # then exactly its pixels (in 4-D it would be a bounding box of whole rows).
+    sch.transform_block_layout(write_back, lambda n, f, y, x: (n, f, y * w + x))
+    sch.reverse_compute_at(write_back, outer, preserve_unit_loops=True)
+    sch.decompose_reduction(conv, reduce[0])
+    return sch
