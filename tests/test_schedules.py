@@ -453,3 +453,36 @@ def test_standard_conv_without_whole_row_vectors_runs_on_packed_weights(case):
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+@pytest.mark.parametrize("channels,hw,kernel,multiplier",
+                         [(16, (14, 17), 3, 1), (3, (23, 22), 7, 2)])
+def test_strided_depthwise_reads_deinterleaved_columns(channels, hw, kernel, multiplier):
+    """Stride 2 depthwise (odd and even padded widths, depth multiplier 2): the padded plane is
+    stored as two column phases (a 5-D buffer) and the output matches onnxruntime."""
+    from onnx import helper, numpy_helper
+
+    from dwsep_compiler.schedules.cpu.depthwise import Depthwise
+    from dwsep_compiler.tuning.tasks import legalized
+    from helpers import make_model
+
+    rng = np.random.default_rng(channels)
+    out_channels = channels * multiplier
+    w = numpy_helper.from_array(
+        rng.standard_normal((out_channels, 1, kernel, kernel)).astype(np.float32), "W")
+    pad = kernel // 2
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], group=channels, strides=[2, 2],
+                          pads=[pad, pad, pad, pad + 1])],
+        [helper.make_tensor_value_info("x", 1, [1, channels, *hw])],
+        [helper.make_tensor_value_info("y", 1, None)], [w])
+    shape = (1, channels, *hw)
+    mod = import_onnx(model, {"x": shape})
+    func = next(f for _, f in legalized(mod, HOST.tvm_target()).functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    scheduled = Depthwise().apply(func, HOST.tvm_target(), False).mod["main"]
+    pads = [b for b in scheduled.body.block.alloc_buffers if b.name == "pad_temp"]
+    assert pads and len(pads[0].shape) == 5, pads
+    x = rng.standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
