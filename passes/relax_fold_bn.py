@@ -26,8 +26,7 @@ from tvm.relax.expr_functor import mutator
 from dwsep_compiler.initialization.lowrank import fold_batch_norm
 
 from .relax_fuse_dwpw import _is_conv, _layout_ok
-from .relax_rewrite import (CallRewritePass, CallRewriter, bound_value, constant_value, digest,
-                            is_op)
+from .relax_rewrite import CallRewritePass, CallRewriter, bound_value, constant_value, is_op
 
 
 @mutator
@@ -42,14 +41,10 @@ class _Rewriter(CallRewriter):
             if not _is_conv(conv):
                 return None, None
             bias = constant_value(self, other)
-            if bias is None or bias.size != int(conv.ty.shape[1]):
-                return None, None
-            try:  # a per-channel bias: [O], [1, O, 1, 1] or [O, 1, 1]
-                bias = bias.reshape(-1) if bias.ndim == 1 or bias.shape[-2:] == (1, 1) else None
-            except ValueError:
-                bias = None
-            if bias is None:
-                return None, None
+            n = int(conv.ty.shape[1])
+            if bias is None or bias.shape not in ((n,), (1, n, 1, 1), (n, 1, 1)):
+                return None, None  # not a per-channel bias
+            bias = bias.reshape(n)
             expr = conv
         return (expr, bias) if _is_conv(expr) else (None, None)
 
@@ -75,7 +70,7 @@ class _Rewriter(CallRewriter):
             beta = np.zeros_like(beta)
         folded, shift = fold_batch_norm(np.ascontiguousarray(weight), bias, gamma, beta, mean,
                                         var, float(bn.attrs.epsilon))
-        self.origins[digest(folded)] = digest(weight)
+        self.replaced(folded, weight)
         attrs = conv.attrs
         new_conv = self.builder_.emit(relax.op.nn.conv2d(
             conv.args[0], relax.const(folded), strides=attrs.strides, padding=attrs.padding,
@@ -94,8 +89,8 @@ class FoldBatchNormIntoConv2D(CallRewritePass):
     rewriter = _Rewriter
     drop_unused = True
 
-    def __init__(self, decompose_rest: bool = False):
-        super().__init__()
+    def __init__(self, decompose_rest: bool = False, track_origins: bool = False):
+        super().__init__(track_origins)
         self.decompose_rest = decompose_rest
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:

@@ -27,8 +27,10 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax.expr_functor import mutator
 
+from dwsep_compiler.schedules.cpu.common import channel_tile
+
 from .relax_fuse_dwpw import _is_conv, _layout_ok
-from .relax_rewrite import CallRewritePass, CallRewriter, constant_value, digest
+from .relax_rewrite import CallRewritePass, CallRewriter, constant_value
 
 PACKED_NAME = "conv2d_packed"  # the PrimFunc's compute block (`schedules.cpu.packed`)
 
@@ -86,14 +88,13 @@ def unpack_weight(packed: np.ndarray) -> np.ndarray:
 
 @mutator
 class _Rewriter(CallRewriter):
-    def __init__(self, mod: tvm.IRModule, lanes: int, accumulators: int):
-        super().__init__(mod)
+    def __init__(self, mod: tvm.IRModule, lanes: int, accumulators: int,
+                 track_origins: bool = False):
+        super().__init__(mod, track_origins)
         self.lanes = lanes
         self.accumulators = accumulators
 
     def visit_call_(self, call):
-        from dwsep_compiler.schedules.cpu.common import channel_tile
-
         call = super().visit_call_(call)
         if not _is_conv(call):
             return call
@@ -120,7 +121,7 @@ class _Rewriter(CallRewriter):
             return call
         block, _ = tile
         packed = pack_weight(weight, block)
-        self.origins[digest(packed)] = digest(weight)
+        self.replaced(packed, weight)
         packed = relax.const(packed, "float32")
         self.rewritten += 1
         if pointwise:
@@ -140,10 +141,10 @@ class PackConvWeights(CallRewritePass):
 
     drop_unused = True
 
-    def __init__(self, lanes: int, accumulators: int):
-        super().__init__()
+    def __init__(self, lanes: int, accumulators: int, track_origins: bool = False):
+        super().__init__(track_origins)
         self.lanes = lanes
         self.accumulators = accumulators
 
-    def rewriter(self, mod):
-        return _Rewriter(mod, self.lanes, self.accumulators)
+    def make_rewriter(self, mod):
+        return _Rewriter(mod, self.lanes, self.accumulators, track_origins=self.track_origins)

@@ -16,10 +16,17 @@ class CallRewriter(PyExprMutator):
     """Base of the passes' rewriters (each decorated with ``relax.expr_functor.mutator``): counts
     the calls it rewrote and records the weights it replaced."""
 
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, track_origins: bool = False):
         super().__init__(mod)
         self.rewritten = 0
+        self.track_origins = track_origins
         self.origins: dict[str, str] = {}  # see CallRewritePass.origins
+
+    def replaced(self, new: np.ndarray, old: np.ndarray) -> None:
+        """Record that weight ``new`` replaces ``old`` (hashed only when origins are tracked:
+        the compile path does not need them, and hashing VGG19's weights costs ~0.3 s)."""
+        if self.track_origins:
+            self.origins[digest(new)] = digest(old)
 
 
 class CallRewritePass:
@@ -32,15 +39,19 @@ class CallRewritePass:
     rewriter = None
     drop_unused = False
 
-    def __init__(self):
+    def __init__(self, track_origins: bool = False):
         self.rewritten = 0
-        # digest of a weight this pass made -> digest of the weight it replaces (a rewriter that
-        # changes weights records them in its own ``origins``): the tuning gate finds a layer's
-        # kernels by its ONNX weights through these.
+        # With ``track_origins``: digest of a weight this pass made -> digest of the weight it
+        # replaces (`CallRewriter.replaced`): the tuning gate finds a layer's kernels by its
+        # ONNX weights through these.
+        self.track_origins = track_origins
         self.origins: dict[str, str] = {}
 
+    def make_rewriter(self, mod: tvm.IRModule):
+        return self.rewriter(mod, track_origins=self.track_origins)
+
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        rewriter = self.rewriter(mod)
+        rewriter = self.make_rewriter(mod)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))

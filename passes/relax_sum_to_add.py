@@ -13,6 +13,7 @@ Run before legalization (the compile pipelines do).
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
@@ -39,19 +40,19 @@ class _Rewriter(CallRewriter):
         for field in fields.fields:
             source = bound_value(self, field)
             terms.append(source.args[0] if is_op(source, "relax.broadcast_to") else field)
-        total = terms[0]
-        for term in terms[1:-1]:
-            total = self.builder_.emit(relax.op.add(total, term))
-        out = relax.op.add(total, terms[-1])
-        # add broadcasts as Sum does; if the inputs alone do not reach the output's shape
-        # (Sum of a single broadcast input, say), keep the original.
+        # add broadcasts as Sum does; if the inputs alone do not reach the output's shape (Sum
+        # of a single broadcast input, say), keep the original.
         try:
-            same = [int(d) for d in self.builder_.normalize(out).ty.shape] == \
-                   [int(d) for d in call.ty.shape]
+            shapes = [tuple(int(d) for d in term.ty.shape) for term in terms]
+            same = list(np.broadcast_shapes(*shapes)) == [int(d) for d in call.ty.shape]
         except (AttributeError, TypeError, ValueError):
             same = False
         if not same:
             return call
+        out = terms[0]
+        for term in terms[1:-1]:
+            out = self.builder_.emit(relax.op.add(out, term))
+        out = relax.op.add(out, terms[-1])
         self.rewritten += 1
         return out
 

@@ -15,7 +15,8 @@ import tvm
 PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
 
 
-def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None):
+def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None,
+                track_origins: bool = False):
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     from . import cpu
@@ -33,11 +34,11 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
     schedule = ApplyScheduleRules(cpu.rules(), records)
     knobs = cpu_knobs(target)
     front = (cpu_generic.library_dispatch_passes(target)
-             + [FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd(),
-                StridedPointwiseToSlice(), FastSigmoid()]
+             + [FoldBatchNormIntoConv2D(decompose_rest=True, track_origins=track_origins),
+                SumToAdd(), StridedPointwiseToSlice(), FastSigmoid()]
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
-             + [PackConvWeights(knobs.lanes, knobs.accumulators)]
+             + [PackConvWeights(knobs.lanes, knobs.accumulators, track_origins)]
              + cpu_generic.legalize_passes(target))
     back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     return front, schedule, back

@@ -80,10 +80,11 @@ def find_pointwise(func: tirx.PrimFunc) -> ConvBlocks | None:
 
 def channel_tile(pixels: int, out_channels: int, lanes: int,
                  accumulators: int) -> tuple[int, int] | None:
-    """The register tile of a channel-vectorized pointwise GEMM: ``(block, rows)``, ``block``
-    output channels (whole vectors; the weight packing of `passes/relax_pack_weights.py`) by
-    ``rows`` pixels (dividing ``pixels``), with the most FMAs per load that the
-    ``accumulators`` allow; None when no vector multiple divides ``out_channels``."""
+    """The register tile of a channel-vectorized conv (`packed.py`): ``(block, rows)``,
+    ``block`` output channels (whole vectors; the weight packing of
+    `passes/relax_pack_weights.py`) by ``rows`` output pixels (dividing ``pixels``), with the
+    most FMAs per load that the ``accumulators`` allow; None when no vector multiple divides
+    ``out_channels``."""
     best = None
     for vectors in ((4, 2, 1) if lanes <= 4 else (2, 1)):
         block = vectors * lanes
@@ -137,6 +138,13 @@ def inline_epilogue(blocks: ConvBlocks):
     return blocks.epilogue[-1]
 
 
+def copy_padded_input(sch: s_tir.Schedule, pad, lanes: int) -> None:
+    """Materialize the padded input once: a parallel copy, vectorized along W."""
+    loops = sch.get_loops(pad)
+    sch.parallel(sch.fuse(*loops[:2]))
+    sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+
+
 def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
     """The largest d <= limit dividing n (and a multiple of ``multiple_of`` if possible)."""
     for d in range(min(n, limit), 0, -1):
@@ -153,12 +161,13 @@ def vector_tile(extent: int, lanes: int, max_vectors: int) -> tuple[int, int]:
 
     Whole vectors when ``lanes`` divides the extent. Otherwise partial registers (e.g. 7 of 8
     lanes for 14x14 = 196 pixels, 7 of 16 for 7x7 = 49), up to ``max_vectors`` of them, which
-    the micro-kernels pair with more channel rows: an odd vector wider than a register is split by LLVM into
-    registers plus shuffles (a 49-wide vector: 360 inserts/permutes per tile, ResNet-50's
-    512x7x7 -> 2048 pointwise 15.6 ms against 1.1 ms with 7-wide vectors, AVX-512) or a masked
-    tail (14-wide on AVX2: 4x slower). Only when few lanes divide the extent (a prime, say) is
-    one odd vector of up to two registers used. Tiles never carry a predicate (that serializes
-    the kernel).
+    the micro-kernels pair with more channel rows: an odd vector wider than a register is split
+    by LLVM into registers plus shuffles (a 49-wide vector: 360 inserts/permutes per tile,
+    ResNet-50's 512x7x7 -> 2048 pointwise 15.6 ms against 1.1 ms with 7-wide vectors,
+    AVX-512) or a masked tail (14-wide on AVX2: 4x slower). Only when few lanes divide the
+    extent (a prime, say) is one odd vector of up to two registers used. These tiles never
+    carry a predicate inside the vector (that serializes the kernel); a rule may still tile
+    whole vectors with a tail that loop partitioning cleans (`pointwise.py` at 28x28).
     """
     if extent % lanes == 0:
         vectors = largest_divisor(extent // lanes, max_vectors)

@@ -17,8 +17,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (divisors, extents, find_conv, inline_epilogue, knob, largest_divisor,
-                     vector_tile)
+from .common import (copy_padded_input, divisors, extents, find_conv, inline_epilogue, knob,
+                     largest_divisor, vector_tile)
 from .knobs import cpu_knobs
 from .packed import find_packed_conv, schedule_channel_tile
 
@@ -56,9 +56,7 @@ class Conv2D(ScheduleRule):
         sch.unroll(xv)
         sch.vectorize(xl)
         if blocks.pad is not None:
-            pad_loops = sch.get_loops(blocks.pad)
-            sch.parallel(sch.fuse(*pad_loops[:2]))
-            sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
+            copy_padded_input(sch, blocks.pad, knobs.lanes)
         if last is not None:
             sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])

@@ -14,8 +14,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.target import Target
 
-from .common import (ConvBlocks, channel_tile, divisors, extents, find_conv, inline_epilogue,
-                     knob, largest_divisor)
+from .common import (ConvBlocks, channel_tile, copy_padded_input, divisors, extents, find_conv,
+                     inline_epilogue, knob, largest_divisor)
 from .knobs import cpu_knobs
 
 
@@ -38,7 +38,7 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     vectors = block // knobs.lanes
     pixels = h * w
     tile = channel_tile(pixels, co, knobs.lanes, knobs.accumulators)
-    limit = max(1, knobs.accumulators // max(1, vectors))
+    limit = max(1, knobs.accumulators // vectors)
     rows = tile[1] if tile is not None and tile[0] == block else largest_divisor(pixels, limit)
     rows = knob(sch, tunable, rows, divisors(pixels, limit))
     last = inline_epilogue(blocks)
@@ -62,9 +62,7 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     sch.unroll(fv)
     sch.vectorize(fl)
     if blocks.pad is not None:
-        pad_loops = sch.get_loops(blocks.pad)
-        sch.parallel(sch.fuse(*pad_loops[:2]))
-        sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
+        copy_padded_input(sch, blocks.pad, knobs.lanes)
     if last is not None:
         sch.compute_inline(write_back)  # the epilogue reads the local tile directly
         write_back = last
