@@ -14,8 +14,8 @@ slower: each input channel's row is 8 KB away, on another page). Measured on AVX
 threads, against the pixel-vectorized kernels (7 or 14 of 16 lanes): 512x7x7 -> 2048
 pointwise 2.5x faster, 2048x7x7 -> 512 2.8x, 14x14 pointwise layers 1.2x.
 
-`unpack_weight` inverts the packing; the pass records which weight each packed one replaces
-(``origins``: the tuning gate finds a layer's kernels by its weights).
+The pass can record which weight each packed one replaces (``origins``: the tuning gate finds a
+layer's kernels by their ONNX weights).
 
 Run before legalization and after `FuseDepthwisePointwise` (the CPU compile pipeline does).
 """
@@ -75,15 +75,6 @@ def pack_weight(weight: np.ndarray, block: int) -> np.ndarray:
     if (kh, kw) == (1, 1):
         packed = packed.reshape(out_channels // block, in_channels, block)
     return np.ascontiguousarray(packed)
-
-
-def unpack_weight(packed: np.ndarray) -> np.ndarray:
-    """The OIHW weight of a packed one (inverse of `pack_weight`)."""
-    if packed.ndim == 3:
-        packed = packed[:, :, None, None, :]
-    blocks, in_channels, kh, kw, block = packed.shape
-    return np.ascontiguousarray(
-        packed.transpose(0, 4, 1, 2, 3).reshape(blocks * block, in_channels, kh, kw))
 
 
 @mutator

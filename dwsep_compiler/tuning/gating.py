@@ -11,9 +11,7 @@ after the rewrite that keeps their original convs.
 
 from __future__ import annotations
 
-import onnx
 import tvm
-from onnx import numpy_helper
 from tvm import relax, tirx
 
 from ..model import view_model
@@ -68,19 +66,6 @@ def layer_latencies(mod: tvm.IRModule, target, records: TuningRecords,
             total = None if seconds is None or total is None else total + seconds
         out[name] = total if found else None
     return out
-
-
-def conv_weights(model: onnx.ModelProto, names: dict[str, list[str]]) -> dict[str, list[str]]:
-    """``{layer: [digests]}`` of the initializers named in ``names`` (``{layer: [tensor]}``)."""
-    tensors = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    tensors[node.output[0]] = attribute.t
-    return {layer: [digest(numpy_helper.to_array(tensors[t])) for t in tensor_names
-                    if t in tensors]
-            for layer, tensor_names in names.items()}
 
 
 def gate(original: tvm.IRModule, factorized: tvm.IRModule, result, shapes, target,
