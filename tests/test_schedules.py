@@ -498,3 +498,34 @@ def test_strided_depthwise_reads_deinterleaved_columns(channels, hw, kernel, mul
     x = rng.standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+# (rows, K, N): 1000 classes (8-wide vectors on AVX-512, whole ones on AVX2/NEON), 10 classes,
+# an odd N with no power-of-two factor, batch 2 and 3.
+DENSE_CASES = [(1, 300, 1000), (2, 64, 10), (3, 37, 1001), (1, 128, 40)]
+
+
+@pytest.mark.parametrize("rows,k,n", DENSE_CASES, ids=lambda c: str(c))
+def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
+    """Gemm (transB) + bias + Relu: the Dense rule takes it, with the bias and ReLU in the same
+    kernel, and the output matches onnxruntime whatever N's factors."""
+    from onnx import helper, numpy_helper
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(n)
+    w = numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "B")
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g"], transB=1),
+             helper.make_node("Relu", ["g"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", 1, [rows, k])],
+                       [helper.make_tensor_value_info("y", 1, [rows, n])], [w, b])
+    mod = import_onnx(model, {"x": (rows, k)})
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    dense = [name for name, rule in applied.items() if rule == "Dense"]
+    assert len(dense) == 1 and "relu" in dense[0], applied
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    expected = run_onnx(model, {"x": x})[0]
+    assert np.count_nonzero(expected) > expected.size // 4
+    assert rel_error(out, expected) < 1e-5
