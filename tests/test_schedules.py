@@ -1,6 +1,8 @@
 """Our CPU schedules compute what the unscheduled program computes, on awkward shapes, and
 leave no PrimFunc unscheduled."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -467,35 +469,60 @@ def test_standard_conv_without_whole_row_vectors_runs_on_packed_weights(case):
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
+def _depthwise_model(channels, hw, kernel, multiplier, stride):
+    """A depthwise Conv (no bias), padded kernel // 2 on every side but one more at the right."""
+    from onnx import helper, numpy_helper
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(channels)
+    w = numpy_helper.from_array(
+        rng.standard_normal((channels * multiplier, 1, kernel, kernel)).astype(np.float32), "W")
+    pad = kernel // 2
+    model = make_model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], group=channels, strides=[stride, stride],
+                          pads=[pad, pad, pad, pad + 1])],
+        [helper.make_tensor_value_info("x", 1, [1, channels, *hw])],
+        [helper.make_tensor_value_info("y", 1, None)], [w])
+    return model, (1, channels, *hw)
+
+
+def _scheduled_depthwise(mod):
+    from dwsep_compiler.schedules.cpu.depthwise import Depthwise
+    from dwsep_compiler.tuning.tasks import legalized
+
+    func = next(f for _, f in legalized(mod, HOST.tvm_target()).functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    return Depthwise().apply(func, HOST.tvm_target(), False).mod["main"]
+
+
 @pytest.mark.parametrize("channels,hw,kernel,multiplier",
                          [(16, (14, 17), 3, 1), (3, (23, 22), 7, 2)])
 def test_strided_depthwise_reads_deinterleaved_columns(channels, hw, kernel, multiplier):
     """Stride 2 depthwise (odd and even padded widths, depth multiplier 2): the padded plane is
     stored as two column phases (a 5-D buffer) and the output matches onnxruntime."""
-    from onnx import helper, numpy_helper
-
-    from dwsep_compiler.schedules.cpu.depthwise import Depthwise
-    from dwsep_compiler.tuning.tasks import legalized
-    from helpers import make_model
-
-    rng = np.random.default_rng(channels)
-    out_channels = channels * multiplier
-    w = numpy_helper.from_array(
-        rng.standard_normal((out_channels, 1, kernel, kernel)).astype(np.float32), "W")
-    pad = kernel // 2
-    model = make_model(
-        [helper.make_node("Conv", ["x", "W"], ["y"], group=channels, strides=[2, 2],
-                          pads=[pad, pad, pad, pad + 1])],
-        [helper.make_tensor_value_info("x", 1, [1, channels, *hw])],
-        [helper.make_tensor_value_info("y", 1, None)], [w])
-    shape = (1, channels, *hw)
+    model, shape = _depthwise_model(channels, hw, kernel, multiplier, stride=2)
     mod = import_onnx(model, {"x": shape})
-    func = next(f for _, f in legalized(mod, HOST.tvm_target()).functions_items()
-                if isinstance(f, tvm.tirx.PrimFunc))
-    scheduled = Depthwise().apply(func, HOST.tvm_target(), False).mod["main"]
+    scheduled = _scheduled_depthwise(mod)
     pads = [b for b in scheduled.body.block.alloc_buffers if b.name == "pad_temp"]
     assert pads and len(pads[0].shape) == 5, pads
-    x = rng.standard_normal(shape).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+@pytest.mark.parametrize("channels,hw,multiplier,stride,bands",
+                         [(3, (32, 20), 2, 1, 4), (5, (31, 16), 1, 2, 2), (5, (33, 16), 1, 2, 1)])
+def test_depthwise_bands_of_rows_spread_over_the_cores(channels, hw, multiplier, stride, bands):
+    """Output rows in bands (8 rows where 8 divides them; 17 rows stay whole): channels x bands
+    form the parallel loop, each band builds its own padded rows (halo included); the output
+    matches onnxruntime."""
+    model, shape = _depthwise_model(channels, hw, 3, multiplier, stride)
+    mod = import_onnx(model, {"x": shape})
+    parallel = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)",
+                                           _scheduled_depthwise(mod).script())]
+    assert parallel == [channels * bands], parallel
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
