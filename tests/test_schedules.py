@@ -556,3 +556,23 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     expected = run_onnx(model, {"x": x})[0]
     assert np.count_nonzero(expected) > expected.size // 4
     assert rel_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("cin,hw,bands", [(64, (16, 48), 2), (8, (16, 48), 16), (48, (17, 60), 17)])
+def test_fused_kernel_builds_padded_rows_per_band_where_they_overflow_l1(cin, hw, bands):
+    """The fused DW+PW kernel: where one output row's padded input rows (all channels) exceed
+    32 KB (64 channels x 3 rows x 50 columns), bands of 8 output rows share them; 8 channels
+    stay one row per iteration, and so do 17 rows (no band of 5-8 rows divides them). The
+    parallel loop says which; the output matches onnxruntime."""
+    model, shape, rank = _model((cin, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), hw, 1))
+    model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank, force=True)).model
+    mod = import_onnx(model, {"x": shape})
+    scheduled, applied = schedules.schedule_module(mod, HOST.tvm_target(), fuse="always")
+    fused = [name for name, rule in applied.items() if rule == "FusedDepthwisePointwise"]
+    assert len(fused) == 1, applied
+    parallel = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)",
+                                           scheduled[fused[0]].script())]
+    assert parallel == [bands], parallel
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST, fuse="always"), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5

@@ -1,7 +1,7 @@
 """Depthwise convolution (group = in_channels, depth multiplier r) on CPUs.
 
-Output rows are cut into bands; each band's padded input rows are built once (compute_at the
-band, so they stay in L1) and read by the channel's r output channels. Output rows are
+Output rows are cut into bands (`common.row_band`); each band's padded input rows are built
+once (compute_at the band, so they stay in L1) and read by the channel's r output channels. Output rows are
 vectorized along W, several vectors per row in registers while the kh x kw taps stream over
 them. Channels x bands spread over the cores.
 
@@ -19,16 +19,9 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (divisors, extents, find_depthwise, inline_epilogue, knob, largest_divisor,
+from .common import (divisors, extents, find_depthwise, inline_epilogue, knob, row_band,
                      vector_tile)
 from .knobs import cpu_knobs
-
-# Output rows per band. Measured in-model (2-core AVX-512, VGG-19 and ResNet-50 rank 1) against
-# whole planes: 256x56x56 and 512x14x14 3x3 0.78x the time, 128x56x56 0.83x, ResNet-50's
-# 3-channel 7x7 stride-2 stem 0.92x (its 3 planes no longer leave a core idle); 64x112x112 and
-# 256x28x28 1.1-1.15x (VGG-19 in all: 0.84 ms less). Heights with no divisor in (4, 8] (17, 13)
-# keep whole planes: bands of one or two rows would build each padded row up to three times.
-BAND_ROWS = 8
 
 
 class Depthwise(ScheduleRule):
@@ -45,9 +38,7 @@ class Depthwise(ScheduleRule):
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=4)
         vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 8))
         h = extents(sch, blocks.conv)[2]
-        band_rows = largest_divisor(h, BAND_ROWS)
-        band_rows = knob(sch, tunable, band_rows if 2 * band_rows > BAND_ROWS else h,
-                         divisors(h, 16) + [h])
+        band_rows = knob(sch, tunable, row_band(h) or h, divisors(h, 16) + [h])
         return self._schedule(blocks, knobs, multiplier, vectors, vector, band_rows)
 
     def _schedule(self, blocks, knobs, multiplier: int, vectors, vector: int, band_rows):

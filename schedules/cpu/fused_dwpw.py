@@ -3,8 +3,11 @@
 For each output row segment (one row y, ``tile`` pixels) the depthwise results of all ``M*r``
 channels are computed into a small buffer (``M*r x tile`` floats, L1/L2-resident), then the
 pointwise GEMM consumes it from cache with the same register-blocked micro-kernel as
-`pointwise.py`, and the epilogue (bias, ReLU, add) writes the final tile. Row segments spread over
-the cores. Knobs (sampled with ``tunable=True``): ``co_block``, ``vectors``. Pairs up with `dwsep_compiler.passes.relax_fuse_dwpw`, which makes these PrimFuncs.
+`pointwise.py`, and the epilogue (bias, ReLU, add) writes the final tile. Bands of output rows
+(`common.row_band`, where one row's padded input rows overflow L1; else single rows) spread over
+the cores, each building its padded input rows once. Knobs (sampled with ``tunable=True``):
+``co_block``, ``vectors``, ``band_rows``. Pairs up with `dwsep_compiler.passes.relax_fuse_dwpw`,
+which makes these PrimFuncs.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import divisors, fused_dwpw_blocks, knob, largest_divisor, vector_tile
+from .common import divisors, fused_dwpw_blocks, knob, largest_divisor, row_band, vector_tile
 from .knobs import cpu_knobs
+
+_L1_BYTES = 32 * 1024  # the smallest L1 data cache of the targets (Cortex-A7x, x86)
 
 
 class FusedDepthwisePointwise(ScheduleRule):
@@ -37,11 +42,20 @@ class FusedDepthwisePointwise(ScheduleRule):
         co_block = largest_divisor(out_channels, max(1, knobs.accumulators // registers))
         vectors = knob(sch, tunable, tile // vector, divisors(width // vector, 4))
         co_block = knob(sch, tunable, co_block, divisors(out_channels, knobs.accumulators))
+        height = int(sch.get(y).extent)
+        # Where one output row's padded input rows (all channels) overflow L1, bands of rows
+        # build them once per band rather than once per output row (each row kh times).
+        _, channels, _, padded_w = (int(d) for d in sch.get(pad).writes[0].source.shape)
+        taps = int(sch.get(sch.get_loops(dw)[-2]).extent)
+        spill = channels * taps * padded_w * 4 > _L1_BYTES
+        band_rows = knob(sch, tunable, (row_band(height) or 1) if spill else 1,
+                         divisors(height, 16))
 
         xo, xv, xl = sch.split(x, [None, vectors, vector])
         no, ni = sch.split(n, [None, co_block])
-        sch.reorder(b, y, xo, no, rc, ni, xv, xl)
-        outer = sch.fuse(b, y)
+        yb, y = sch.split(y, [None, band_rows])
+        sch.reorder(b, yb, y, xo, no, rc, ni, xv, xl)
+        outer = sch.fuse(b, yb)
         sch.parallel(outer)
         sch.unroll(ni)
         sch.unroll(xv)
@@ -55,7 +69,7 @@ class FusedDepthwisePointwise(ScheduleRule):
         sch.unroll(rx)
         dxo, dxl = sch.split(dx, [None, vector])
         sch.vectorize(dxl)
-        # The padded input rows this output row reads: built once per row, for all segments.
+        # The padded input rows this band of output rows reads: built once, for all segments.
         sch.compute_at(pad, outer, preserve_unit_loops=True)
 
         if last is not None:
