@@ -14,9 +14,14 @@ Where the pixels are not whole vectors (49 or 196 per image on AVX-512),
 tile turns around: ``rows`` pixels x one channel block (whole vectors, contiguous weights), one
 broadcast pixel per row of FMAs, accumulated in a local tile with the channels innermost and
 written back to NCHW transposed, through the epilogue. Knob: ``rows``.
+
+Where the input rows alias in L1 (`stage_input_tile`: 112x112 and 224x224 planes), each pixel
+tile's input column is first copied into a contiguous buffer that every channel block reads.
 """
 
 from __future__ import annotations
+
+from math import gcd
 
 from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
@@ -49,12 +54,13 @@ class Pointwise(ScheduleRule):
             tile = 2 * vector
         registers = max(1, -(-tile // knobs.lanes))
         co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
+        stage = stage_input_tile(ci, co // co_block, pixels, tile)  # decided on the defaults
         vectors = knob(sch, tunable, tile // vector,
                        divisors(pixels // vector, 8) + ([2, 4] if pixels // vector >= 8 else []))
         co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
-        return self._schedule(blocks, knobs, co_block, vectors, vector)
+        return self._schedule(blocks, knobs, co_block, vectors, vector, stage)
 
-    def _schedule(self, blocks, knobs, co_block, vectors, vector: int):
+    def _schedule(self, blocks, knobs, co_block, vectors, vector: int, stage: bool = False):
         sch = blocks.sch
         conv = blocks.conv
         if blocks.pad is not None:
@@ -74,13 +80,41 @@ class Pointwise(ScheduleRule):
         # Pixel tiles outside channel tiles: a tile's input column (all ci) stays in L1 while
         # every output-channel block consumes it.
         sch.reorder(nn, po, fo, rc, ry, rx, fi, pv, pl)
-        outer = sch.fuse(nn, po, fo)
-        sch.parallel(outer)
+        if stage:
+            # The tile's input column copied once into a contiguous buffer, read there by
+            # every channel block: pixel tiles alone over the cores.
+            outer = sch.fuse(nn, po)
+            sch.parallel(outer)
+            staged = sch.cache_read(conv, 0, "global")
+            sch.compute_at(staged, outer, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(staged)[-1])
+            tile_loop = fo
+        else:
+            outer = sch.fuse(nn, po, fo)
+            sch.parallel(outer)
+            tile_loop = outer
         sch.unroll(fi)
         sch.unroll(pv)
         sch.vectorize(pl)
         if last is not None:
-            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
+            sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, vector])[1])
         sch.decompose_reduction(conv, rc)
         return sch
+
+
+def stage_input_tile(channels: int, channel_blocks: int, pixels: int, tile: int) -> bool:
+    """Copy each pixel tile's input column (all input channels) into a contiguous buffer?
+
+    In NCHW the column's rows lie ``pixels * 4`` bytes apart; where that is a multiple of 1 KB
+    (112x112: 49 KB, 224x224: 196 KB) the rows fall into the same few sets of a 4 KB-indexed L1
+    and evict each other before the next channel block reads them again. Staged when more than
+    8 rows share a set (the associativity of L1 is 8-12), the copy is at most 16 KB, and at
+    least 16 channel blocks reuse it. Measured in-model (interleaved, 2-core AVX-512): VGG-19's
+    64x112x112 -> 128 0.8x the time, 128x112x112 -> 128 0.87-0.95x (rank 2: 128 -> 128
+    0.93x); 32 KB copies (256x56x56 -> 256 and -> 128) 0.9-1.2x, and ResNet-50 with its
+    56x56 layers staged 1-2% slower in all, so those stay as they were.
+    """
+    set_offsets = 4096 // gcd((pixels * 4) % 4096 or 4096, 4096)
+    return (channels // set_offsets > 8 and channels * tile * 4 <= 16 * 1024
+            and channel_blocks >= 16)
