@@ -592,3 +592,44 @@ def test_pointwise_stages_input_rows_that_alias_in_l1(hw, staged):
     x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["1x1", "3x3"])
+def test_channel_tile_reduces_in_k_blocks_and_its_space_stays_correct(kind):
+    """More input channels than one K block (320 = 2.5 x 128; 1024 output channels: enough
+    channel blocks for 8 cores): the channel tile reduces in K blocks (the input channels split
+    by 80, the largest divisor <= K_BLOCK), its parallel loop runs the channel blocks alone, and
+    the output matches onnxruntime; sampled K blocks compute the same."""
+    from dwsep_compiler.schedules.cpu.packed import K_BLOCK
+    from dwsep_compiler.schedules.cpu.pointwise import Pointwise
+    from dwsep_compiler.schedules.cpu.conv2d import Conv2D
+    from dwsep_compiler.tuning.tasks import legalized
+
+    cin, cout = 320, 1024
+    if kind == "1x1":
+        model, shape = _pointwise_model(np.random.default_rng(9), cin, cout, (7, 7))
+        rule = Pointwise()
+    else:
+        model, shape, _ = _model((cin, cout, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), (7, 7), 1))
+        rule = Conv2D()
+    target = HOST.tvm_target()
+    mod = import_onnx(model, {"x": shape})
+    func = next(f for gv, f in legalized(mod, target).functions_items()
+                if "conv2d_packed" in gv.name_hint)
+    sch = rule.apply(func, target, False)
+    splits = [[None if v is None else int(v) for v in list(inst.inputs)[1:]]
+              for inst in sch.trace.insts if inst.kind.name == "Split"]
+    assert [None, max(d for d in range(1, K_BLOCK + 1) if cin % d == 0)] in splits, splits
+    block = int(func.params[1].shape[-1])
+    parallel = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)",
+                                           sch.mod["main"].script())]
+    assert cout // block in parallel, (parallel, block)
+    rng = np.random.default_rng(3)
+    args = [rng.standard_normal([int(d) for d in p.shape]).astype("float32") for p in func.params]
+    expected = _run_prim_func(sch.mod["main"], args)
+    for _ in range(3):
+        np.testing.assert_allclose(_run_prim_func(rule.apply(func, target, True).mod["main"], args),
+                                   expected, rtol=1e-4, atol=1e-4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
