@@ -61,12 +61,15 @@ def cpu_pipeline(target: tvm.target.Target, fuse: bool | str = True, records=Non
 
 
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True,
-                    records=None):
+                    records=None, failures: dict[str, str] | None = None):
     """Legalize ``mod`` and apply the CPU rules (or ``records``); returns
-    ``(module, {PrimFunc: rule name})``."""
+    ``(module, {PrimFunc: rule name})``. ``failures``, if given, receives the errors of rules
+    that raised (PrimFunc name -> "Rule: error"; the next rule scheduled the PrimFunc)."""
     front, schedule, _ = _cpu_passes(target, fuse, records)
     with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         out = tvm.transform.Sequential(front + [schedule])(mod)
+    if failures is not None:
+        failures.update(schedule.failures)
     return out, dict(schedule.applied)
 
 

@@ -25,4 +25,10 @@ class Reduction(ScheduleRule):
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         if sum("R" in _iter_kinds(sch, block) for block in blocks) != 1:
             return None
-        return dlight.cpu.Reduction().apply(func, target, tunable)
+        try:
+            return dlight.cpu.Reduction().apply(func, target, tunable)
+        except s_tir.ScheduleError:
+            # dlight's rule cannot place every block (Inception's average pool fused with an
+            # inference dropout that also writes its mask: compute-at fails): not ours to take,
+            # the fallback schedules it stage by stage.
+            return None
