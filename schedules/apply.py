@@ -3,9 +3,8 @@
 Like dlight's `ApplyDefaultSchedule`, except that a rule which raises while scheduling a
 PrimFunc it claimed falls through to the next rule instead of failing the build (recorded in
 ``failures``, reported on stderr with DWSEP_DEBUG=1), so the fallback rule always gets its
-chance; and that, given tuning
-records (`dwsep_compiler.tuning.TuningRecords`), a PrimFunc measured on this target gets its
-best recorded schedule instead (reported as ``tuned``).
+chance; and that, given tuning records (`dwsep_compiler.tuning.TuningRecords`), a PrimFunc
+measured on this target gets its best recorded schedule instead (reported as ``tuned``).
 """
 
 from __future__ import annotations

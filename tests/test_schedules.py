@@ -540,8 +540,11 @@ DENSE_CASES = [(1, 300, 1000), (2, 64, 10), (3, 37, 1001), (1, 128, 40)]
 @pytest.mark.parametrize("rows,k,n", DENSE_CASES, ids=lambda c: str(c))
 def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     """Gemm (transB) + bias + Relu: the Dense rule takes it, with the bias and ReLU in the same
-    kernel, and the output matches onnxruntime whatever N's factors."""
+    kernel, vectors no wider than a register that divide an even N, and the output matches
+    onnxruntime whatever N's factors."""
     from onnx import helper, numpy_helper
+
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
     from helpers import make_model
 
@@ -553,9 +556,14 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     model = make_model(nodes, [helper.make_tensor_value_info("x", 1, [rows, k])],
                        [helper.make_tensor_value_info("y", 1, [rows, n])], [w, b])
     mod = import_onnx(model, {"x": (rows, k)})
-    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    scheduled, applied = schedules.schedule_module(mod, HOST.tvm_target())
     dense = [name for name, rule in applied.items() if rule == "Dense"]
     assert len(dense) == 1 and "relu" in dense[0], applied
+    if n % 2 == 0:  # vectors no wider than a register, dividing N (1000: 8 lanes on AVX-512)
+        lanes = cpu_knobs(HOST.tvm_target()).lanes
+        widths = [int(w) for w in re.findall(r"T\.vectorized\((?:T\.int64\()?(\d+)",
+                                              scheduled[dense[0]].script())]
+        assert widths and all(w <= lanes and n % w == 0 for w in widths), widths
     x = rng.standard_normal((rows, k)).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     expected = run_onnx(model, {"x": x})[0]

@@ -1,9 +1,9 @@
 """Depthwise convolution (group = in_channels, depth multiplier r) on CPUs.
 
 Output rows are cut into bands (`common.row_band`); each band's padded input rows are built
-once (compute_at the band, so they stay in L1) and read by the channel's r output channels. Output rows are
-vectorized along W, several vectors per row in registers while the kh x kw taps stream over
-them. Channels x bands spread over the cores.
+once (compute_at the band, so they stay in L1) and read by the channel's r output channels.
+Output rows are vectorized along W, several vectors per row in registers while the kh x kw taps
+stream over them. Channels x bands spread over the cores.
 
 A strided conv's padded plane is stored as ``stride`` planes of every stride-th column, so that
 each tap's vector of outputs is one contiguous load rather than a gather (3x3 stride 2 at

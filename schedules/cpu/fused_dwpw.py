@@ -17,9 +17,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from .common import divisors, fused_dwpw_blocks, knob, largest_divisor, row_band, vector_tile
-from .knobs import cpu_knobs
-
-_L1_BYTES = 32 * 1024  # the smallest L1 data cache of the targets (Cortex-A7x, x86)
+from .knobs import L1_DATA_BYTES, cpu_knobs
 
 
 class FusedDepthwisePointwise(ScheduleRule):
@@ -47,7 +45,7 @@ class FusedDepthwisePointwise(ScheduleRule):
         # build them once per band rather than once per output row (each row kh times).
         _, channels, _, padded_w = (int(d) for d in sch.get(pad).writes[0].source.shape)
         taps = int(sch.get(sch.get_loops(dw)[-2]).extent)
-        spill = channels * taps * padded_w * 4 > _L1_BYTES
+        spill = channels * taps * padded_w * 4 > L1_DATA_BYTES
         band_rows = knob(sch, tunable, (row_band(height) or 1) if spill else 1,
                          divisors(height, 16))
 

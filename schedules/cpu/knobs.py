@@ -12,6 +12,12 @@ from dataclasses import dataclass
 import tvm
 
 
+# L1 data cache assumed for every CPU target: the smallest of them (Cortex-A7x, x86: 32 KB,
+# indexed by address bits 6-11, i.e. rows 4 KB apart share a set).
+L1_DATA_BYTES = 32 * 1024
+L1_SET_SPAN = 4096
+
+
 @dataclass(frozen=True)
 class CPUKnobs:
     lanes: int  # float32 lanes in one vector register

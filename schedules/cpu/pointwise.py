@@ -29,7 +29,7 @@ from tvm.target import Target
 
 from .common import (divisors, extents, find_pointwise, inline_epilogue, knob, largest_divisor,
                      vector_tile)
-from .knobs import cpu_knobs
+from .knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
 from .packed import find_packed_conv, schedule_channel_tile
 
 
@@ -107,14 +107,15 @@ def stage_input_tile(channels: int, channel_blocks: int, pixels: int, tile: int)
     """Copy each pixel tile's input column (all input channels) into a contiguous buffer?
 
     In NCHW the column's rows lie ``pixels * 4`` bytes apart; where that is a multiple of 1 KB
-    (112x112: 49 KB, 224x224: 196 KB) the rows fall into the same few sets of a 4 KB-indexed L1
-    and evict each other before the next channel block reads them again. Staged when more than
-    8 rows share a set (the associativity of L1 is 8-12), the copy is at most 16 KB, and at
+    (112x112: 49 KB, 224x224: 196 KB) the rows fall into the same few sets of L1 (indexed
+    within ``L1_SET_SPAN``) and evict each other before the next channel block reads them again.
+    Staged when more than 8 rows share a set (the associativity of L1 is 8-12), the copy is at
+    most half of L1 (16 KB), and at
     least 16 channel blocks reuse it. Measured in-model (interleaved, 2-core AVX-512): VGG-19's
     64x112x112 -> 128 0.8x the time, 128x112x112 -> 128 0.87-0.95x (rank 2: 128 -> 128
     0.93x); 32 KB copies (256x56x56 -> 256 and -> 128) 0.9-1.2x, and ResNet-50 with its
     56x56 layers staged 1-2% slower in all, so those stay as they were.
     """
-    set_offsets = 4096 // gcd((pixels * 4) % 4096 or 4096, 4096)
-    return (channels // set_offsets > 8 and channels * tile * 4 <= 16 * 1024
+    set_offsets = L1_SET_SPAN // gcd((pixels * 4) % L1_SET_SPAN or L1_SET_SPAN, L1_SET_SPAN)
+    return (channels // set_offsets > 8 and channels * tile * 4 <= L1_DATA_BYTES // 2
             and channel_blocks >= 16)
