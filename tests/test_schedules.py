@@ -705,3 +705,48 @@ def test_pointwise_reads_aliasing_input_rows_in_k_blocks(hw, blocked):
     x = rng.standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+# (op, kernel, strides, pads, extra attributes, input hw): VGG's 2x2/2, ResNet's padded 3x3/2,
+# odd sizes, ceil mode, an average pool with and without the pad counted.
+POOL_CASES = [
+    ("MaxPool", (2, 2), (2, 2), (0, 0, 0, 0), {}, (16, 18)),
+    ("MaxPool", (3, 3), (2, 2), (1, 1, 1, 1), {}, (15, 17)),
+    ("MaxPool", (3, 3), (2, 2), (0, 0, 0, 0), {"ceil_mode": 1}, (14, 14)),
+    ("AveragePool", (3, 3), (1, 1), (1, 1, 1, 1), {"count_include_pad": 0}, (9, 11)),
+    ("AveragePool", (2, 3), (2, 1), (0, 1, 1, 0), {"count_include_pad": 1}, (10, 7)),
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: f"{c[0]}{c[1][0]}x{c[1][1]}@{c[5][0]}x{c[5][1]}")
+def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
+    """Windowed pools get the Pool rule: output rows (n, c, oh) over the cores, the window
+    unrolled around the loop over the output columns; padding read in place, averaging per row.
+    The output matches onnxruntime (after a conv, so that pooling sees negative values)."""
+    from onnx import helper
+
+    from helpers import make_model
+
+    op, kernel, strides, pads, attrs, hw = case
+    conv = conv_model(np.random.default_rng(8), in_channels=5, out_channels=6, input_hw=hw,
+                      batch=2)
+    graph = conv.graph
+    relu = graph.node[-1]
+    graph.node.remove(relu)  # pool the conv's output directly: negative values included
+    graph.node.append(helper.make_node(op, [relu.input[0]], ["pooled"], kernel_shape=list(kernel),
+                                       strides=list(strides), pads=list(pads), **attrs))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("pooled", 1, None))
+    shape = (2, 5, *hw)
+    mod = import_onnx(conv, {"x": shape})
+    scheduled, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    pools = [name for name, rule in applied.items() if "pool" in name]
+    assert pools and all(applied[name] == "Pool" for name in pools), applied
+    script = scheduled[pools[0]].script()
+    rows = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", script)]
+    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    expected = run_onnx(conv, {"x": x})[0]
+    assert rows == [2 * 6 * expected.shape[2]], rows
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert out.shape == expected.shape
+    assert rel_error(out, expected) < 1e-6

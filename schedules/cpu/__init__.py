@@ -6,6 +6,7 @@ from .depthwise import Depthwise
 from .fallback import Fallback
 from .fused_dwpw import FusedDepthwisePointwise
 from .pointwise import Pointwise
+from .pool import Pool
 from .reduction import Reduction
 
 
@@ -14,4 +15,4 @@ def rules():
     from tvm.s_tir import dlight
 
     return [FusedDepthwisePointwise(), Pointwise(), Depthwise(), Conv2D(), Dense(), dlight.cpu.GEMV(),
-            Reduction(), Fallback()]
+            Pool(), Reduction(), Fallback()]
