@@ -415,8 +415,9 @@ def test_onnx_sum_becomes_adds_fused_into_the_conv():
 @pytest.mark.parametrize("cin,cout,hw,residual",
                          [(24, 32, (12, 12), False), (40, 40, (28, 28), True)])
 def test_pointwise_tail_tile_matches_onnxruntime(cin, cout, hw, residual):
-    """An odd number of whole pixel vectors (9 or 49 on AVX-512): tiles of two vectors, the last
-    one a tail, through the epilogue; the output matches onnxruntime."""
+    """Whole pixel vectors read in place (9 or 49 on AVX-512, 18 or 98 on AVX2): tiles of three
+    vectors, the last one a tail where three do not divide them (49, 98), through the epilogue;
+    the output matches onnxruntime."""
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
     from dwsep_compiler.schedules.cpu.pointwise import Pointwise
     from dwsep_compiler.tuning.tasks import legalized
@@ -426,13 +427,13 @@ def test_pointwise_tail_tile_matches_onnxruntime(cin, cout, hw, residual):
     _, applied = schedules.schedule_module(mod, HOST.tvm_target())
     assert set(applied.values()) == {"Pointwise"}, applied
     lanes = cpu_knobs(HOST.tvm_target()).lanes
-    if (hw[0] * hw[1]) % lanes == 0:  # an odd count of whole vectors: two per row, with a tail
+    if (hw[0] * hw[1]) % lanes == 0:  # whole vectors: three per row, maybe with a tail
         func = next(f for _, f in legalized(mod, HOST.tvm_target()).functions_items()
                     if isinstance(f, tvm.tirx.PrimFunc))
         splits = [[None if v is None else int(v) for v in list(inst.inputs)[1:]]
                   for inst in Pointwise().apply(func, HOST.tvm_target(), False).trace.insts
                   if inst.kind.name == "Split"]
-        assert [None, 2, lanes] in splits, splits
+        assert [None, 3, lanes] in splits, splits
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     out = run_executable(build(mod, HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
