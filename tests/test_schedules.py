@@ -692,8 +692,6 @@ def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
     The output matches onnxruntime (after a conv, so that pooling sees negative values)."""
     from onnx import helper
 
-    from helpers import make_model
-
     op, kernel, strides, pads, attrs, hw = case
     conv = conv_model(np.random.default_rng(8), in_channels=5, out_channels=6, input_hw=hw,
                       batch=2)
@@ -711,6 +709,8 @@ def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
     assert pools and all(applied[name] == "Pool" for name in pools), applied
     script = scheduled[pools[0]].script()
     rows = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", script)]
+    taps = [int(n) for n in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)]
+    assert taps[:2] == list(kernel), taps  # the window, unrolled (init decomposed out of it)
     x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
     expected = run_onnx(conv, {"x": x})[0]
     assert rows == [2 * 6 * expected.shape[2]], rows

@@ -68,8 +68,7 @@ class Pointwise(ScheduleRule):
             tile = 3 * vector
             co_block = largest_divisor(co, max(1, knobs.accumulators // 3))
         vectors = knob(sch, tunable, tile // vector,
-                       divisors(pixels // vector, 8)
-                       + ([2, 3, 4] if pixels // vector >= 8 else []))
+                       divisors(whole, 8) + ([2, 3, 4] if whole >= 8 else []))
         co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
         return self._schedule(blocks, knobs, co_block, vectors, vector, stage)
 
@@ -127,11 +126,11 @@ def stage_input_tile(channels: int, channel_blocks: int, pixels: int, tile: int)
     In NCHW the column's rows lie ``pixels * 4`` bytes apart; where that distance has a large
     power-of-two factor the rows fall into a few sets of L1 (indexed within ``L1_SET_SPAN``;
     56x56: 16 set offsets, 112x112: 4, 224x224: 1) and evict each other before the next
-    channel block reads them again. Staged when more than 8 rows share a set (the associativity of L1 is
-    8-12), the copy fits L1 (32 KB) and at least 8 channel blocks reuse it. Measured (2-core
-    AVX-512, interleaved): VGG-19's 64x112x112 -> 128 0.8x the time in-model, 128x112x112 ->
-    128 0.85x and 256x56x56 -> 256 0.8x standalone, ResNet-50's 256x56x56 -> 64 and -> 128
-    0.78x and 0.73x (8 and 16 channel blocks).
+    channel block reads them again. Staged when more than 8 rows share a set (the
+    associativity of L1 is 8-12), the copy fits L1 (32 KB) and at least 8 channel blocks reuse
+    it. Measured in-model against no staging (2-core AVX-512, interleaved builds): VGG-19 rank
+    1's 64x112x112 -> 128 0.63x the time, 128x112x112 -> 128 0.64x, 256x56x56 -> 256 0.79x;
+    ResNet-50's 256x56x56 -> 64 and -> 128 0.81x and 0.82x (8 and 16 channel blocks).
     """
     set_offsets = L1_SET_SPAN // gcd((pixels * 4) % L1_SET_SPAN or L1_SET_SPAN, L1_SET_SPAN)
     return (channels // set_offsets > 8 and channels * tile * 4 <= L1_DATA_BYTES
