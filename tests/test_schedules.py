@@ -542,9 +542,13 @@ DENSE_CASES = [(1, 300, 1000), (2, 64, 10), (3, 37, 1001), (1, 128, 40)]
 def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     """Gemm (transB) + bias + Relu: the Dense rule takes it, with the bias and ReLU in the same
     kernel, vectors no wider than a register that divide an even N, and the output matches
-    onnxruntime whatever N's factors."""
+    onnxruntime whatever N's factors. Where K has enough rows per core (300 and 128 on 2 cores),
+    the reduction is split: each core sums its own contiguous run of weight rows into a partial
+    row (one parallel loop over the cores, a partial buffer per core); otherwise output tiles
+    run in parallel."""
     from onnx import helper, numpy_helper
 
+    from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
     from helpers import make_model
@@ -560,6 +564,15 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     scheduled, applied = schedules.schedule_module(mod, HOST.tvm_target())
     dense = [name for name, rule in applied.items() if rule == "Dense"]
     assert len(dense) == 1 and "relu" in dense[0], applied
+    script = scheduled[dense[0]].script()
+    cores = cpu_knobs(HOST.tvm_target()).cores
+    parallel = [int(p) for p in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", script)]
+    split = k % cores == 0 and k >= MIN_ROWS_PER_CORE * cores and cores > 1
+    partials = re.findall(r"(\w+_rf) = T\.sblock_alloc_buffer\(\((?:T\.int64\()?(\d+)", script)
+    if split:
+        assert parallel == [cores] and [int(c) for _, c in partials] == [cores], script
+    else:
+        assert not partials and len(parallel) == 1, script
     if n % 2 == 0:  # vectors no wider than a register, dividing N (1000: 8 lanes on AVX-512)
         lanes = cpu_knobs(HOST.tvm_target()).lanes
         widths = [int(w) for w in re.findall(r"T\.vectorized\((?:T\.int64\()?(\d+)",

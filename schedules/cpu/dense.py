@@ -1,9 +1,12 @@
 """Dense layers (matmul, batch x K @ K x N) on CPUs, batch small: a streamed outer product.
 
-``out[i, j] += x[i, k] * W[k, j]``: for each k the row ``W[k, j-tile]`` is read once,
-contiguously, and accumulated into a vector tile of outputs, so the (often huge) weight matrix
-streams through memory exactly once. Output tiles spread over the cores; the epilogue (bias,
-ReLU) runs per tile.
+``out[i, j] += x[i, k] * W[k, j]``: for each k the row ``W[k, :]`` is read once, contiguously,
+and accumulated into a row of partial sums that stays in L1/L2, so the (often huge) weight
+matrix streams through memory exactly once, as one contiguous run per core: the reduction is
+split over the cores (`rfactor`), core c summing rows ``[c*K/cores, (c+1)*K/cores)`` into its
+own partial row, and a short vectorized pass adds the partial rows and applies the epilogue
+(bias, ReLU). Where K is too short to split (or no divisor of it fits the cores), output tiles
+spread over the cores instead, each reading a tile-wide slice of every row.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from .common import _iter_kinds, largest_divisor
 from .knobs import cpu_knobs
 
 _MAX_ROWS = 16  # batch rows handled by this rule; bigger matmuls belong to a GEMM rule
+MIN_ROWS_PER_CORE = 64  # weight rows per core below which the reduction is not split
 
 
 class Dense(ScheduleRule):
@@ -59,6 +63,9 @@ class Dense(ScheduleRule):
         tile = largest_divisor(cols, max(vector, min(512, cols // (2 * knobs.cores))),
                                multiple_of=vector)
         *batch, i, j, k = loops
+        splits = largest_divisor(extents[-1], knobs.cores)
+        if splits > 1 and extents[-1] >= MIN_ROWS_PER_CORE * splits:
+            return _split_reduction(sch, block, last, splits, vector)
         jo, ji = sch.split(j, [None, tile])
         jv, jl = sch.split(ji, [None, vector if vector > 1 else tile])
         sch.reorder(*batch, jo, k, i, jv, jl)
@@ -73,6 +80,37 @@ class Dense(ScheduleRule):
                 sch.vectorize(sch.split(lane_loop, [None, knobs.lanes])[1])
         sch.decompose_reduction(block, k)
         return sch
+
+
+def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int):
+    """Weight rows in ``splits`` contiguous runs, one per core, each summed into a partial
+    output row; then the partial rows added (and the epilogue applied) vector by vector.
+
+    A weight row is 16 KB for VGG-19's 4096 outputs: output tiles (the fallback below) read
+    2 KB of every row, a new 4 KB page each time, where one run per core streams. Measured
+    (2-core AVX-512, standalone): VGG-19's 25088 x 4096 layer (411 MB) 34 -> 15 ms (numpy's
+    SGEMV 12-14 ms), 4096 x 4096 4.5 -> 2.3 ms, 4096 x 1000 0.33 -> 0.24 ms; in-model
+    (interleaved builds) the factorized VGG-19 rank 1 59 -> 47 ms, where onnxruntime's
+    FusedGemm takes 12 ms for the first layer and ours took 18.6.
+    """
+    *batch, i, j, k = sch.get_loops(block)
+    ko, ki = sch.split(k, [splits, None])
+    sch.reorder(*batch, ko, ki, i, j)
+    partial = sch.rfactor(ko, factor_axis=0)
+    *_, pko, pki, _, pj = sch.get_loops(partial)
+    sch.parallel(pko)
+    sch.vectorize(sch.split(pj, [None, vector])[1])
+    sch.decompose_reduction(partial, pki)
+    # The sum over the partial rows: vectors of outputs, the partials innermost but one.
+    *batch, ko, i, j = sch.get_loops(block)
+    jo, jl = sch.split(j, [None, vector])
+    sch.reorder(*batch, i, jo, ko, jl)
+    sch.vectorize(jl)
+    sch.decompose_reduction(block, ko)
+    if last is not None:
+        sch.reverse_compute_at(last, jo, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(last)[-1])
+    return sch
 
 
 def _try_inline(sch, block) -> bool:
