@@ -88,10 +88,10 @@ def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int)
 
     A weight row is 16 KB for VGG-19's 4096 outputs: output tiles (the fallback below) read
     2 KB of every row, a new 4 KB page each time, where one run per core streams. Measured
-    (2-core AVX-512, standalone): VGG-19's 25088 x 4096 layer (411 MB) 34 -> 15 ms (numpy's
-    SGEMV 12-14 ms), 4096 x 4096 4.5 -> 2.3 ms, 4096 x 1000 0.33 -> 0.24 ms; in-model
-    (interleaved builds) the factorized VGG-19 rank 1 59 -> 47 ms, where onnxruntime's
-    FusedGemm takes 12 ms for the first layer and ours took 18.6.
+    (2 threads, AMD EPYC with AVX-512, standalone, interleaved): VGG-19's 25088 x 4096 layer
+    (411 MB) 18.1 -> 11.6 ms (numpy's SGEMV 12-14 ms), 4096 x 4096 2.33 -> 1.47 ms,
+    4096 x 1000 0.19 -> 0.15 ms; in-model (interleaved builds) the factorized VGG-19 rank 1
+    59 -> 47 ms (onnxruntime's FusedGemm takes 12 ms for the first layer; ours took 18.6).
     """
     *batch, i, j, k = sch.get_loops(block)
     ko, ki = sch.split(k, [splits, None])
