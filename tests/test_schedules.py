@@ -502,6 +502,32 @@ def _scheduled_depthwise(mod):
     return Depthwise().apply(func, HOST.tvm_target(), False).mod["main"]
 
 
+@pytest.mark.parametrize("vectors,extra", [(2, 0), (3, 0), (2, 3)])
+def test_depthwise_builds_padded_rows_with_whole_vector_copies(vectors, extra):
+    """Rows of whole vectors (2 or 3 registers wide): the padded rows are zero-filled, then the
+    in-bound rows copied without a per-element condition (LLVM scalarized that copy: as slow
+    as the conv at 112x112); rows ending in a partial vector keep the conditional copy. The
+    output matches onnxruntime either way (the model pads one more column at the right)."""
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+
+    lanes = cpu_knobs(HOST.tvm_target()).lanes
+    model, shape = _depthwise_model(6, (10, vectors * lanes + extra), 3, 2, stride=1)
+    mod = import_onnx(model, {"x": shape})
+    script = _scheduled_depthwise(mod).script()
+    before, copy = script.split('T.sblock("pad_temp")')
+    copy = copy[:copy.index("group_conv2d_nchw")]
+    if extra == 0:
+        # the copy's innermost loop: whole vectors
+        loop = [line for line in before.splitlines() if line.strip().startswith("for ")][-1]
+        assert 'T.sblock("pad_temp_pad_const")' in before and "if_then_else" not in copy, script
+        assert re.search(rf"T\.vectorized\((?:T\.int64\()?{lanes}\)", loop), loop
+    else:
+        assert "pad_const" not in script and "if_then_else" in copy, script
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
 @pytest.mark.parametrize("channels,hw,kernel,multiplier",
                          [(16, (14, 17), 3, 1), (3, (23, 22), 7, 2)])
 def test_strided_depthwise_reads_deinterleaved_columns(channels, hw, kernel, multiplier):

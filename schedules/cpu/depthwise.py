@@ -19,8 +19,8 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (divisors, extents, find_depthwise, inline_epilogue, knob, row_band,
-                     vector_tile)
+from .common import (build_padded_rows, divisors, extents, find_depthwise, inline_epilogue, knob,
+                     row_band, vector_tile)
 from .knobs import cpu_knobs
 
 
@@ -39,9 +39,10 @@ class Depthwise(ScheduleRule):
         vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 8))
         h = extents(sch, blocks.conv)[2]
         band_rows = knob(sch, tunable, row_band(h) or h, divisors(h, 16) + [h])
-        return self._schedule(blocks, knobs, multiplier, vectors, vector, band_rows)
+        return self._schedule(blocks, knobs, multiplier, vectors, vector, band_rows, tunable)
 
-    def _schedule(self, blocks, knobs, multiplier: int, vectors, vector: int, band_rows):
+    def _schedule(self, blocks, knobs, multiplier: int, vectors, vector: int, band_rows,
+                  tunable: bool = False):
         sch = blocks.sch
         conv = blocks.conv
         stride = _column_stride(sch, conv) if blocks.pad is not None else None
@@ -74,7 +75,7 @@ class Depthwise(ScheduleRule):
                 sch.reorder(phase, columns)
                 sch.vectorize(sch.split(columns, [None, knobs.lanes])[1])
             else:
-                sch.vectorize(sch.split(pad_loops[-1], [None, knobs.lanes])[1])
+                build_padded_rows(sch, blocks.pad, outer, knobs.lanes, tunable)
         sch.unroll(ky)
         sch.unroll(kx)
         sch.unroll(xv)
