@@ -143,7 +143,7 @@ def _with_host(target: tvm.target.Target) -> tvm.target.Target:
     return target.with_host(host)
 
 
-def relax_pipeline(target, rules=None):
+def relax_pipeline(target, rules=None, fuse: bool = True):
     """The Relax pipeline ``relax.get_default_pipeline(target)`` is for an OpenCL target, with
     ``rules`` (default: `dwsep_compiler.schedules.gpu.rules`) applied to the legalized PrimFuncs
     right before dlight's first ``ApplyDefaultSchedule``, so dlight schedules only what our rules
@@ -151,7 +151,9 @@ def relax_pipeline(target, rules=None):
     when "adreno" is in the target's keys, else ``gpu_generic``. Every depthwise -> pointwise
     conv pair is fused first (`FuseDepthwisePointwise(0)`, scheduled by our fused rule), after
     batch norms are folded into the convs before them (`FoldBatchNormIntoConv2D`) and ONNX
-    ``Sum`` nodes become additions (`SumToAdd`).
+    ``Sum`` nodes become additions (`SumToAdd`). ``fuse=False`` keeps each pair as two kernels:
+    for a ``rules`` list without `FusedDepthwisePointwise`, whose fused PrimFuncs dlight would
+    otherwise schedule.
 
     Returns ``(pass, schedule)``; after the pass ran, ``schedule.applied`` maps each PrimFunc our
     rules scheduled to the rule's class name."""
@@ -177,8 +179,8 @@ def relax_pipeline(target, rules=None):
                                  "ApplyDefaultSchedule to put our schedule rules before")
             # every depthwise -> pointwise pair as one kernel (schedules/gpu/fused_dwpw.py)
             passes = (backend.library_dispatch_passes(target)
-                      + [FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd(),
-                         FuseDepthwisePointwise(0)]
+                      + [FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd()]
+                      + ([FuseDepthwisePointwise(0)] if fuse else [])
                       + legalize[:at] + [schedule]
                       + legalize[at:] + backend.dataflow_lower_passes(target)
                       + backend.finalize_passes(target))
@@ -187,12 +189,12 @@ def relax_pipeline(target, rules=None):
     return _pipeline, schedule
 
 
-def lower(mod: tvm.IRModule, target, rules=None) -> GpuProgram:
+def lower(mod: tvm.IRModule, target, rules=None, fuse: bool = True) -> GpuProgram:
     """Run the Relax pipeline (`relax_pipeline`: TVM's for ``target``, with our schedule rules
-    first) and the TIR pipeline ``tvm.compile`` uses on ``mod`` (a Relax module as imported),
+    first; ``rules`` and ``fuse`` as there) and the TIR pipeline ``tvm.compile`` uses on ``mod`` (a Relax module as imported),
     for ``target`` (an OpenCL target, preset, or dict), and describe every kernel."""
     target = _with_host(_as_target(target))
-    pipeline, schedule = relax_pipeline(target, rules)
+    pipeline, schedule = relax_pipeline(target, rules, fuse)
     with target:
         relax_mod = pipeline(mod)
     program = _lower_tir(relax_mod, target)

@@ -340,6 +340,19 @@ def test_fused_tunable_points_run_on_pocl(cl_context, name):
     assert sources[0] != sources[1]  # two different schedules
 
 
+def test_rules_without_the_fused_one_keep_the_pair_apart(cl_context):
+    """A rule list without the fused rule, with ``fuse=False``: the pair stays two kernels that
+    those rules schedule (fused, its PrimFunc would have gone to dlight), and the output
+    matches onnxruntime on PoCL."""
+    model, shape, mod, _ = _fused_build("c16_residual_relu", "mali")
+    program = opencl.lower(mod, resolve_target("mali"), rules=[Pointwise(), Depthwise()],
+                           fuse=False)
+    assert sorted(_conv_schedules(program).values()) == ["Depthwise", "Pointwise"], \
+        program.schedules
+    error = _check_on_pocl(program, model, shape, cl_context)
+    assert error < 1e-4, f"max rel error {error:.2e}"
+
+
 def test_fused_rule_refuses_what_is_not_its(models):
     """Only the fused PrimFuncs, only on GPU targets; the single-conv rules leave them alone."""
     _, _, mod, _ = _fused_build("c16_residual_relu", "mali")
