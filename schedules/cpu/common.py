@@ -163,14 +163,11 @@ def build_padded_rows(sch: s_tir.Schedule, pad, under, lanes: int, tunable: bool
         loops = sch.get_loops(pad)
         below = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(under)))
         try:
-            sch.decompose_padding(pad, loops[below + 1])
+            sch.decompose_padding(pad, loops[below + 1])  # ``pad`` is now the in-bound copy
         except s_tir.ScheduleError:
             # TVM's pattern match fails on some bands (one output row per band: the rows are
             # indexed by the fused parallel loop alone); the schedule is left unchanged.
             pass
-        else:
-            sch.vectorize(sch.split(sch.get_loops(pad)[-1], [None, lanes])[1])
-            return
     sch.vectorize(sch.split(sch.get_loops(pad)[-1], [None, lanes])[1])
 
 

@@ -53,19 +53,19 @@ class Dense(ScheduleRule):
         kept = [b for b in epilogue[:-1] if not _try_inline(sch, b)] + epilogue[-1:]
         last = kept[0] if len(kept) == 1 else None
         knobs = cpu_knobs(target)
-        # Long contiguous runs of each weight row (accumulators live in L1, not registers), but
-        # enough tiles for every core.
         # Vectors of the widest power of two <= lanes that divides the columns: 1000 classes
         # on AVX-512 take 8-wide vectors (a 250-wide one, split by LLVM into registers and
         # masked parts, streamed VGG's last layer at a quarter of the bandwidth).
         vector = next(v for v in (knobs.lanes >> s for s in range(knobs.lanes.bit_length()))
                       if cols % v == 0)
-        tile = largest_divisor(cols, max(vector, min(512, cols // (2 * knobs.cores))),
-                               multiple_of=vector)
-        *batch, i, j, k = loops
         splits = largest_divisor(extents[-1], knobs.cores)
         if splits > 1 and extents[-1] >= MIN_ROWS_PER_CORE * splits:
             return _split_reduction(sch, block, last, splits, vector)
+        # Output tiles: long contiguous runs of each weight row (accumulators live in L1, not
+        # registers), but enough tiles for every core.
+        tile = largest_divisor(cols, max(vector, min(512, cols // (2 * knobs.cores))),
+                               multiple_of=vector)
+        *batch, i, j, k = loops
         jo, ji = sch.split(j, [None, tile])
         jv, jl = sch.split(ji, [None, vector if vector > 1 else tile])
         sch.reorder(*batch, jo, k, i, jv, jl)

@@ -1,7 +1,8 @@
 """Depthwise convolution (group = in_channels, depth multiplier r) on CPUs.
 
 Output rows are cut into bands (`common.row_band`); each band's padded input rows are built
-once (compute_at the band, so they stay in L1) and read by the channel's r output channels.
+once (compute_at the band, so they stay in L1; whole-vector copies where the rows are whole
+vectors, `common.build_padded_rows`) and read by the channel's r output channels.
 Output rows are vectorized along W, several vectors per row in registers while the kh x kw taps
 stream over them. Channels x bands spread over the cores.
 
