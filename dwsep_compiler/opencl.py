@@ -191,8 +191,9 @@ def relax_pipeline(target, rules=None, fuse: bool = True):
 
 def lower(mod: tvm.IRModule, target, rules=None, fuse: bool = True) -> GpuProgram:
     """Run the Relax pipeline (`relax_pipeline`: TVM's for ``target``, with our schedule rules
-    first; ``rules`` and ``fuse`` as there) and the TIR pipeline ``tvm.compile`` uses on ``mod`` (a Relax module as imported),
-    for ``target`` (an OpenCL target, preset, or dict), and describe every kernel."""
+    first; ``rules`` and ``fuse`` as there) and the TIR pipeline ``tvm.compile`` uses on
+    ``mod`` (a Relax module as imported), for ``target`` (an OpenCL target, preset, or dict),
+    and describe every kernel."""
     target = _with_host(_as_target(target))
     pipeline, schedule = relax_pipeline(target, rules, fuse)
     with target:

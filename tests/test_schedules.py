@@ -574,6 +574,7 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     run in parallel."""
     from onnx import helper, numpy_helper
 
+    from dwsep_compiler.schedules.cpu.common import largest_divisor
     from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
@@ -593,10 +594,11 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     script = scheduled[dense[0]].script()
     cores = cpu_knobs(HOST.tvm_target()).cores
     parallel = [int(p) for p in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", script)]
-    split = k % cores == 0 and k >= MIN_ROWS_PER_CORE * cores and cores > 1
+    splits = largest_divisor(k, cores)  # one contiguous run of rows per core
+    split = splits > 1 and k >= MIN_ROWS_PER_CORE * splits
     partials = re.findall(r"(\w+_rf) = T\.sblock_alloc_buffer\(\((?:T\.int64\()?(\d+)", script)
     if split:
-        assert parallel == [cores] and [int(c) for _, c in partials] == [cores], script
+        assert parallel == [splits] and [int(c) for _, c in partials] == [splits], script
     else:
         assert not partials and len(parallel) == 1, script
     if n % 2 == 0:  # vectors no wider than a register, dividing N (1000: 8 lanes on AVX-512)

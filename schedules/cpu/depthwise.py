@@ -43,7 +43,7 @@ class Depthwise(ScheduleRule):
         return self._schedule(blocks, knobs, multiplier, vectors, vector, band_rows, tunable)
 
     def _schedule(self, blocks, knobs, multiplier: int, vectors, vector: int, band_rows,
-                  tunable: bool = False):
+                  tunable: bool):
         sch = blocks.sch
         conv = blocks.conv
         stride = _column_stride(sch, conv) if blocks.pad is not None else None
