@@ -16,7 +16,7 @@ from dwsep_compiler.targets import resolve_target
 
 from helpers import light_model_path, real_input_names, rel_error, run_onnx, with_outputs
 
-MODELS = ["vgg19", "resnet50", "zfnet512", "bvlc_alexnet", "inception_v1"]
+MODELS = ["vgg19", "resnet50", "zfnet512", "bvlc_alexnet", "inception_v1", "squeezenet", "shufflenet"]
 
 
 def _probes(model, layers):

@@ -61,21 +61,40 @@ def find_depthwise(func: tirx.PrimFunc) -> tuple[ConvBlocks, int] | None:
     _, out_channels, _, _, rc, _, _ = extents(sch, blocks.conv)
     if rc != 1:  # a grouped conv with several channels per group is not depthwise
         return None
-    in_channels = int(sch.get(blocks.conv).reads[0].source.shape[1])
-    if out_channels % in_channels:
+    channels = in_channels(sch, blocks)
+    if out_channels % channels:
         return None
-    return blocks, out_channels // in_channels
+    return blocks, out_channels // channels
 
 
-def find_pointwise(func: tirx.PrimFunc) -> ConvBlocks | None:
-    """A 1x1 conv PrimFunc with stride 1 and no padding (a GEMM over the pixels)."""
-    blocks = find_conv(func, names=("conv2d_nchw",))
+def find_pointwise(func: tirx.PrimFunc, grouped: bool = False) -> ConvBlocks | None:
+    """A 1x1 conv PrimFunc with stride 1 and no padding (a GEMM over the pixels); with
+    ``grouped``, grouped ones too (a GEMM per group; not depthwise: one input channel per
+    group is `find_depthwise`'s)."""
+    blocks = find_conv(func, names=("conv2d_nchw", "group_conv2d_nchw") if grouped
+                       else ("conv2d_nchw",))
     if blocks is None:
         return None
-    kh, kw = extents(blocks.sch, blocks.conv)[5:]
+    *_, rc, kh, kw = extents(blocks.sch, blocks.conv)
     if (kh, kw) != (1, 1) or not unit_stride_no_pad(blocks.sch, blocks):
         return None
+    if blocks.kind == "group_conv2d_nchw" and rc == 1:
+        return None
     return blocks
+
+
+def in_channels(sch: s_tir.Schedule, blocks: ConvBlocks) -> int:
+    """Input channels of the conv (all groups)."""
+    source = blocks.pad if blocks.pad is not None else blocks.conv
+    return int(sch.get(source).reads[0].source.shape[1])
+
+
+def group_out_channels(sch: s_tir.Schedule, blocks: ConvBlocks) -> int:
+    """Output channels per group: all of them for a standard conv. Channel tiles of the
+    grouped convs (ShuffleNet's 1x1, AlexNet's and ResNeXt's kxk) divide it, so that each tile
+    reads one group's input channels."""
+    _, out_channels, _, _, rc, _, _ = extents(sch, blocks.conv)
+    return out_channels // (in_channels(sch, blocks) // rc)
 
 
 def channel_tile(pixels: int, out_channels: int, lanes: int,

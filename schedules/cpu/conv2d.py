@@ -17,8 +17,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (copy_padded_input, divisors, extents, find_conv, inline_epilogue, knob,
-                     largest_divisor, vector_tile)
+from .common import (copy_padded_input, divisors, extents, find_conv, group_out_channels,
+                     inline_epilogue, knob, largest_divisor, vector_tile)
 from .knobs import cpu_knobs
 from .packed import find_packed_conv, schedule_channel_tile
 
@@ -27,7 +27,7 @@ class Conv2D(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        blocks = find_conv(func, names=("conv2d_nchw",))
+        blocks = find_conv(func, names=("conv2d_nchw", "group_conv2d_nchw"))
         if blocks is None:
             packed = find_packed_conv(func, kernel_1x1=False)
             return None if packed is None else schedule_channel_tile(packed, target, tunable)
@@ -36,9 +36,10 @@ class Conv2D(ScheduleRule):
         knobs = cpu_knobs(target)
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=2)
         registers = max(1, -(-tile // knobs.lanes))
-        co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
+        group_co = group_out_channels(sch, blocks)  # co, but for grouped convs
+        co_block = largest_divisor(group_co, max(1, knobs.accumulators // registers))
         vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 4))
-        co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
+        co_block = knob(sch, tunable, co_block, divisors(group_co, knobs.accumulators))
         return self._schedule(blocks, knobs, co_block, vectors, vector)
 
     def _schedule(self, blocks, knobs, co_block, vectors, vector):

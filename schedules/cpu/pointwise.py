@@ -28,8 +28,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (divisors, extents, find_pointwise, inline_epilogue, knob, largest_divisor,
-                     vector_tile)
+from .common import (divisors, extents, find_pointwise, group_out_channels, in_channels,
+                     inline_epilogue, knob, largest_divisor, vector_tile)
 from .knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
 from .packed import find_packed_conv, schedule_channel_tile
 
@@ -38,12 +38,13 @@ class Pointwise(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        blocks = find_pointwise(func)
+        blocks = find_pointwise(func, grouped=True)
         if blocks is None:
             packed = find_packed_conv(func, kernel_1x1=True)
             return None if packed is None else schedule_channel_tile(packed, target, tunable)
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
+        group_co = group_out_channels(sch, blocks)  # co, but for grouped convs
         knobs = cpu_knobs(target)
         pixels = h * w
         tile, vector = vector_tile(pixels, knobs.lanes, max_vectors=2)
@@ -54,8 +55,8 @@ class Pointwise(ScheduleRule):
             # -> 512 1.2-1.4x faster.
             tile = 2 * vector
         registers = max(1, -(-tile // knobs.lanes))
-        co_block = largest_divisor(co, max(1, knobs.accumulators // registers))
-        stage = stage_input_tile(ci, co // co_block, pixels, tile)  # decided on the defaults
+        co_block = largest_divisor(group_co, max(1, knobs.accumulators // registers))
+        stage = stage_input_tile(in_channels(sch, blocks), co // co_block, pixels, tile)  # decided on the defaults
         whole = pixels // vector
         if (not stage and vector == knobs.lanes and tile == 2 * vector
                 and (whole % 3 == 0 or whole >= 12)):
@@ -66,10 +67,10 @@ class Pointwise(ScheduleRule):
             # ResNet-50's 28x28 and 56x56 layers 0.87-0.96x (one 1.02x). Staged columns keep
             # two (their copy grows with the tile).
             tile = 3 * vector
-            co_block = largest_divisor(co, max(1, knobs.accumulators // 3))
+            co_block = largest_divisor(group_co, max(1, knobs.accumulators // 3))
         vectors = knob(sch, tunable, tile // vector,
                        divisors(whole, 8) + ([2, 3, 4] if whole >= 8 else []))
-        co_block = knob(sch, tunable, co_block, divisors(co, knobs.accumulators))
+        co_block = knob(sch, tunable, co_block, divisors(group_co, knobs.accumulators))
         return self._schedule(blocks, knobs, co_block, vectors, vector, stage)
 
     def _schedule(self, blocks, knobs, co_block, vectors, vector: int, stage: bool = False):
