@@ -2,8 +2,9 @@
 packed into channel blocks at compile time.
 
 A float32 NCHW ``conv2d`` with a constant OIHW weight and groups = 1 whose pixels do not fill
-vector registers (1x1: the pixel count per image is not a multiple of the target's lanes;
-larger kernels: the output row is not, e.g. ResNet-50's and VGG's 56, 28, 14 and 7 on AVX-512)
+vector registers (1x1 with more than `MAX_UNPACKED_POINTWISE_CHANNELS` input channels: the
+pixel count per image is not a multiple of the target's lanes; larger kernels: the output row
+is not, e.g. ResNet-50's and VGG's 56, 28, 14 and 7 on AVX-512)
 becomes a call of ``conv2d_packed``: the same computation, its weight repacked into blocks of
 ``b`` output channels that are whole vectors, ``[O / b, C, b]`` for 1x1 and
 ``[O / b, C, kh, kw, b]`` otherwise (`schedules.cpu.common.channel_tile` picks ``b`` and the pixel
@@ -33,6 +34,16 @@ from .relax_fuse_dwpw import _is_conv, _layout_ok
 from .relax_rewrite import CallRewritePass, CallRewriter, constant_value
 
 PACKED_NAME = "conv2d_packed"  # the PrimFunc's compute block (`schedules.cpu.packed`)
+
+# Pointwise convs with at most this many input channels stay pixel-vectorized (partial
+# vectors): the packed tile writes its outputs back to NCHW transposed, a cost the reduction
+# amortizes only over enough input channels. Measured in-model against packing them (2-core
+# AVX-512, interleaved builds): SqueezeNet rank 1 0.75x the time (its 16 -> 64 at 55x55,
+# 32 -> 128 at 27x27, 48 -> 192 and 64 -> 256 at 13x13, the stem's 3 -> 64 at 111x111), ZFNet
+# rank 1 0.91x, AlexNet 0.98x, the original SqueezeNet 0.95x; Fashion, ddddocr, Inception-v2
+# and ResNet-50 unchanged (0.97-1.01x). 64 and 128 measured alike on SqueezeNet; standard kxk
+# convs keep packing at any width (SqueezeNet's 3x3 unpacked: 1.05x slower).
+MAX_UNPACKED_POINTWISE_CHANNELS = 64
 
 
 def packed_pointwise(x: te.Tensor, w: te.Tensor) -> te.Tensor:
@@ -106,6 +117,8 @@ class _Rewriter(CallRewriter):
                      and all(int(s) == 1 for s in attrs.strides))
         # The pixel-vectorized kernels vectorize the pixels (pointwise) or an output row.
         if (out_h * out_w if pointwise else out_w) % self.lanes == 0:
+            return call
+        if pointwise and w_shape[1] <= MAX_UNPACKED_POINTWISE_CHANNELS:
             return call
         tile = channel_tile(out_h * out_w, w_shape[0], self.lanes, self.accumulators)
         if tile is None:

@@ -295,18 +295,23 @@ def _pointwise_model(rng, cin, cout, hw, batch=1, residual=False):
 
 
 # (in, out, hw, batch, residual): 49, 196, 45, 60 pixels (not whole vectors of 16 or 8 lanes);
-# 32 and 64 output channels (two-vector blocks), 48 (one-vector blocks on AVX-512).
-PACKED_CASES = [(20, 32, (7, 7), 1, False), (32, 32, (7, 7), 2, True),
-                (13, 48, (14, 14), 1, False), (64, 64, (5, 9), 1, True),
-                (3, 32, (6, 10), 1, False), (32, 32, (6, 10), 1, True)]  # tiles of 12 cross rows
+# 32 and 64 output channels (two-vector blocks), 48 (one-vector blocks on AVX-512); 65 and more
+# input channels (packed), 64 and fewer (pixel-vectorized, partial vectors).
+PACKED_CASES = [(72, 32, (7, 7), 1, False), (96, 96, (7, 7), 2, True),
+                (65, 48, (14, 14), 1, False), (80, 80, (5, 9), 1, True),
+                (100, 32, (6, 10), 1, False),  # tiles of 12 cross rows
+                (20, 32, (7, 7), 1, False), (64, 64, (5, 9), 1, True), (3, 32, (6, 10), 1, False)]
 
 
 @pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: f"{c[0]}x{c[1]}@{c[2][0]}x{c[2][1]}")
 def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
-    """Pixels that do not fill vectors: the weights are packed into channel blocks and the tile
-    vectorizes output channels; bias, residual add and ReLU fuse into it; batch 2 works; the
-    output matches onnxruntime."""
-    from dwsep_compiler.passes.relax_pack_weights import PackConvWeights
+    """Pixels that do not fill vectors, over more than 64 input channels: the weights are packed
+    into channel blocks and the tile vectorizes output channels; bias, residual add and ReLU fuse
+    into it; batch 2 works. With 64 input channels or fewer the pixels stay in the vectors (the
+    packed tile's transposed write-back outweighs a short reduction). Outputs match
+    onnxruntime."""
+    from dwsep_compiler.passes.relax_pack_weights import (MAX_UNPACKED_POINTWISE_CHANNELS,
+                                                          PackConvWeights)
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
     cin, cout, hw, batch, residual = case
@@ -315,7 +320,7 @@ def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
     mod = import_onnx(model, {"x": shape})
     rewrite = PackConvWeights(knobs.lanes, knobs.accumulators)
     rewrite(mod)
-    packs = (hw[0] * hw[1]) % knobs.lanes != 0
+    packs = (hw[0] * hw[1]) % knobs.lanes != 0 and cin > MAX_UNPACKED_POINTWISE_CHANNELS
     assert rewrite.rewritten == int(packs)
     _, applied = schedules.schedule_module(mod, HOST.tvm_target())
     packed = [name for name, rule in applied.items() if "conv2d_packed" in name]
@@ -343,7 +348,7 @@ def test_packed_pointwise_tunable_rows_and_gating_digests():
     assert pack_weight(weight, 32).shape == (2, 24, 32)
     np.testing.assert_array_equal(pack_weight(weight, 32)[1, :, 5], weight[32 + 5, :, 0, 0])
 
-    model, shape = _pointwise_model(rng, 24, 64, (7, 7))
+    model, shape = _pointwise_model(rng, 96, 64, (7, 7))
     target = HOST.tvm_target()
     mod = legalized(import_onnx(model, {"x": shape}), target)
     func = next(f for gv, f in mod.functions_items() if "conv2d_packed" in gv.name_hint)
@@ -378,7 +383,7 @@ def test_batch_norm_folds_into_the_conv_or_decomposes(kind):
     from helpers import make_model
 
     rng = np.random.default_rng(7)
-    hw, cin, cout = (7, 7), 8, 32
+    hw, cin, cout = (7, 7), (96 if kind == "1x1-packed" else 8), 32
     if kind == "bn-on-input":
         stats = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
                  [("g", rng.uniform(0.5, 1.5, cin)), ("b", rng.standard_normal(cin)),
@@ -403,6 +408,7 @@ def test_batch_norm_folds_into_the_conv_or_decomposes(kind):
     if kind != "bn-on-input":
         conv = [n for n in applied if "conv2d" in n]
         assert len(conv) == 1 and "relu" in conv[0], applied
+        assert kind != "1x1-packed" or "conv2d_packed" in conv[0], applied
         # The tuning gate still finds the conv's kernel by its ONNX weight (folded, packed).
         weight = {t.name: t for t in model.graph.initializer}["W"]
         wanted = gating.digest(numpy_helper.to_array(weight))
