@@ -1,11 +1,13 @@
-"""Standard convolution (groups = 1, any kernel) on CPUs: direct convolution, register-blocked.
+"""Standard and grouped convolution (any kernel) on CPUs: direct convolution, register-blocked.
 
 The convs the rewrite leaves alone (skipped layers, ``--rank full`` comparisons, the original
 model) must not become the slow path. Output tile: ``co_block`` channels x ``vectors * lanes``
 pixels of one row in vector registers; the reduction runs over input channels and taps. The
 padded input is materialized once (a parallel, vectorized copy); the epilogue runs per row tile.
 
-Knobs (sampled with ``tunable=True``): ``co_block``, ``vectors``.
+Knobs (sampled with ``tunable=True``): ``co_block``, ``vectors``. For grouped convs (AlexNet's,
+ResNeXt's; the rewrite skips them) ``co_block`` divides a group's output channels, so that a tile
+reads one group's inputs; depthwise convs are `depthwise.py`'s.
 
 Where an output row is not whole vectors (56, 28, 14, 7 pixels on AVX-512) the weights are
 packed into blocks of output channels and the tile turns around (`packed.py`).

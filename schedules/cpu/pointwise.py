@@ -7,11 +7,12 @@ clip, residual add) runs on the tile while it is hot. Pixel tiles x channel tile
 the cores.
 
 Knobs (sampled with ``tunable=True``): ``co_block`` (output channels per tile) and ``vectors``
-(registers per row of the tile); untuned values fill the target's vector registers.
+(registers per row of the tile); untuned values fill the target's vector registers. Grouped 1x1
+convs (ShuffleNet's) are a GEMM per group: ``co_block`` divides a group's output channels.
 
-Where the pixels are not whole vectors (49 or 196 per image on AVX-512),
-`passes/relax_pack_weights.py` packs the weights into blocks of output channels and the
-tile turns around: ``rows`` pixels x one channel block (whole vectors, contiguous weights), one
+Where the pixels are not whole vectors (49 or 196 per image on AVX-512) and there are more than
+64 input channels, `passes/relax_pack_weights.py` packs the weights into blocks of output
+channels and the tile turns around: ``rows`` pixels x one channel block (whole vectors, contiguous weights), one
 broadcast pixel per row of FMAs, accumulated in a local tile with the channels innermost and
 written back to NCHW transposed, through the epilogue. Knob: ``rows``.
 
