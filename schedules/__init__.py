@@ -23,6 +23,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
     from .apply import ApplyScheduleRules
 
     from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
+    from dwsep_compiler.passes.relax_conv_transpose import ConvTransposeToConv
     from dwsep_compiler.passes.relax_fast_sigmoid import FastSigmoid
     from dwsep_compiler.passes.relax_fold_bn import FoldBatchNormIntoConv2D
     from dwsep_compiler.passes.relax_pack_weights import PackConvWeights
@@ -35,7 +36,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
     knobs = cpu_knobs(target)
     front = (cpu_generic.library_dispatch_passes(target)
              + [FoldBatchNormIntoConv2D(decompose_rest=True, track_origins=track_origins),
-                SumToAdd(), StridedPointwiseToSlice(), FastSigmoid()]
+                SumToAdd(), StridedPointwiseToSlice(), ConvTransposeToConv(), FastSigmoid()]
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
              + [PackConvWeights(knobs.lanes, knobs.accumulators, track_origins)]
