@@ -66,6 +66,12 @@ class _Rewriter(CallRewriter):
         pads = conv_padding(weight.shape[2:], dilation, padding, output_padding)
         if pads is None:
             return call
+        # A guard against attributes read otherwise than the importer wrote them: the conv
+        # over the dilated input must have the transposed conv's shape.
+        out_hw = [(size - 1) * s + 1 + pads[i] + pads[i + 2] - d * (k - 1) for i, (size, s, d, k)
+                  in enumerate(zip(x_shape[2:], strides, dilation, weight.shape[2:]))]
+        if [x_shape[0], weight.shape[1], *out_hw] != [int(d) for d in call.ty.shape]:
+            return call
         conv_weight = as_conv_weight(weight)
         self.replaced(conv_weight, weight)
         if strides != [1, 1]:

@@ -83,10 +83,15 @@ def find_pointwise(func: tirx.PrimFunc, grouped: bool = False) -> ConvBlocks | N
     return blocks
 
 
+def input_buffer(sch: s_tir.Schedule, blocks: ConvBlocks) -> tirx.Buffer:
+    """The conv's input as the PrimFunc receives it (before any padding)."""
+    source = blocks.pad if blocks.pad is not None else blocks.conv
+    return sch.get(source).reads[0].source
+
+
 def in_channels(sch: s_tir.Schedule, blocks: ConvBlocks) -> int:
     """Input channels of the conv (all groups)."""
-    source = blocks.pad if blocks.pad is not None else blocks.conv
-    return int(sch.get(source).reads[0].source.shape[1])
+    return int(input_buffer(sch, blocks).shape[1])
 
 
 def group_out_channels(sch: s_tir.Schedule, blocks: ConvBlocks) -> int:
@@ -142,9 +147,7 @@ def extents(sch: s_tir.Schedule, block) -> list[int]:
 def unit_stride_no_pad(sch, blocks) -> bool:
     """Output pixels map 1:1 onto input pixels (a 1x1 conv with stride 1 and no padding)."""
     n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
-    source = blocks.pad if blocks.pad is not None else blocks.conv
-    data = sch.get(source).reads[0].source
-    return [int(d) for d in data.shape[2:]] == [h, w]
+    return [int(d) for d in input_buffer(sch, blocks).shape[2:]] == [h, w]
 
 
 def inline_epilogue(blocks: ConvBlocks):
