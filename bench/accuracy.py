@@ -62,17 +62,29 @@ def ddddocr_task(limit: int, calibration_size: int):
             "metric": f"exact string (case-insensitive), {limit} rendered 4-7 char strings"}
 
 
-METHODS = ("svd", "layerwise", "end-to-end")
+# Each method: compile_model's calibration options. "linear" is the layer-wise method before
+# the post-activation fit and the model-output sensitivity; "layerwise" is today's default.
+METHODS = {
+    "svd": None,
+    "linear": {"fit": "linear", "sensitivity": "layer"},
+    "post-activation": {"fit": "post-activation", "sensitivity": "layer"},
+    "sensitivity": {"fit": "linear", "sensitivity": "model-output"},
+    "layerwise": {"fit": "post-activation", "sensitivity": "model-output"},
+    "end-to-end": {"fit": "post-activation", "sensitivity": "model-output", "finetune": True},
+}
+DEFAULT_METHODS = ("svd", "linear", "post-activation", "sensitivity", "layerwise", "end-to-end")
 
 
 def run_point(task, out_dir: str, method: str, finetune_steps: int, **ranks) -> dict:
-    calibrated = method != "svd"
+    options = dict(METHODS[method] or {})
+    calibrated = METHODS[method] is not None
+    finetune = options.pop("finetune", False)
     started = time.perf_counter()
     result = compile_model(task["model"], compile=False, output_dir=out_dir,
                            input_shapes=task["input_shapes"],
                            calibration=task["calibration"] if calibrated else None,
-                           finetune_steps=finetune_steps if method == "end-to-end" else 0,
-                           **ranks)
+                           finetune_steps=finetune_steps if finetune else 0,
+                           **options, **ranks)
     seconds = time.perf_counter() - started
     totals = result.report.totals()
     return {"method": method, "calibrated": calibrated, **ranks,
@@ -88,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--ranks", default="1,2,3,4")
     parser.add_argument("--limit", type=int, default=None,
                         help="test images (fashion: 2000) or strings (ddddocr: 200)")
-    parser.add_argument("--methods", default=",".join(METHODS),
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma list of {', '.join(METHODS)} (end-to-end needs torch)")
     parser.add_argument("--finetune-steps", type=int, default=150,
                         help="steps of the end-to-end stage (after layer-wise distillation)")

@@ -95,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="distillation target: the original model's layer output on the "
                              "original activations, or the original conv on the rewritten "
                              "model's activations [default: original]")
+    parser.add_argument("--fit", choices=("post-activation", "linear"),
+                        default="post-activation",
+                        help="with --calibration: refit layers read by a ReLU-like activation "
+                             "to match the teacher after it, or keep the pre-activation least "
+                             "squares fit [default: post-activation]")
+    parser.add_argument("--sensitivity", choices=("model-output", "layer"),
+                        default="model-output",
+                        help="with --calibration, what --macs-ratio/--max-error price a rank "
+                             "by: the model outputs' error with that layer alone approximated, "
+                             "or the layer's own output error [default: model-output]")
     parser.add_argument("--finetune-steps", type=count("finetune steps"), default=0, metavar="N",
                         help="after the layer-wise distillation, train the factorized layers end "
                              "to end against the original model for N Adam steps on the "
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imports after parsing: --help and argument errors stay instant.
     from .errors import DwsepError
+    from .interrupt import run_interruptible
     from .model import parse_input_shapes
     from .pipeline import NoEligibleConvs, compile_model
     from .targets import list_targets
@@ -171,15 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda message: None) if args.quiet else (
         lambda message: print(message, file=sys.stderr, flush=True))
     try:
-        result = compile_model(
+        result = run_interruptible(lambda: compile_model(
             args.model, target=args.target, output_dir=args.output, rank=args.rank,
             energy=args.energy, force=args.force_rewrite, skip=args.skip,
             input_shapes=parse_input_shapes(args.input_shape), compile=not args.no_compile,
             cross_compiler=args.cross_compiler, verify=not args.no_verify, log=say,
             calibration=args.calibration, macs_ratio=args.macs_ratio, max_error=args.max_error,
+            fit=args.fit, sensitivity=args.sensitivity,
             teacher=args.teacher, finetune_steps=args.finetune_steps,
             finetune_lr=args.finetune_lr, tune=tune,
-            tuning_records=None if tune else args.tuning_records)
+            tuning_records=None if tune else args.tuning_records), PROG)
     except NoEligibleConvs as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

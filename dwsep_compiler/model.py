@@ -166,9 +166,10 @@ class ModelView:
 
 
 def view_model(
-    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+    model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], infer: bool = True
 ) -> ModelView:
-    """Build the `ModelView` of ``model`` with the given concrete input shapes."""
+    """Build the `ModelView` of ``model`` with the given concrete input shapes (``infer=False``:
+    only producers and consumers, no constants or shapes)."""
     graph = model.graph
     view = ModelView(model=model, input_shapes=dict(input_shapes))
     for node in graph.node:
@@ -178,6 +179,8 @@ def view_model(
         for inp in node.input:
             if inp:
                 view.consumers.setdefault(inp, []).append(node)
+    if not infer:
+        return view
     view.constants = _fold_constants(model)
     view.shapes = infer_shapes(model, input_shapes)
     for name, value in view.constants.items():

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from . import compile as tvm_compile
+from . import interrupt
 from .errors import DwsepError, first_line
 from .initialization.calibration import load_calibration
 from .initialization.stage import KEEP_ORIGINAL, Initializer, check_options
@@ -68,6 +69,8 @@ def compile_model(
     macs_ratio: float | None = None,
     max_error: float | None = None,
     teacher: str = "original",
+    fit: str = "post-activation",
+    sensitivity: str = "model-output",
     finetune_steps: int = 0,
     finetune_lr: float = 1e-4,
     tune=None,
@@ -88,7 +91,11 @@ def compile_model(
     feed dicts; see `load_calibration`). With it every factorized layer is distilled
     sequentially against the original model (``teacher``: see `distill_layers`) and the errors
     that drive ``macs_ratio``/``max_error`` are output errors on that data; without it the
-    factors are the data-free SVD and those errors are weight errors.
+    factors are the data-free SVD and those errors are weight errors. ``fit``:
+    ``"post-activation"`` (default) refits a layer read by a ReLU-like activation to match the
+    teacher after it, ``"linear"`` keeps the pre-activation fit. ``sensitivity``:
+    ``"model-output"`` (default) prices a layer's rank by the model outputs' error with that
+    layer alone approximated, ``"layer"`` by the layer's own output error.
 
     ``finetune_steps`` (needs ``calibration`` and PyTorch, the ``finetune`` extra): after the
     layer-wise distillation, train the factorized layers end to end against the original model
@@ -109,7 +116,8 @@ def compile_model(
     preset = target if isinstance(target, TargetPreset) else resolve_target(target)
     policy = check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
                            max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
-                           finetune_lr=finetune_lr, calibration=calibration)
+                           finetune_lr=finetune_lr, calibration=calibration, fit=fit,
+                           sensitivity=sensitivity)
     tuned = compile and (tune is not None or bool(tuning_records))
     if tuned:
         from . import tuning as tuning_stage
@@ -117,13 +125,16 @@ def compile_model(
         tuning_stage.check(tune, tuning_records, preset)
     output_dir = os.path.abspath(output_dir or default_output_dir(model_path))
     _check_output_dir(output_dir, model_path)
+    for stale in interrupt.remove_stale(os.path.dirname(output_dir)):
+        log(f"removed {stale}: left by an earlier run that was killed")
 
     model = load_model(model_path)
     shapes = resolve_input_shapes(model, input_shapes)
     calib = load_calibration(calibration, model, shapes) if calibration is not None else None
     init = Initializer(model, shapes, policy, frozenset(skip), calib, macs_ratio=macs_ratio,
                        max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
-                       finetune_lr=finetune_lr, source=model_path, log=log)
+                       finetune_lr=finetune_lr, fit=fit, sensitivity=sensitivity,
+                       source=model_path, log=log)
     result = init.factorize(init.initial_ranks())
     records = tuning = mod = None
     if tuned and any(layer.factorized for layer in result.layers):
@@ -145,11 +156,16 @@ def compile_model(
         model=os.path.abspath(model_path), target=preset.name, rank_policy=init.policy_text,
         layers=result.layers, model_macs_before=model_macs(result.view_before),
         model_macs_after=model_macs(after_view))
-    if calib is None:
+    if rank == "full":
         report.notes.append(
-            "WARNING: no calibration data: the factors are the data-free SVD of each kernel, "
-            "which can destroy a trained model's accuracy at ranks that save MACs; pass "
-            "--calibration FILE.npz (a few dozen real inputs) to distill every layer")
+            "rank=full: the exact rewrite (every eligible conv at full rank); it does not cut "
+            "MACs, it adds them: use it to check the rewrite, not to speed a model up")
+    if calib is None:
+        if rank != "full":  # exact at full rank: nothing for calibration to recover
+            report.notes.append(
+                "WARNING: no calibration data: the factors are the data-free SVD of each "
+                "kernel, which can destroy a trained model's accuracy at ranks that save MACs; "
+                "pass --calibration FILE.npz (a few dozen real inputs) to distill every layer")
     else:
         report.calibration = init.calibration_report()
         if calib.used_samples < calib.samples:
@@ -161,6 +177,7 @@ def compile_model(
     nothing = not report.factorized_layers
 
     staging = tempfile.mkdtemp(prefix=".dwsep-", dir=os.path.dirname(output_dir))
+    interrupt.mark_temporary(staging)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)
@@ -187,6 +204,7 @@ def compile_model(
         _replace_dir(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        interrupt.release(staging)
         raise
 
     out = CompileResult(output_dir, os.path.join(output_dir, MODEL_NAME), report)
@@ -239,15 +257,21 @@ def _check_output_dir(output_dir: str, model_path: str) -> None:
 
 
 def _replace_dir(staging: str, output_dir: str) -> None:
-    """Move the finished ``staging`` dir to ``output_dir``, replacing an earlier output."""
+    """Move the finished ``staging`` dir to ``output_dir``, replacing an earlier output. The
+    staging marker goes first (an interrupt meanwhile still removes ``staging``); the earlier
+    output, moved aside, is marked so a run killed here leaves nothing a later run keeps."""
+    os.remove(os.path.join(staging, interrupt.MARKER))
     if os.path.exists(output_dir):
         old = tempfile.mkdtemp(prefix=".dwsep-old-", dir=os.path.dirname(output_dir))
         os.rmdir(old)
         os.rename(output_dir, old)
+        interrupt.mark_temporary(old)
         os.rename(staging, output_dir)
         shutil.rmtree(old, ignore_errors=True)
+        interrupt.release(old)
     else:
         os.rename(staging, output_dir)
+    interrupt.release(staging)
 
 
 def _session(path_or_model) -> ort.InferenceSession:

@@ -30,6 +30,11 @@ class LayerReport:
     # the teacher being the original model's output of this conv (after BN when folded).
     output_rel_error: float | None = None  # with the distilled factors
     svd_output_rel_error: float | None = None  # with the data-free SVD factors, same input
+    # The post-activation fit (a layer read only by a ReLU-like activation): the same relative
+    # error measured after that activation, of the linear fit and of the refit that replaced it.
+    activation: str | None = None
+    linear_post_activation_rel_error: float | None = None
+    post_activation_rel_error: float | None = None
     # With tuning records (None without): the best measured kernel time of this layer as it is
     # deployed (DW+PW, or the original conv when kept) and of its original conv, on the device.
     latency_ms: float | None = None

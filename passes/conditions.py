@@ -25,6 +25,7 @@ class SkipReason(str, enum.Enum):
     NOT_2D = "not_2d"
     NON_CONSTANT_WEIGHTS = "non_constant_weights"
     NON_FLOAT32 = "non_float32_weights"
+    NON_FINITE = "non_finite_weights"
     NON_CONSTANT_BIAS = "non_constant_bias"
     UNSUPPORTED_LAYOUT = "unsupported_layout"
     UNKNOWN_SHAPE = "unknown_shape"
@@ -39,6 +40,7 @@ DETAILS = {
     SkipReason.NOT_2D: "only 2-D convolutions are rewritten",
     SkipReason.NON_CONSTANT_WEIGHTS: "weights are computed at run time, not constants",
     SkipReason.NON_FLOAT32: "only float32 weights are rewritten",
+    SkipReason.NON_FINITE: "the weights or bias (after BN folding) hold NaN or infinite values",
     SkipReason.NON_CONSTANT_BIAS: "bias is computed at run time, not a constant",
     SkipReason.UNSUPPORTED_LAYOUT: "only NCHW data with OIHW kernels is rewritten",
     SkipReason.UNKNOWN_SHAPE: "the output shape could not be inferred",
@@ -59,6 +61,7 @@ class ConvSpec:
     strides: tuple[int, ...]
     has_bias: bool
     bias_constant: bool = True
+    bias_finite: bool = True  # no NaN/Inf in the (BN-folded) bias
     batch: int | None = None
     out_spatial: tuple[int, ...] | None = None
     layout_ok: bool = True
@@ -89,6 +92,8 @@ def _refusal(spec: ConvSpec, skip: set[str]) -> SkipReason | None:
         return SkipReason.NON_CONSTANT_WEIGHTS
     if spec.weight_dtype != "float32":
         return SkipReason.NON_FLOAT32
+    if not spec.bias_finite or not np.all(np.isfinite(spec.weight)):
+        return SkipReason.NON_FINITE
     if spec.has_bias and not spec.bias_constant:
         return SkipReason.NON_CONSTANT_BIAS
     if spec.batch is None or spec.out_spatial is None:

@@ -38,6 +38,14 @@ class ConvSite:
     bias: np.ndarray | None
     batch_norm: onnx.NodeProto | None  # an inference BN to fold, if any
     spec: ConvSpec
+    # The elementwise activation that alone reads the layer's output (after the folded BN), if
+    # any: the post-activation fit matches the teacher through it.
+    activation: "FollowingActivation | None" = None
+
+    @property
+    def output(self) -> str:
+        """The tensor the factorized pair writes: the conv's output, or its folded BN's."""
+        return self.batch_norm.output[0] if self.batch_norm is not None else self.node.output[0]
 
 
 def conv_sites(view: ModelView) -> list[ConvSite]:
@@ -79,22 +87,64 @@ def _site(view: ModelView, node: onnx.NodeProto, name: str) -> ConvSite:
         strides=tuple(attribute(node, "strides", None) or [1] * len(kernel)),
         has_bias=bool(bias_name) or batch_norm is not None,
         bias_constant=not bias_name or bias is not None,
+        bias_finite=bias is None or bool(np.all(np.isfinite(bias))),
         batch=x_shape[0] if x_shape else None,
         out_spatial=tuple(y_shape[2:]) if y_shape else None,
     )
-    return ConvSite(node, name, weight, bias, batch_norm, spec)
+    site = ConvSite(node, name, weight, bias, batch_norm, spec)
+    site.activation = following_activation(view, site.output)
+    return site
+
+
+ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh")
+
+
+@dataclass(frozen=True)
+class FollowingActivation:
+    """An elementwise activation applied to a tensor and nothing else reading it: ``op`` is an
+    ONNX op type of `ACTIVATIONS` or ``"Silu"`` (``x * Sigmoid(x)``, two nodes); ``node`` holds
+    the parameters (LeakyRelu's alpha, PRelu's slope, Clip's bounds); ``output`` is the
+    activated tensor."""
+
+    op: str
+    node: onnx.NodeProto
+    output: str
+
+
+def following_activation(view: ModelView, tensor: str) -> FollowingActivation | None:
+    """The activation that alone reads ``tensor`` (not a graph output), if any."""
+    single = _only_reader(view, tensor, ACTIVATIONS)
+    if single is not None:
+        return FollowingActivation(single.op_type, single, single.output[0])
+    readers = view.consumers.get(tensor, [])
+    if len(readers) != 2 or tensor in view.graph_outputs:
+        return None
+    sigmoid = next((n for n in readers if n.op_type == "Sigmoid"), None)
+    mul = next((n for n in readers if n.op_type == "Mul"), None)
+    if sigmoid is None or mul is None or sigmoid.input[0] != tensor:
+        return None
+    if sorted(mul.input) != sorted([tensor, sigmoid.output[0]]):
+        return None
+    if view.consumers.get(sigmoid.output[0], []) != [mul] or sigmoid.output[0] in view.graph_outputs:
+        return None
+    return FollowingActivation("Silu", mul, mul.output[0])
+
+
+def _only_reader(view: ModelView, tensor: str, op_types) -> onnx.NodeProto | None:
+    """The node reading ``tensor`` when it is the only reader and one of ``op_types``."""
+    readers = view.consumers.get(tensor, [])
+    if len(readers) != 1 or tensor in view.graph_outputs:
+        return None
+    reader = readers[0]
+    if reader.op_type not in op_types or reader.domain not in _ONNX_DOMAINS:
+        return None
+    return reader if reader.input[0] == tensor else None
 
 
 def _foldable_batch_norm(view: ModelView, conv: onnx.NodeProto) -> onnx.NodeProto | None:
     """The inference BatchNormalization that is the only reader of this conv's output, if any."""
-    out = conv.output[0]
-    readers = view.consumers.get(out, [])
-    if len(readers) != 1 or out in view.graph_outputs:
-        return None
-    bn = readers[0]
-    if bn.op_type != "BatchNormalization" or bn.domain not in _ONNX_DOMAINS:
-        return None
-    if bn.input[0] != out or len(bn.input) < 5:
+    bn = _only_reader(view, conv.output[0], ("BatchNormalization",))
+    if bn is None or len(bn.input) < 5:
         return None
     if attribute(bn, "training_mode", 0) or any(o for o in bn.output[1:]):
         return None
@@ -156,7 +206,7 @@ def apply_plans(model: onnx.ModelProto, sites: list[ConvSite], plans: list[ConvP
             continue
         node = site.node
         plan.report.bn_folded = site.batch_norm is not None
-        final_output = site.batch_norm.output[0] if site.batch_norm else node.output[0]
+        final_output = site.output
         if site.batch_norm is not None:
             folded_bn_outputs.add(site.batch_norm.output[0])
         m = plan.report.in_channels

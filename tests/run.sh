@@ -24,6 +24,10 @@ fi
 
 # finetune: torch==2.13.0 (a CPU build that pip takes from local disk on this project's machines)
 python3 -m pip install -q -e '.[test,finetune]'
+# Real OCR and detector models (ddddocr's files only: --no-deps keeps OpenCV out; nothing of
+# ddddocr is imported) and the renderer and font of bench/ddddocr_ocr.py.
+python3 -m pip install -q --no-deps ddddocr==1.6.1 captcha==0.7.1
+python3 -m pip install -q Pillow
 
 # The aarch64 Python root with the aarch64 TVM runtime wheel (built once, cached in .cache/).
 export DWSEP_CACHE_DIR="${DWSEP_CACHE_DIR:-$PWD/.cache}"

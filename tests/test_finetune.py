@@ -82,8 +82,8 @@ def test_onnx_module_names_unsupported_op():
     from dwsep_compiler.initialization.finetune import OnnxModule
 
     model = small_cnn(np.random.default_rng(0))
-    model.graph.node[1].op_type = "Elu"
-    with pytest.raises(DwsepError, match="operator Elu is not supported"):
+    model.graph.node[1].op_type = "Celu"
+    with pytest.raises(DwsepError, match="operator Celu is not supported"):
         OnnxModule(model)
 
 
@@ -129,8 +129,9 @@ def test_finetune_on_fashion_example(tmp_path):
 
 def _backbone_then(rng, head: str) -> onnx.ModelProto:
     """x [N, 2, 6, 10] -> conv1 3x3 -> relu -> conv2 3x3 -> relu, with an operator the torch
-    executor cannot run: ``"lstm"``, an LSTM over the width axis after the backbone (an OCR
-    model's recurrent head; its input, the cut tensor, is "seq"); ``"first"``, a Hardmax before
+    executor cannot run: ``"lstm"``, a plain RNN (ONNX ``RNN``, outside the executor, unlike
+    LSTM and GRU) over the width axis after the backbone (an OCR model's recurrent head; its
+    input, the cut tensor, is "seq"); ``"first"``, a Hardmax before
     conv1; ``"middle"``, a Hardmax between the convs."""
     inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * scale, name)
              for name, shape, scale in (("w1", (8, 2, 3, 3), 0.3), ("b1", (8,), 0.1),
@@ -149,13 +150,13 @@ def _backbone_then(rng, head: str) -> onnx.ModelProto:
     if head == "lstm":
         hidden = 8
         inits += [numpy_helper.from_array(np.array([0, 0, -1], np.int64), "seq_shape"),
-                  numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, 48)).astype(
+                  numpy_helper.from_array(rng.standard_normal((1, hidden, 48)).astype(
                       np.float32) * 0.2, "W"),
-                  numpy_helper.from_array(rng.standard_normal((1, 4 * hidden, hidden)).astype(
+                  numpy_helper.from_array(rng.standard_normal((1, hidden, hidden)).astype(
                       np.float32) * 0.2, "R")]
         nodes += [helper.make_node("Transpose", ["feat"], ["wnch"], perm=[3, 0, 1, 2]),
                   helper.make_node("Reshape", ["wnch", "seq_shape"], ["seq"]),
-                  helper.make_node("LSTM", ["seq", "W", "R"], ["y"], name="lstm",
+                  helper.make_node("RNN", ["seq", "W", "R"], ["y"], name="lstm",
                                    hidden_size=hidden)]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 10])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -186,7 +187,7 @@ def test_finetune_trains_the_prefix_before_an_unsupported_head(tmp_path):
     tuned, info = finetune(original, layerwise, layers, calib, steps=60, lr=3e-3)
 
     assert info["outputs"] == {"kind": "cut tensors", "names": ["seq"],
-                               "first_unsupported_op": "LSTM", "first_unsupported_node": "lstm",
+                               "first_unsupported_op": "RNN", "first_unsupported_node": "lstm",
                                "layers_not_reached": []}
     assert info["kept"] == "trained" and info["loss_end"] < info["loss_start"]
     assert set(info["layer_output_rel_error"]) == {"conv1", "conv2"}
@@ -197,13 +198,14 @@ def test_finetune_trains_the_prefix_before_an_unsupported_head(tmp_path):
     assert all(np.array_equal(before[k], after[k]) == (k not in trained) for k in before)
 
     # The written-back full model, run in onnxruntime: the cut features are closer to the
-    # original's than the layer-wise model's.
+    # original's than the layer-wise model's (in the relative RMS error the loss trains; the
+    # worst element may move either way).
     [teacher] = run_onnx(with_outputs(original, ["seq"]), {"x": x}, ["seq"])
     errors = {}
     for name, model in (("layerwise", layerwise), ("tuned", tuned)):
         y, seq = run_onnx(with_outputs(model, ["seq"]), {"x": x}, ["y", "seq"])
         assert y.shape == (10, 1, 32, 8)
-        errors[name] = rel_error(seq, teacher)
+        errors[name] = float(np.linalg.norm(seq - teacher) / np.linalg.norm(teacher))
     assert errors["tuned"] < errors["layerwise"], errors
 
 
@@ -280,4 +282,6 @@ def test_cli_finetune_small_steps(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     info = report["calibration"]["finetune"]
-    assert info["steps"] == 3 and info["loss_end"] <= info["loss_start"]
+    # Three Adam steps may overshoot a good layer-wise start: then the start is what is kept.
+    assert info["steps"] == 3
+    assert info["loss_end"] <= info["loss_start"] or info["kept"] == "initial", info

@@ -30,6 +30,10 @@ class RankCurve:
     name: str
     macs_before: int
     options: list[RankOption]
+    # When the options' errors are model-output errors (`sensitivity`): the layer's own relative
+    # output error by rank, and the ranks whose model-output error was measured (not interpolated).
+    layer_errors: dict[int, float] | None = None
+    measured: dict[int, float] | None = None
 
     @classmethod
     def build(cls, name: str, macs_before: int, points: list[tuple[int, int, float]]):

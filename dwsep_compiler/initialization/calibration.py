@@ -45,6 +45,7 @@ from ..model import MAX_IR_VERSION, ModelView, attribute, graph_inputs, same_pad
 from ..passes.conditions import ConvPlan
 from ..passes.onnx_factorize import ConvSite, _remove_dead, apply_plans
 from . import allocation, distill
+from .activation import Activation
 
 TEACHERS = ("original", "local")
 DEFAULT_BATCH = 16  # samples per run when the model's batch axis is dynamic
@@ -188,8 +189,10 @@ def _check_array(origin: str, name: str, array, sample_shape: tuple[int, ...]) -
             f"calibration {origin}: '{name}' has shape {tuple(array.shape)}, expected "
             f"[samples, {', '.join(map(str, sample_shape))}] (the model input without its batch "
             "axis; fix dynamic axes with --input-shape)")
-    if not np.all(np.isfinite(array)):
-        raise DwsepError(f"calibration {origin}: '{name}' contains NaN or infinite values")
+    finite = np.isfinite(array).all(axis=tuple(range(1, array.ndim)))
+    if not finite.all():
+        raise DwsepError(f"calibration {origin}: '{name}' sample {int(np.argmin(finite))} "
+                         "contains NaN or infinite values")
     return array
 
 
@@ -257,19 +260,53 @@ def conv_geometry(site: ConvSite, view: ModelView) -> distill.ConvGeometry:
     return distill.ConvGeometry(kernel, strides, (top, left, bottom, right), dilations)
 
 
-def teacher_tensor(site: ConvSite) -> str:
-    """The original model's tensor that the factorized layer replaces (BN output when folded)."""
-    return site.batch_norm.output[0] if site.batch_norm is not None else site.node.output[0]
+def layer_activation(site: ConvSite, view: ModelView) -> Activation | None:
+    """The piecewise-linear activation reading the layer's output (`ConvSite.activation`) as
+    the post-activation fit takes it; None when there is none or its parameters are not
+    constants of a supported form."""
+    if site.activation is None:
+        return None
+    node = site.activation.node
+    try:
+        if site.activation.op in ("Sigmoid", "Tanh", "Silu"):
+            return Activation.smooth(site.activation.op)
+        if node.op_type == "Relu":
+            return Activation.relu()
+        if node.op_type == "LeakyRelu":
+            return Activation.leaky_relu(attribute(node, "alpha", 0.01))
+        if node.op_type == "PRelu":
+            slope = view.constant(node.input[1])
+            if slope is None or slope.size not in (1, site.spec.weight_shape[0]):
+                return None
+            if slope.size > 1 and slope.shape[0] != slope.size:  # per channel: [N] or [N,1,1]
+                return None
+            return Activation.leaky_relu(slope.reshape(-1) if slope.size > 1 else slope.item())
+        if node.op_type == "Clip":
+            low, high = attribute(node, "min", -np.inf), attribute(node, "max", np.inf)
+            for index in (1, 2):  # opset 11+: bounds are optional inputs
+                if len(node.input) > index and node.input[index]:
+                    value = view.constant(node.input[index])
+                    if value is None or value.size != 1:
+                        return None
+                    low, high = (value.item(), high) if index == 1 else (low, value.item())
+            return Activation.clip(float(low), float(high))
+    except ValueError:  # e.g. a negative leaky slope
+        return None
+    return None
 
 
 # ------------------------------------------------------------------------------ rank curves
 
 def rank_curves(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite],
                 calibration: CalibrationSet, iterations: int = distill.DEFAULT_ITERATIONS,
-                ridge: float = distill.DEFAULT_RIDGE,
+                ridge: float = distill.DEFAULT_RIDGE, probe=None,
                 log: Callable[[str], None] | None = None) -> dict[str, allocation.RankCurve]:
     """Per layer, the relative output error after distillation at every MAC-saving rank, on the
-    original model's activations (each layer alone: the input to rank allocation)."""
+    original model's activations (each layer alone: the input to rank allocation).
+
+    With ``probe`` (a `sensitivity.OutputProbe`), each curve's errors are instead the model
+    outputs' relative error with that layer alone at that rank (measured at a few ranks, see
+    `sensitivity.model_output_curve`); the layer's own errors stay in ``curve.layer_errors``."""
     log = log or (lambda message: None)
     curves: dict[str, allocation.RankCurve] = {}
     for group in _groups(sites):
@@ -287,17 +324,27 @@ def rank_curves(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite],
             gram = grams.pop(site.name).with_local_teacher(site.weight, site.bias)
             n, m, *kernel = site.weight.shape
             spec = site.spec
-            points = []
-            for rank in allocation.useful_ranks(n, tuple(kernel)):
+            ranks = allocation.useful_ranks(n, tuple(kernel))
+            probed = set(probe.ranks_to_probe(ranks)) if probe is not None else set()
+            layer_errors, output_errors = {}, {}
+            for rank in ranks:
                 with _solver_threads():
                     fit = distill.fit_layer(
                         gram, distill.svd_factors(site.weight, site.bias, rank), iterations, ridge)
-                macs = _factorized_macs(spec, rank)
-                points.append((rank, macs, fit.error))
-            curves[site.name] = allocation.RankCurve.build(
-                site.name, _conv_macs(spec), points)
+                layer_errors[rank] = fit.error
+                if rank in probed:
+                    output_errors[rank] = probe.error(site.name, fit.factors.kernel(),
+                                                      fit.factors.bias)
+            errors = (probe.curve(layer_errors, output_errors) if probe is not None
+                      else layer_errors)
+            points = [(rank, _factorized_macs(spec, rank), errors[rank]) for rank in ranks]
+            curve = allocation.RankCurve.build(site.name, _conv_macs(spec), points)
+            curve.layer_errors = layer_errors
+            curve.measured = output_errors
+            curves[site.name] = curve
             log(f"  {site.name}: error by rank " + ", ".join(
-                f"{o.rank}:{o.error:.3f}" for o in curves[site.name].options if o.rank))
+                f"{o.rank}:{o.error:.3f}" for o in curve.options if o.rank)
+                + (" (model outputs)" if probe is not None else ""))
     return curves
 
 
@@ -370,6 +417,28 @@ def _factorized_macs(spec, rank: int) -> int:
 
 # ------------------------------------------------------------------------------ distillation
 
+FITS = ("post-activation", "linear")
+
+
+def _pixel_sample(site: ConvSite, geometry: distill.ConvGeometry,
+                  calibration: CalibrationSet) -> distill.PixelSample:
+    n, m = site.weight.shape[:2]
+    pixels = int(np.prod(site.spec.out_spatial or (1,)))
+    return distill.PixelSample(geometry, m, n, calibration.used_samples * pixels)
+
+
+def _fit_post_activation(site: ConvSite, sample: distill.PixelSample, factors: distill.Factors,
+                         activation: Activation, ridge: float) -> distill.LayerFit:
+    patches, teacher = sample.arrays()
+    if teacher is None:  # teacher="local": the original conv on the student's own input
+        teacher = _conv_output(patches, site.weight, site.bias)
+    return distill.fit_post_activation(patches, teacher, factors, activation, ridge=ridge)
+
+
+def _conv_output(patches: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
+    out = patches @ weight.reshape(weight.shape[0], -1).T
+    return out + bias.astype(np.float32) if bias is not None else out
+
 @dataclass
 class DistillResult:
     """The distilled plans (weights replaced) and sites (bias replaced), and what it cost."""
@@ -382,22 +451,30 @@ class DistillResult:
 def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite],
                    plans: list[ConvPlan], calibration: CalibrationSet,
                    teacher: str = "original", iterations: int = distill.DEFAULT_ITERATIONS,
-                   ridge: float = distill.DEFAULT_RIDGE,
+                   ridge: float = distill.DEFAULT_RIDGE, fit: str = "post-activation",
                    log: Callable[[str], None] | None = None) -> DistillResult:
     """Sequential layer-wise distillation of every factorized plan (see the module doc).
 
-    Fills each factorized layer's report ``output_rel_error`` (distilled) and
-    ``svd_output_rel_error`` (the data-free factors on the same input and teacher).
+    ``fit="post-activation"`` (the default): a layer read only by a piecewise-linear activation
+    (`layer_activation`) is refit, after the linear fit, to match the teacher after that
+    activation (`distill.fit_post_activation`, on a bounded pixel sample); ``"linear"``: every
+    layer keeps the pre-activation least-squares fit.
+
+    Fills each factorized layer's report ``output_rel_error`` (distilled, pre-activation) and
+    ``svd_output_rel_error`` (the data-free factors on the same input and teacher), and where
+    the post-activation fit ran, ``post_activation_rel_error`` and its linear-fit counterpart.
     """
     if teacher not in TEACHERS:
         raise DwsepError(f"teacher must be one of {TEACHERS}, not {teacher!r}")
+    if fit not in FITS:
+        raise DwsepError(f"fit must be one of {', '.join(FITS)}, not {fit!r}")
     log = log or (lambda message: None)
     start = time.perf_counter()
     out_sites, out_plans = list(sites), list(plans)
     # Only the part of the graph up to the last factorized conv is ever run: drop the rest once
     # (e.g. a large recurrent head) instead of copying it for every layer.
     needed = [name for site, plan in zip(sites, plans) if plan.report.factorized
-              for name in (site.node.input[0], teacher_tensor(site))]
+              for name in (site.node.input[0], site.output)]
     model = pruned(model, list(dict.fromkeys(needed)))
     done_sites: list[ConvSite] = []
     done_plans: list[ConvPlan] = []
@@ -406,37 +483,58 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
             continue
         student_model = apply_plans(model, done_sites, done_plans) if done_plans else model
         student = Hooks(student_model, [site.node.input[0]])
-        teacher_run = Hooks(model, [teacher_tensor(site)]) if teacher == "original" else None
+        teacher_run = Hooks(model, [site.output]) if teacher == "original" else None
         gram = _empty_gram(site)
-        pending = _Pending(gram, conv_geometry(site, view))
+        geometry = conv_geometry(site, view)
+        pending = _Pending(gram, geometry)
+        activation = layer_activation(site, view) if fit == "post-activation" else None
+        sample = _pixel_sample(site, geometry, calibration) if activation else None
         for feed in calibration.feeds():
             x = student.run(feed)[0]
-            pending.add(x, teacher_run.run(feed)[0] if teacher_run else None)
+            t = teacher_run.run(feed)[0] if teacher_run else None
+            pending.add(x, t)
+            if sample is not None:
+                sample.add_conv(x, t)
         pending.flush()
         if teacher == "local":
             gram = gram.with_local_teacher(site.weight, site.bias)
         rank = plan.report.rank
-        with _solver_threads():
-            fit = distill.fit_layer(gram, distill.svd_factors(site.weight, site.bias, rank),
-                                    iterations, ridge)
-        depthwise, pointwise, bias = fit.factors.onnx_weights(tuple(site.spec.weight_shape[2:]))
         report = plan.report
-        report.output_rel_error = fit.error
-        report.svd_output_rel_error = fit.svd_error
+        with _solver_threads():
+            layer_fit = distill.fit_layer(
+                gram, distill.svd_factors(site.weight, site.bias, rank), iterations, ridge)
+            factors = layer_fit.factors
+            if sample is not None:
+                post = _fit_post_activation(site, sample, factors, activation, ridge)
+                factors = post.factors
+                report.activation = activation.name
+                report.linear_post_activation_rel_error = post.svd_error
+                report.post_activation_rel_error = post.error
+        depthwise, pointwise, bias = factors.onnx_weights(tuple(site.spec.weight_shape[2:]))
+        report.output_rel_error = distill.factors_error(gram, factors)
+        report.svd_output_rel_error = layer_fit.svd_error
         if site.bias is None:  # the fit adds a bias the original conv did not have
             report.params_after += int(bias.size)
         out_plans[index] = ConvPlan(report, depthwise, pointwise)
         out_sites[index] = replace(site, bias=bias)
         done_sites.append(out_sites[index])
         done_plans.append(out_plans[index])
-        log(f"  {site.name}: rank {rank}, output error {fit.svd_error:.4f} (SVD) -> "
-            f"{fit.error:.4f} (distilled)")
+        log(f"  {site.name}: rank {rank}, output error {layer_fit.svd_error:.4f} (SVD) -> "
+            f"{layer_fit.error:.4f} (distilled)" + (
+                f"; after {activation.name} {report.linear_post_activation_rel_error:.4f} -> "
+                f"{report.post_activation_rel_error:.4f} (post-activation fit)"
+                if sample is not None else ""))
     info = {
         "source": calibration.source,
         "samples": calibration.used_samples,
         "teacher": teacher,
         "method": "sequential layer-wise least squares: pointwise + bias closed form, "
-                  f"depthwise by alternating least squares ({iterations} alternations)",
+                  f"depthwise by alternating least squares ({iterations} alternations)" + (
+                      "; layers read by a ReLU-like activation refit after it (Zhang et al.'s "
+                      f"relaxation, {len(distill.POST_ACTIVATION_PENALTIES)} rounds, at most "
+                      f"{distill.POST_ACTIVATION_BYTES >> 20} MiB of sampled pixels per layer)"
+                      if fit == "post-activation" else ""),
+        "fit": fit,
         "ridge": ridge,
         "time_s": round(time.perf_counter() - start, 3),
     }

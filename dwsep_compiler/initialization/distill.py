@@ -68,9 +68,9 @@ class ConvGeometry:
                 (width + left + right - dw * (kw - 1) - 1) // sw + 1)
 
 
-def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
-    """The im2col matrix of ``x`` ``[B, M, H, W]``: ``[B*Ho*Wo, M*kh*kw]`` float32, pixel rows in
-    ``(b, i, j)`` order, columns ``m*taps + (u*kw + v)`` (the layout of ``W.reshape(N, -1)``)."""
+def patch_view(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """``[B, Ho, Wo, M, kh, kw]``: every output pixel's input patch, a strided view (no copy) of
+    ``x`` ``[B, M, H, W]`` padded."""
     b, m, h, w = x.shape
     (kh, kw), (sh, sw), (dh, dw) = geometry.kernel, geometry.strides, geometry.dilations
     top, left, bottom, right = geometry.pads
@@ -78,10 +78,16 @@ def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
     padded = np.pad(np.asarray(x, dtype=np.float32),
                     ((0, 0), (0, 0), (top, bottom), (left, right)))
     s = padded.strides
-    view = np.lib.stride_tricks.as_strided(
+    return np.lib.stride_tricks.as_strided(
         padded, shape=(b, ho, wo, m, kh, kw),
         strides=(s[0], s[2] * sh, s[3] * sw, s[1], s[2] * dh, s[3] * dw), writeable=False)
-    return view.reshape(b * ho * wo, m * kh * kw)
+
+
+def conv_patches(x: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """The im2col matrix of ``x`` ``[B, M, H, W]``: ``[B*Ho*Wo, M*kh*kw]`` float32, pixel rows in
+    ``(b, i, j)`` order, columns ``m*taps + (u*kw + v)`` (the layout of ``W.reshape(N, -1)``)."""
+    view = patch_view(x, geometry)
+    return view.reshape(int(np.prod(view.shape[:3])), -1)
 
 
 def output_pixels(y: np.ndarray) -> np.ndarray:
@@ -348,3 +354,105 @@ def fit_layer(gram: LayerGram, init: Factors, iterations: int = DEFAULT_ITERATIO
         if error < best_error:
             best, best_error = current, error
     return LayerFit(best, svd_error, best_error, history)
+
+
+# ------------------------------------------------------------------------------ post-activation
+
+POST_ACTIVATION_BYTES = 1 << 28  # pixel sample of one layer: patches + teacher, float32
+POST_ACTIVATION_ROWS = 32768  # and at most this many pixels (each round is a few passes over them)
+POST_ACTIVATION_PENALTIES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)  # one W/z alternation each
+
+
+class PixelSample:
+    """A uniform random subset of one layer's calibration pixels, held in memory: the
+    post-activation fit needs the pixels themselves (its targets change every round), not only
+    their Gram matrices. **Memory: at most ``budget_bytes``** (``rows * (K + N) * 4`` bytes of
+    float32 patches and teacher rows) and ``max_rows`` pixels; every pixel is kept when they all fit.
+
+    ``total_rows``: the number of pixels the stream will offer (samples x output pixels), so that
+    each is kept with the same probability."""
+
+    def __init__(self, geometry: ConvGeometry, in_channels: int, out_channels: int,
+                 total_rows: int, budget_bytes: int = POST_ACTIVATION_BYTES,
+                 max_rows: int = POST_ACTIVATION_ROWS, seed: int = 0):
+        self.geometry = geometry
+        row_bytes = 4 * (in_channels * geometry.taps + out_channels)
+        self.capacity = max(1, min(total_rows, max_rows, budget_bytes // row_bytes))
+        self.keep = self.capacity / max(total_rows, 1)
+        self.rng = np.random.default_rng(seed)
+        self.patches: list[np.ndarray] = []
+        self.teachers: list[np.ndarray] = []
+        self.rows = 0
+
+    def add_conv(self, x: np.ndarray, teacher: np.ndarray | None = None) -> None:
+        """Offer a batch: layer input ``[B, M, H, W]``, teacher output ``[B, N, Ho, Wo]``."""
+        if self.rows >= self.capacity:
+            return
+        view = patch_view(x, self.geometry)
+        b, ho, wo = view.shape[:3]
+        chosen = (np.arange(b * ho * wo) if self.keep >= 1.0 else
+                  np.flatnonzero(self.rng.random(b * ho * wo) < self.keep))
+        chosen = chosen[:self.capacity - self.rows]
+        bi, ii, ji = np.unravel_index(chosen, (b, ho, wo))
+        self.patches.append(np.ascontiguousarray(view[bi, ii, ji].reshape(len(chosen), -1)))
+        if teacher is not None:
+            self.teachers.append(np.asarray(teacher, dtype=np.float32)[bi, :, ii, ji])
+        self.rows += len(chosen)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(patches [P, K], teacher [P, N] or None)``."""
+        patches = np.concatenate(self.patches)
+        return patches, np.concatenate(self.teachers) if self.teachers else None
+
+
+def linear_output(patches: np.ndarray, factors: Factors) -> np.ndarray:
+    """The layer's pre-activation output ``[P, N]`` on patch rows."""
+    return patches @ factors.kernel().T.astype(np.float32) + factors.bias.astype(np.float32)
+
+
+def post_activation_error(patches: np.ndarray, target: np.ndarray, factors: Factors,
+                          activation) -> float:
+    """``||act(y) - target||_F / ||target||_F`` with ``target = act(teacher)``."""
+    norm = float(np.sqrt(np.sum(np.square(target, dtype=np.float64))))
+    if norm == 0.0:
+        return 0.0
+    diff = activation(linear_output(patches, factors)) - target
+    return float(np.sqrt(np.sum(np.square(diff, dtype=np.float64)))) / norm
+
+
+def fit_post_activation(patches: np.ndarray, teacher: np.ndarray, init: Factors, activation,
+                        penalties=POST_ACTIVATION_PENALTIES,
+                        ridge: float = DEFAULT_RIDGE) -> LayerFit:
+    """Refit ``init`` (the linear fit) so that ``act(layer(x))`` matches ``act(teacher)`` on the
+    sampled pixels (``patches [P, K]``, pre-activation ``teacher [P, N]``), by Zhang et al.'s
+    relaxation (see `activation`): per penalty, the targets ``z`` move to their closed-form
+    minimizer, then the factors to the least-squares fit toward ``z`` (one depthwise sweep and
+    pointwise solve, from the Gram matrices of the sample). The patch Gram is formed once.
+
+    Returns the iterate with the least post-activation error, ``init`` included, so the result is
+    never worse than the linear fit on these pixels; ``svd_error`` holds ``init``'s error."""
+    n = teacher.shape[1]
+    taps = init.depthwise.shape[2]
+    m = init.depthwise.shape[0]
+    base = LayerGram(m, taps, n)
+    base.add(patches)
+    teacher = np.asarray(teacher, dtype=np.float32)
+    target = activation(teacher)
+    best, best_error = init, post_activation_error(patches, target, init, activation)
+    history = [best_error]
+    current = init
+    for penalty in penalties:
+        z = activation.relaxed_target(teacher, linear_output(patches, current), penalty)
+        z = np.asarray(z, dtype=np.float32)
+        k = base.size
+        xt = np.empty((k + 1, n))
+        xt[:k] = patches.T @ z
+        xt[k] = z.sum(axis=0, dtype=np.float64)
+        gram = LayerGram(m, taps, n, base.xx, xt,
+                         float(np.sum(np.square(z, dtype=np.float64))), base.pixels)
+        current = fit_layer(gram, current, iterations=1, ridge=ridge).factors
+        error = post_activation_error(patches, target, current, activation)
+        history.append(error)
+        if error < best_error:
+            best, best_error = current, error
+    return LayerFit(best, history[0], best_error, history)

@@ -40,265 +40,16 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from ..errors import DwsepError
-from ..model import graph_inputs, same_pads
-from ..passes.onnx_factorize import _subgraph_inputs
+from ..model import graph_inputs, view_model
+from ..passes.onnx_factorize import _subgraph_inputs, following_activation
 from .calibration import DEFAULT_BATCH, CalibrationSet, pruned
+from .torch_ops import SHAPE_ONLY, model_opset, node_attributes, run_node, supported
 
 DEFAULT_LR = 1e-4  # 1e-3 measured worse on the Fashion example (89.9% vs 90.1-90.3%)
 DEFAULT_FEATURE_WEIGHT = 1.0
 
 
 # ------------------------------------------------------------------------------ the executor
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    out = {}
-    for a in node.attribute:
-        value = onnx.helper.get_attribute_value(a)
-        out[a.name] = value.decode() if isinstance(value, bytes) else value
-    return out
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 13
-
-
-def _resolve_pads(a: dict, x, kernel, strides, dilations) -> list[int]:
-    rank = len(kernel)
-    mode = a.get("auto_pad", "NOTSET")
-    if mode in ("SAME_UPPER", "SAME_LOWER"):
-        return same_pads(x.shape[2:], kernel, strides, dilations, mode)
-    if mode == "VALID":
-        return [0] * (2 * rank)
-    return list(a.get("pads", [0] * (2 * rank)))
-
-
-def _torch_pad(pads: list[int]) -> list[int]:
-    """ONNX [b0, b1, e0, e1] -> F.pad's (last dim first) [b1, e1, b0, e0]."""
-    rank = len(pads) // 2
-    out = []
-    for i in reversed(range(rank)):
-        out += [pads[i], pads[i + rank]]
-    return out
-
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_AVGPOOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
-
-
-def _conv(x, w, b, a):
-    rank = w.dim() - 2
-    if rank not in _CONV:
-        raise DwsepError(f"Conv with {rank} spatial dims is not supported by the torch executor")
-    kernel = list(w.shape[2:])
-    strides = list(a.get("strides", [1] * rank))
-    dilations = list(a.get("dilations", [1] * rank))
-    pads = _resolve_pads(a, x, kernel, strides, dilations)
-    if pads[:rank] == pads[rank:]:
-        padding = pads[:rank]
-    else:
-        x = F.pad(x, _torch_pad(pads))
-        padding = [0] * rank
-    return _CONV[rank](x, w, b, strides, padding, dilations, a.get("group", 1))
-
-
-def _pool(x, a, kind):
-    kernel = list(a["kernel_shape"])
-    rank = len(kernel)
-    strides = list(a.get("strides", [1] * rank))
-    dilations = list(a.get("dilations", [1] * rank))
-    pads = _resolve_pads(a, x, kernel, strides, dilations)
-    ceil = bool(a.get("ceil_mode", 0))
-    if kind == "max":
-        if any(pads):
-            x = F.pad(x, _torch_pad(pads), value=float("-inf"))
-        return _MAXPOOL[rank](x, kernel, strides, 0, dilations, ceil_mode=ceil)
-    if any(d != 1 for d in dilations):
-        raise DwsepError("AveragePool with dilations is not supported by the torch executor")
-    if not any(pads):
-        return _AVGPOOL[rank](x, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
-    padded = F.pad(x, _torch_pad(pads))
-    total = _AVGPOOL[rank](padded, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
-    if a.get("count_include_pad", 0):
-        return total
-    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads))
-    share = _AVGPOOL[rank](ones, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
-    return total / share
-
-
-def _softmax(x, a, opset):
-    if opset >= 13:
-        return torch.softmax(x, dim=a.get("axis", -1))
-    axis = a.get("axis", 1) % x.dim()
-    shape = x.shape
-    flat = x.reshape(int(np.prod(shape[:axis])), -1)
-    return torch.softmax(flat, dim=1).reshape(shape)
-
-
-def _reshape(x, shape, a):
-    dims = [int(d) for d in shape.tolist()]
-    if not a.get("allowzero", 0):
-        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
-    return x.reshape(dims)
-
-
-def _gemm(a_, b_, c, a):
-    if a.get("transA", 0):
-        a_ = a_.transpose(0, 1)
-    if a.get("transB", 0):
-        b_ = b_.transpose(0, 1)
-    y = a.get("alpha", 1.0) * (a_ @ b_)
-    if c is not None:
-        y = y + a.get("beta", 1.0) * c
-    return y
-
-
-def _clip(x, inputs, a):
-    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else a.get("min")
-    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else a.get("max")
-    if low is not None:
-        x = torch.maximum(x, torch.as_tensor(low, dtype=x.dtype))
-    if high is not None:
-        x = torch.minimum(x, torch.as_tensor(high, dtype=x.dtype))
-    return x
-
-
-def _div(x, y):
-    if not x.is_floating_point() and not y.is_floating_point():
-        return torch.div(x, y, rounding_mode="trunc")
-    return x / y
-
-
-def _constant(a):
-    if "value" in a:
-        return torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
-    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
-                       ("value_int", torch.int64), ("value_ints", torch.int64)):
-        if key in a:
-            return torch.tensor(a[key], dtype=dtype)
-    raise DwsepError("Constant without a numeric value is not supported by the torch executor")
-
-
-def _shape(x, a):
-    return torch.tensor(x.shape, dtype=torch.int64)[a.get("start", 0):a.get("end")]
-
-
-def _gather(x, indices, a):
-    axis = a.get("axis", 0) % x.dim()
-    index = indices.long()
-    index = torch.where(index < 0, index + x.shape[axis], index)
-    out = x.index_select(axis, index.reshape(-1))
-    return out.reshape((*x.shape[:axis], *index.shape, *x.shape[axis + 1:]))
-
-
-def _axes(i: list, a: dict) -> list[int] | None:
-    """Squeeze/Unsqueeze axes: an attribute before opset 13, the second input since."""
-    if len(i) > 1 and i[1] is not None:
-        return [int(v) for v in i[1].tolist()]
-    return a.get("axes")
-
-
-def _unsqueeze(x, axes):
-    rank = x.dim() + len(axes)
-    for axis in sorted(axis % rank for axis in axes):
-        x = x.unsqueeze(axis)
-    return x
-
-
-def _squeeze(x, axes):
-    if axes is None:
-        axes = [d for d, size in enumerate(x.shape) if size == 1]
-    drop = {axis % x.dim() for axis in axes}
-    return x.reshape([size for d, size in enumerate(x.shape) if d not in drop])
-
-
-def _constant_of_shape(shape, a):
-    value = (torch.from_numpy(numpy_helper.to_array(a["value"]).copy()).reshape(())
-             if "value" in a else torch.zeros(()))
-    return torch.full([int(d) for d in shape.tolist()], value.item(), dtype=value.dtype)
-
-
-def _run_node(op: str, i: list, a: dict, opset: int):
-    """Outputs (a list) of one ONNX node on torch tensors ``i`` (None for absent inputs)."""
-    if op == "Conv":
-        return [_conv(i[0], i[1], i[2] if len(i) > 2 else None, a)]
-    if op == "Relu":
-        return [torch.relu(i[0])]
-    if op == "Clip":
-        return [_clip(i[0], i, a)]
-    if op == "LeakyRelu":
-        return [F.leaky_relu(i[0], a.get("alpha", 0.01))]
-    if op == "Sigmoid":
-        return [torch.sigmoid(i[0])]
-    if op == "Add":
-        return [i[0] + i[1]]
-    if op == "Sub":
-        return [i[0] - i[1]]
-    if op == "Mul":
-        return [i[0] * i[1]]
-    if op == "Div":
-        return [_div(i[0], i[1])]
-    if op == "MaxPool":
-        return [_pool(i[0], a, "max")]
-    if op == "AveragePool":
-        return [_pool(i[0], a, "avg")]
-    if op == "GlobalAveragePool":
-        return [i[0].mean(dim=tuple(range(2, i[0].dim())), keepdim=True)]
-    if op == "Flatten":
-        axis = a.get("axis", 1)
-        axis = axis + i[0].dim() if axis < 0 else axis
-        return [i[0].reshape(int(np.prod(i[0].shape[:axis])), -1)]
-    if op == "Reshape":
-        return [_reshape(i[0], i[1], a)]
-    if op == "Gemm":
-        return [_gemm(i[0], i[1], i[2] if len(i) > 2 else None, a)]
-    if op == "MatMul":
-        return [torch.matmul(i[0], i[1])]
-    if op == "Concat":
-        return [torch.cat(i, dim=a["axis"])]
-    if op == "BatchNormalization":
-        return [F.batch_norm(i[0], i[3], i[4], i[1], i[2], training=False,
-                             eps=a.get("epsilon", 1e-5))]
-    if op == "Softmax":
-        return [_softmax(i[0], a, opset)]
-    if op == "Transpose":
-        perm = a.get("perm", list(reversed(range(i[0].dim()))))
-        return [i[0].permute(*perm)]
-    if op == "Identity":
-        return [i[0]]
-    if op == "Dropout":  # inference: identity, mask all true
-        return [i[0], torch.ones_like(i[0], dtype=torch.bool)]
-    if op == "Constant":
-        return [_constant(a)]
-    if op == "Shape":
-        return [_shape(i[0], a)]
-    if op == "Gather":
-        return [_gather(i[0], i[1], a)]
-    if op == "Unsqueeze":
-        return [_unsqueeze(i[0], _axes(i, a))]
-    if op == "Squeeze":
-        return [_squeeze(i[0], _axes(i, a))]
-    if op == "ConstantOfShape":
-        return [_constant_of_shape(i[0], a)]
-    raise DwsepError(f"operator {op} is not supported by the torch executor (finetune)")
-
-
-SUPPORTED_OPS = frozenset((
-    "Conv", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Add", "Sub", "Mul", "Div", "MaxPool",
-    "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Gemm", "MatMul", "Concat",
-    "BatchNormalization", "Softmax", "Transpose", "Identity", "Dropout", "Constant", "Shape",
-    "Gather", "Unsqueeze", "Squeeze", "ConstantOfShape"))
-# Ops whose output is the input's shape, not a function of its values: no gradient flows through.
-_SHAPE_ONLY = frozenset(("Shape",))
-
-
-def supported(node: onnx.NodeProto) -> bool:
-    """Whether `OnnxModule` can run ``node``."""
-    return node.domain in ("", "ai.onnx") and node.op_type in SUPPORTED_OPS
-
 
 class OnnxModule(torch.nn.Module):
     """An ONNX graph executed node by node with torch ops.
@@ -331,10 +82,11 @@ class OnnxModule(torch.nn.Module):
                 slot = f"b{index}"
                 self.register_buffer(slot, value)
             self._slots[tensor.name] = slot
-        self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in graph.node]
+        self.nodes = [(n.op_type, list(n.input), list(n.output), node_attributes(n))
+                      for n in graph.node]
         self.input_names = [v.name for v in graph_inputs(model)]
         self.output_names = [o.name for o in graph.output]
-        self.opset = _opset(model)
+        self.opset = model_opset(model)
 
     def onnx_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {name: getattr(self, slot) for name, slot in self._slots.items()
@@ -352,7 +104,7 @@ class OnnxModule(torch.nn.Module):
         wanted = list(dict.fromkeys([*self.output_names, *capture]))
         for op, inputs, outputs, attrs in self.nodes:
             args = [env[name] if name else None for name in inputs]
-            for name, value in zip(outputs, _run_node(op, args, attrs, self.opset)):
+            for name, value in zip(outputs, run_node(op, args, attrs, self.opset)):
                 if name:
                     env[name] = value
         missing = [name for name in wanted if name not in env]
@@ -395,8 +147,17 @@ def student_module(factorized_model: onnx.ModelProto, layers) -> OnnxModule:
 
 def layer_pairs(layers, factorized_model: onnx.ModelProto) -> list[tuple[str, str]]:
     """``(student_tensor, teacher_tensor)`` per factorized layer: the PW conv's output, which is
-    the original conv's (or folded BN's) output name, so the same name in both graphs."""
-    return [(pw.output[0], pw.output[0]) for _, _, pw in _factorized_nodes(factorized_model, layers)]
+    the original conv's (or folded BN's) output name, so the same name in both graphs; or, when
+    that output is read only by a ReLU-like activation, the activation's output, as the
+    post-activation fit matched it (a pre-activation loss would pull those layers back toward
+    the pixels the activation discards)."""
+    view = view_model(factorized_model, {}, infer=False)
+    pairs = []
+    for _, _, pw in _factorized_nodes(factorized_model, layers):
+        activation = following_activation(view, pw.output[0])
+        name = activation.output if activation is not None else pw.output[0]
+        pairs.append((name, name))
+    return pairs
 
 
 def _normalized_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -483,7 +244,7 @@ def _cut_tensors(graph: onnx.GraphProto, runnable: list[bool], sources: set[str]
     run (its subgraphs included) or a graph output."""
     tainted = set(sources)
     for node, ok in zip(graph.node, runnable):
-        if ok and node.op_type not in _SHAPE_ONLY and tainted.intersection(node.input):
+        if ok and node.op_type not in SHAPE_ONLY and tainted.intersection(node.input):
             tainted.update(node.output)
     leaving = {o.name for o in graph.output}
     for node, ok in zip(graph.node, runnable):
@@ -607,7 +368,8 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
         [*prefix.outputs, *(t for _, t in pairs)])))
     chunk = calibration.batch or batch_size
     batch = max(1, batch_size // chunk) * chunk
-    names = {pw.output[0]: layer for layer, _, pw in _factorized_nodes(prefix.model, prefix.layers)}
+    names = {s: layer for (s, _), (layer, _, _) in
+             zip(pairs, _factorized_nodes(prefix.model, prefix.layers))}  # same order
     initial = {k: v.detach().clone() for k, v in student.onnx_parameters().items()}
     start_loss, start_errors = _evaluate(student, teacher, calibration, pairs, prefix,
                                          feature_weight, batch_size)

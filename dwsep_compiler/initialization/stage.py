@@ -22,10 +22,12 @@ from ..model import view_model
 from ..passes.conditions import plan_conv
 from ..passes.onnx_factorize import OnnxFactorization, conv_sites, factorize_onnx
 from . import allocation
-from .calibration import TEACHERS, CalibrationSet, distill_layers, rank_curves
+from .calibration import FITS, TEACHERS, CalibrationSet, distill_layers, rank_curves
 from .ranks import RankPolicy
+from .sensitivity import OutputProbe
 
 KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv
+SENSITIVITIES = ("model-output", "layer")  # what --macs-ratio/--max-error price a rank by
 
 FINETUNE_NEEDS_TORCH = ("--finetune-steps needs PyTorch: pip install 'dwsep-compiler[finetune]' "
                         "(torch==2.13.0)")
@@ -33,7 +35,8 @@ FINETUNE_NEEDS_TORCH = ("--finetune-steps needs PyTorch: pip install 'dwsep-comp
 
 def check_options(rank=None, energy=None, force: bool = False, macs_ratio=None, max_error=None,
                   teacher: str = "original", finetune_steps: int = 0, finetune_lr: float = 1e-4,
-                  calibration=None) -> RankPolicy:
+                  calibration=None, fit: str = "post-activation",
+                  sensitivity: str = "model-output") -> RankPolicy:
     """The per-layer rank policy, after checking that the options make sense together."""
     chosen = [flag for flag, value in (("rank", rank), ("energy", energy),
                                        ("macs_ratio", macs_ratio), ("max_error", max_error))
@@ -47,9 +50,15 @@ def check_options(rank=None, energy=None, force: bool = False, macs_ratio=None, 
         raise DwsepError(f"max_error must be > 0, got {max_error}")
     if teacher not in TEACHERS:
         raise DwsepError(f"teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
+    if fit not in FITS:
+        raise DwsepError(f"fit must be one of {', '.join(FITS)}, not {fit!r}")
+    if sensitivity not in SENSITIVITIES:
+        raise DwsepError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, "
+                         f"not {sensitivity!r}")
     _check_finetune(finetune_steps, finetune_lr, calibration)
     try:
-        return RankPolicy(rank=rank, energy=energy, force=force)
+        # The exact rewrite never cuts MACs: asking for it is asking to rewrite anyway.
+        return RankPolicy(rank=rank, energy=energy, force=force or rank == "full")
     except ValueError as exc:
         raise DwsepError(str(exc)) from None
 
@@ -87,6 +96,8 @@ class Initializer:
     teacher: str = "original"
     finetune_steps: int = 0
     finetune_lr: float = 1e-4
+    fit: str = "post-activation"
+    sensitivity: str = "model-output"
     source: str = "the input model"  # for messages
     log: Callable[[str], None] = field(default=lambda message: None)
 
@@ -100,7 +111,7 @@ class Initializer:
         if self.macs_ratio is not None or self.max_error is not None:
             self.ranks, self.policy_text, self.allocation_info = allocate_ranks(
                 self.model, self.shapes, self.skip, self.calib, self.macs_ratio,
-                self.max_error, self.log)
+                self.max_error, self.log, sensitivity=self.sensitivity)
 
     def initial_ranks(self) -> dict[str, int] | None:
         """The allocated ranks as `factorize` takes them (None: every layer by the policy)."""
@@ -138,7 +149,7 @@ class Initializer:
         self.log(f"distilling {sum(p.report.factorized for p in plans)} layers on "
                  f"{self.calib.used_samples} calibration samples ...")
         out = distill_layers(self.model, view, sites, plans, self.calib, teacher=self.teacher,
-                             log=self.log)
+                             fit=self.fit, log=self.log)
         self.distilled.update(out.info)
         return out.sites, out.plans
 
@@ -158,24 +169,42 @@ class Initializer:
 
 
 def allocate_ranks(model, shapes, skip, calib: CalibrationSet | None,
-                   macs_ratio: float | None, max_error: float | None, log):
+                   macs_ratio: float | None, max_error: float | None, log,
+                   sensitivity: str = "model-output"):
     """Per-layer ranks for ``--macs-ratio`` / ``--max-error`` (None: keep the original conv),
-    the report's policy text, and what the allocation measured."""
+    the report's policy text, and what the allocation measured.
+
+    With calibration data, ``sensitivity="model-output"`` prices each (layer, rank) by the
+    relative error of the model's outputs with that layer alone approximated
+    (`sensitivity.OutputProbe`); ``"layer"`` by the layer's own output error."""
+    if sensitivity not in SENSITIVITIES:
+        raise DwsepError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, "
+                         f"not {sensitivity!r}")
     view = view_model(model, shapes)
     sites = conv_sites(view)
     at_rank_1 = [plan_conv(site.spec, RankPolicy(rank=1), skip).report for site in sites]
     eligible = [site for site, report in zip(sites, at_rank_1) if report.factorized]
-    source = "calibration output error" if calib is not None else "SVD weight error"
+    by_output = calib is not None and sensitivity == "model-output"
+    source = ("model output error on calibration data, one layer approximated at a time"
+              if by_output else
+              "calibration output error" if calib is not None else "SVD weight error")
     started = time.perf_counter()
     if calib is not None:
         log(f"measuring error by rank on {calib.used_samples} calibration samples ...")
-        curves = list(rank_curves(model, view, eligible, calib, log=log).values())
+        probe = OutputProbe(model, eligible, calib) if by_output and eligible else None
+        curves = list(rank_curves(model, view, eligible, calib, probe=probe, log=log).values())
     else:
         curves = [allocation.svd_curve(site.name, site.weight, site.spec.batch,
                                        site.spec.out_spatial) for site in eligible]
     info = {"error": source, "time_s": round(time.perf_counter() - started, 3),
             "curves": {c.name: {str(o.rank): round(o.error, 6) for o in c.options if o.rank}
                        for c in curves}}
+    if by_output:
+        info["sensitivity"] = {
+            c.name: {"layer_error": {str(r): round(e, 6) for r, e in c.layer_errors.items()},
+                     "model_output_error_measured": {str(r): round(e, 6)
+                                                     for r, e in c.measured.items()}}
+            for c in curves}
     if max_error is not None:
         ranks = allocation.ranks_within_error(curves, max_error)
         text = f"max_error={max_error} (per layer, {source})"

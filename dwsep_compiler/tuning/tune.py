@@ -163,7 +163,8 @@ def check(options: TuneOptions | None, records: str | None, preset) -> None:
     _check_options(options)
     missing = [name for name in ("cloudpickle", "psutil") if importlib.util.find_spec(name) is None]
     if missing:
-        raise DwsepError(f"--tune needs {', '.join(missing)}: pip install 'dwsep-compiler[tune]'")
+        raise DwsepError(f"--tune needs {', '.join(missing)} (core dependencies of "
+                         "dwsep-compiler): reinstall it, e.g. pip install -e .")
     _device(options, preset)
 
 

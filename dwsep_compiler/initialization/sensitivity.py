@@ -1,0 +1,157 @@
+"""What one layer's approximation does to the model's outputs: the errors the allocation spends.
+
+A layer's own output error is a poor price for its rank: an error early in the network, or just
+before a narrow head (an OCR model's recurrent decoder), is amplified by what follows, while
+another layer's is absorbed by the next ReLU. `OutputProbe` measures the model's graph outputs on
+calibration inputs with *one* layer replaced by its approximation, everything else original.
+
+The factorized layer computes exactly a standard conv with the effective kernel ``P D`` (and its
+fitted bias), so no rewrite is needed to probe it: the probe model is the original with every
+candidate conv's weight and bias turned into graph inputs (a folded BatchNormalization folded in
+for good), one onnxruntime session, fed the original kernels except for the probed layer.
+
+Cost: one run of the model on ``SAMPLES`` calibration inputs per probed (layer, rank).
+`rank_curves` probes at most ``RANKS_PROBED`` ranks of a layer and interpolates the
+*gain* (model-output error / layer error, a smooth function of rank) in between: the layer error
+is known at every rank from its Gram matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .calibration import CalibrationSet, Hooks
+from ..passes.onnx_factorize import ConvSite
+
+SAMPLES = 32  # calibration inputs per probe run
+RANKS_PROBED = 5  # ranks of one layer whose model-output error is measured; the rest interpolated
+
+
+@dataclass
+class _Slot:
+    weight: str  # the probe model's input names for this layer's kernel and bias
+    bias: str
+    kernel: np.ndarray  # the original (BN-folded) kernel and bias
+    original_bias: np.ndarray
+
+
+class OutputProbe:
+    """The model's outputs on a few calibration inputs, with one conv's kernel swapped."""
+
+    def __init__(self, model: onnx.ModelProto, sites: list[ConvSite],
+                 calibration: CalibrationSet, samples: int = SAMPLES):
+        probe, self.slots = _probe_model(model, sites)
+        self.outputs = [o.name for o in model.graph.output
+                        if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
+        self.hooks = Hooks(probe, self.outputs)
+        self.feeds, taken = [], 0
+        for feed in calibration.feeds():
+            self.feeds.append(feed)
+            taken += len(next(iter(feed.values())))
+            if taken >= samples:
+                break
+        self.originals = {name: {slot.weight: slot.kernel, slot.bias: slot.original_bias}
+                          for name, slot in self.slots.items()}
+        everything = {k: v for weights in self.originals.values() for k, v in weights.items()}
+        self.base_weights = everything
+        self.reference = self._run({})
+
+    def ranks_to_probe(self, ranks: list[int]) -> list[int]:
+        return probed_ranks(ranks)
+
+    def curve(self, layer_errors: dict[int, float], measured: dict[int, float]) -> dict[int, float]:
+        return interpolated_gain(layer_errors, measured)
+
+    def _run(self, swapped: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        weights = {**self.base_weights, **swapped}
+        return [self.hooks.run({**feed, **weights}) for feed in self.feeds]
+
+    def error(self, layer: str, kernel: np.ndarray, bias: np.ndarray) -> float:
+        """The relative error of the model's outputs (RMS over outputs of
+        ``||y - y0||_F / ||y0||_F``, all probe inputs together) with ``layer``'s conv computing
+        ``kernel`` ``[N, M, kh, kw]`` + ``bias`` instead of its original weights."""
+        slot = self.slots[layer]
+        got = self._run({slot.weight: np.asarray(kernel, dtype=np.float32).reshape(
+            slot.kernel.shape), slot.bias: np.asarray(bias, dtype=np.float32)})
+        ratios = []
+        for index in range(len(self.outputs)):
+            diff = sum(float(np.sum(np.square(g[index] - r[index], dtype=np.float64)))
+                       for g, r in zip(got, self.reference))
+            norm = sum(float(np.sum(np.square(r[index], dtype=np.float64)))
+                       for r in self.reference)
+            ratios.append(diff / norm if norm > 0 else 0.0)
+        return float(np.sqrt(np.mean(ratios))) if ratios else 0.0
+
+
+def _probe_model(model: onnx.ModelProto, sites: list[ConvSite]):
+    """A copy of ``model`` whose convs at ``sites`` read their (BN-folded) weight and bias from
+    new graph inputs, with the folded BatchNormalization nodes removed."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    by_output = {site.node.output[0]: site for site in sites}
+    folded = {site.batch_norm.output[0] for site in sites if site.batch_norm is not None}
+    slots: dict[str, _Slot] = {}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "BatchNormalization" and node.output[0] in folded:
+            continue
+        site = by_output.get(node.output[0]) if node.op_type == "Conv" else None
+        if site is None:
+            nodes.append(node)
+            continue
+        index = len(slots)
+        weight, bias = f"__dwsep_probe_weight_{index}", f"__dwsep_probe_bias_{index}"
+        n = site.weight.shape[0]
+        original_bias = (np.zeros(n, dtype=np.float32) if site.bias is None
+                         else np.asarray(site.bias, dtype=np.float32))
+        slots[site.name] = _Slot(weight, bias, np.asarray(site.weight, dtype=np.float32),
+                                 original_bias)
+        graph.input.extend([
+            helper.make_tensor_value_info(weight, TensorProto.FLOAT, list(site.weight.shape)),
+            helper.make_tensor_value_info(bias, TensorProto.FLOAT, [n])])
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        del conv.input[:]
+        conv.input.extend([node.input[0], weight, bias])
+        del conv.output[:]
+        conv.output.append(site.output)
+        nodes.append(conv)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return probe, slots
+
+
+def probed_ranks(ranks: list[int], most: int = RANKS_PROBED) -> list[int]:
+    """At most ``most`` of ``ranks`` (sorted), spread geometrically, the first and last always."""
+    if len(ranks) <= most:
+        return list(ranks)
+    picks = np.unique(np.round(np.geomspace(1, len(ranks), most)).astype(int) - 1)
+    return [ranks[i] for i in picks]
+
+
+def interpolated_gain(layer_errors: dict[int, float], measured: dict[int, float]) -> dict[int, float]:
+    """Model-output error at every rank of ``layer_errors`` from those ``measured``: the gain
+    ``measured / layer error`` interpolated linearly in rank between probed ranks (held flat
+    beyond them), times the layer error."""
+    probed = sorted(measured)
+    gains = [measured[r] / layer_errors[r] if layer_errors[r] > 0 else np.nan for r in probed]
+    known = [(r, g) for r, g in zip(probed, gains) if np.isfinite(g)]
+    out = {}
+    for rank, error in layer_errors.items():
+        if rank in measured:
+            out[rank] = measured[rank]
+        elif known:
+            gain = float(np.interp(rank, [r for r, _ in known], [g for _, g in known]))
+            out[rank] = gain * error
+        else:
+            out[rank] = error
+    return out

@@ -1,0 +1,149 @@
+"""Stopping a run at once on SIGINT / SIGTERM, and sweeping up what a killed run left behind.
+
+Python runs signal handlers in the main thread between bytecodes, so a long native call there
+(TVM's build, an onnxruntime session, a BLAS solve) would swallow Ctrl-C until it returns.
+`run_interruptible` therefore runs the work in a worker thread and keeps the main thread waiting
+on it: a signal is handled within a few milliseconds, whatever the worker is doing. The handler
+removes the run's registered temporary directories, ends its child processes (tuning's builder
+and runner workers), prints one line and leaves with ``128 + signal`` (130, 143) without waiting
+for the worker: nothing after it can publish a half-done output, and tuning records measured so
+far are already on disk (MetaSchedule appends each measurement), so a rerun resumes.
+
+Temporary directories of ours carry a marker file naming the process that made them
+(`mark_temporary`). `remove_stale` deletes such directories whose process is gone (killed with
+``kill -9``, the machine rebooted), and never anything without our marker or still in use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from typing import Callable
+
+MARKER = ".dwsep-temporary"  # the marker file's name, inside each temporary directory
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+_temporary: set[str] = set()
+_lock = threading.Lock()
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused PID apart;
+    None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def mark_temporary(path: str) -> None:
+    """Write our marker into the fresh directory ``path`` and register it for removal on an
+    interrupt (until `release` says it is published or gone)."""
+    with open(os.path.join(path, MARKER), "w") as handle:
+        json.dump({"pid": os.getpid(), "start": _start_time(os.getpid())}, handle)
+    with _lock:
+        _temporary.add(path)
+
+
+def release(path: str) -> None:
+    """``path`` is no longer ours to remove (renamed into place, or removed)."""
+    with _lock:
+        _temporary.discard(path)
+    marker = os.path.join(path, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+
+
+def _alive(owner: dict) -> bool:
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    started = owner.get("start")
+    return started is None or _start_time(pid) in (None, started)
+
+
+def remove_stale(directory: str, prefix: str = ".dwsep-") -> list[str]:
+    """Remove the ``prefix*`` directories in ``directory`` that carry our marker and whose
+    process no longer runs; returns their paths. Unmarked or unreadable ones are left alone."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(directory, name)
+        if not name.startswith(prefix) or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        try:
+            with open(os.path.join(path, MARKER)) as handle:
+                owner = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and not _alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _end_children() -> None:
+    """Terminate this process's descendants (tuning workers); psutil is a core dependency."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+def run_interruptible(work: Callable[[], object], prog: str):
+    """``work()`` in a worker thread; SIGINT/SIGTERM end the process at once (see module doc).
+    Returns what ``work`` returns and re-raises what it raises."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    def stop(signum, frame):
+        with _lock:
+            paths = list(_temporary)
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        _end_children()
+        name = signal.Signals(signum).name
+        print(f"{prog}: interrupted ({name}): stopped, no output written", file=sys.stderr,
+              flush=True)
+        os._exit(EXIT_CODES.get(signum, 128 + signum))
+
+    previous = {sig: signal.signal(sig, stop) for sig in EXIT_CODES}
+    try:
+        worker = threading.Thread(target=target, name="dwsep-work", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

@@ -1,0 +1,178 @@
+"""The post-activation fit and the model-output sensitivity of the rank allocation: the math
+against its definition, and each against the method it replaces on constructed cases."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dwsep_compiler.initialization import distill
+from dwsep_compiler.initialization.activation import Activation
+from dwsep_compiler.initialization.sensitivity import interpolated_gain, probed_ranks
+from dwsep_compiler.pipeline import compile_model
+from helpers import make_model, rel_error, run_onnx
+
+ACTIVATIONS = [Activation.relu(), Activation.leaky_relu(0.1), Activation.clip(0.0, 6.0),
+               Activation.leaky_relu(np.array([0.0, 0.2, 0.5])), Activation.smooth("Silu"),
+               Activation.smooth("Sigmoid"), Activation.smooth("Tanh")]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.name)
+def test_relaxed_target_minimizes_its_objective(activation):
+    """The z update against a dense grid search of the same per-element objective (exact for
+    the piecewise-linear ones; the smooth line search may only beat the grid's points between
+    y and the teacher)."""
+    rng = np.random.default_rng(0)
+    teacher, linear = rng.normal(0, 3, (200, 3)), rng.normal(0, 3, (200, 3))
+    target = activation(teacher)
+    for penalty in (0.01, 0.3, 3.0):
+        z = activation.relaxed_target(teacher, linear, penalty)
+        cost = (target - activation(z)) ** 2 + penalty * (z - linear) ** 2
+        grid = np.linspace(-12, 12, 4801)[:, None, None]
+        costs = (target - activation(np.broadcast_to(grid, (4801, 200, 3)))) ** 2 \
+            + penalty * (grid - linear) ** 2
+        if activation.function is None:
+            assert np.all(cost <= costs.min(axis=0) + 1e-6)
+        else:
+            between = (grid >= np.minimum(linear, teacher)) & (grid <= np.maximum(linear, teacher))
+            best = np.where(between, costs, np.inf).min(axis=0)
+            ends = np.minimum(penalty * (teacher - linear) ** 2, (target - activation(linear)) ** 2)
+            assert np.all(cost <= ends + 1e-9)  # never worse than z = teacher or z = y
+            assert cost.sum() <= 1.05 * best.sum() + 1e-9  # near the best point between them
+
+
+def _relu_layer(seed=0, bias=-1.5):
+    """A 3x3 conv 16 -> 32 whose bias pushes most outputs below zero, and its patches."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(32, 16, 3, 3)).astype(np.float32)
+    b = np.full(32, bias * 3, np.float32)
+    x = rng.normal(size=(32, 16, 10, 10)).astype(np.float32)
+    geometry = distill.ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1))
+    patches = distill.conv_patches(x, geometry)
+    teacher = patches @ w.reshape(32, -1).T + b
+    return w, b, patches, teacher
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_post_activation_fit_beats_the_linear_fit_after_relu(rank):
+    w, b, patches, teacher = _relu_layer()
+    assert np.mean(teacher < 0) > 0.6
+    gram = distill.LayerGram(16, 9, 32)
+    gram.add(patches, teacher)
+    linear = distill.fit_layer(gram, distill.svd_factors(w, b, rank))
+    relu = Activation.relu()
+    target = relu(teacher)
+    before = distill.post_activation_error(patches, target, linear.factors, relu)
+    fit = distill.fit_post_activation(patches, teacher, linear.factors, relu)
+    assert fit.svd_error == pytest.approx(before)  # the history starts at the linear fit
+    assert fit.error <= before  # never worse on the calibration pixels
+    assert fit.error < 0.97 * before, (before, fit.error)
+    assert distill.post_activation_error(patches, target, fit.factors, relu) == \
+        pytest.approx(fit.error)
+
+
+def test_pixel_sample_is_bounded_and_uniform():
+    geometry = distill.ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1))
+    x = np.random.default_rng(0).normal(size=(20, 4, 8, 8)).astype(np.float32)
+    t = np.random.default_rng(1).normal(size=(20, 6, 8, 8)).astype(np.float32)
+    row_bytes = 4 * (4 * 9 + 6)
+    sample = distill.PixelSample(geometry, 4, 6, total_rows=20 * 64, budget_bytes=300 * row_bytes)
+    for start in range(0, 20, 5):
+        sample.add_conv(x[start:start + 5], t[start:start + 5])
+    patches, teacher = sample.arrays()
+    assert 200 <= len(patches) <= 300 and patches.nbytes + teacher.nbytes <= 300 * row_bytes
+    full = distill.conv_patches(x, geometry)
+    rows = {row.tobytes() for row in full}
+    assert all(row.tobytes() in rows for row in patches)  # real pixel rows, paired right:
+    expected = full @ np.zeros((36, 6), np.float32)
+    index = {row.tobytes(): k for k, row in enumerate(full)}
+    pixels = distill.output_pixels(t)
+    for row, target in zip(patches[:20], teacher[:20]):
+        np.testing.assert_array_equal(target, pixels[index[row.tobytes()]])
+    del expected
+    every = distill.PixelSample(geometry, 4, 6, total_rows=20 * 64)
+    every.add_conv(x, t)
+    assert len(every.arrays()[0]) == 20 * 64
+
+
+def test_distillation_reports_the_post_activation_fit(tmp_path):
+    """The Fashion example (conv -> BN -> ReLU): every activated layer is refit after its
+    ReLU, and the refit's post-activation error is never above the linear fit's."""
+    import os
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "fashion_mnist")
+    result = compile_model(os.path.join(example, "fashion_cnn.onnx"), compile=False,
+                           output_dir=str(tmp_path / "o"), rank=2,
+                           calibration=os.path.join(example, "calibration.npz"))
+    layers = [layer for layer in result.report.layers if layer.factorized]
+    assert layers and all(layer.activation == "Relu" for layer in layers)
+    for layer in layers:
+        assert layer.post_activation_rel_error <= layer.linear_post_activation_rel_error
+    assert sum(l.post_activation_rel_error for l in layers) < \
+        0.98 * sum(l.linear_post_activation_rel_error for l in layers)
+    linear = compile_model(os.path.join(example, "fashion_cnn.onnx"), compile=False,
+                           output_dir=str(tmp_path / "l"), rank=2, fit="linear",
+                           calibration=os.path.join(example, "calibration.npz"))
+    assert all(layer.activation is None for layer in linear.report.layers)
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+def test_probed_ranks_and_gain_interpolation():
+    assert probed_ranks([1, 2, 3]) == [1, 2, 3]
+    picked = probed_ranks(list(range(1, 31)), most=5)
+    assert picked[0] == 1 and picked[-1] == 30 and len(picked) <= 5
+    layer = {1: 0.5, 2: 0.4, 3: 0.3, 4: 0.2}
+    out = interpolated_gain(layer, {1: 1.0, 4: 0.8})  # gains 2 and 4
+    assert out[1] == 1.0 and out[4] == 0.8
+    assert out[2] == pytest.approx(0.4 * (2 + 2 / 3)) and out[3] == pytest.approx(0.3 * (2 + 4 / 3))
+
+
+def _amplified_model(rng):
+    """Two 3x3 convs of the same size on the same input; the model's output is
+    ``[30 * relu(convA), relu(convB)]``: an error in A costs the output 30x more."""
+    def kernel():  # per input channel, singular values 1, 1/2, 1/4, ...: rank matters
+        u = np.linalg.qr(rng.normal(size=(8, 16, 9)))[0]  # [M, N, 9] orthonormal columns
+        v = np.linalg.qr(rng.normal(size=(8, 9, 9)))[0]
+        s = 0.5 ** np.arange(9)
+        return np.einsum("mnk,k,mtk->nmt", u, s, v).reshape(16, 8, 3, 3).astype(np.float32)
+
+    wa, wb = kernel(), kernel()
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["ya"], name="convA", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb"], ["yb"], name="convB", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["ya"], ["ra"]),
+             helper.make_node("Relu", ["yb"], ["rb"]),
+             helper.make_node("Mul", ["ra", "gain"], ["ga"]),
+             helper.make_node("Concat", ["ga", "rb"], ["out"], axis=1)]
+    inits = [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb"),
+             numpy_helper.from_array(np.array(30.0, np.float32), "gain")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                            [1, 8, 12, 12])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+
+
+def test_sensitivity_keeps_the_amplified_layer_richer(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "amplified.onnx"
+    onnx.save(_amplified_model(rng), path)
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, x=rng.normal(size=(24, 8, 12, 12)).astype(np.float32))
+    x = rng.normal(size=(1, 8, 12, 12)).astype(np.float32)
+    reference = run_onnx(str(path), {"x": x})[0]
+    results = {}
+    for sensitivity in ("layer", "model-output"):
+        result = compile_model(str(path), compile=False, output_dir=str(tmp_path / sensitivity),
+                               macs_ratio=0.45, calibration=str(calibration),
+                               sensitivity=sensitivity)
+        ranks = {layer.name: layer.rank or 99 for layer in result.report.layers}
+        error = rel_error(run_onnx(result.model_path, {"x": x})[0], reference)
+        results[sensitivity] = (ranks, error, result.report)
+        assert result.report.totals()["conv_macs_ratio"] <= 0.45
+    (layer_ranks, layer_error, _), (out_ranks, out_error, report) = \
+        results["layer"], results["model-output"]
+    assert out_ranks["convA"] > layer_ranks["convA"], (layer_ranks, out_ranks)
+    assert out_error < 0.8 * layer_error, (layer_error, out_error)
+    allocation = report.calibration["allocation"]
+    assert set(allocation["sensitivity"]) == {"convA", "convB"}
+    curve = allocation["sensitivity"]["convA"]
+    assert curve["model_output_error_measured"] and curve["layer_error"]
