@@ -3,6 +3,7 @@
     python bench/accuracy.py                      # Fashion-MNIST example, writes bench/results/
     python bench/accuracy.py --model ddddocr      # ddddocr's OCR model (see bench/ddddocr_ocr.py)
     python bench/accuracy.py --model ddddocr --calibration-size 256 --tag cal256
+    python bench/accuracy.py --model ddddocr-det  # ddddocr's detector: box F1 vs the original
 
 For each target ratio F the ranks are allocated by ``--macs-ratio F`` (greedy per layer; on the
 SVD weight error without calibration, on the calibration output error with it), the model is
@@ -64,6 +65,20 @@ def ddddocr_task(limit: int, calibration_size: int):
 
 # Each method: compile_model's calibration options. "linear" is the layer-wise method before
 # the post-activation fit and the model-output sensitivity; "layerwise" is today's default.
+def detector_task(limit: int, calibration_size: int):
+    import ddddocr_det as det
+
+    images = det.render(limit, seed=1)
+    reference = det.boxes_of(det.model_path(), images)
+    calibration = os.path.join(tempfile.mkdtemp(prefix="dwsep-bench-"), "det_calibration.npz")
+    np.savez(calibration, **{det.INPUT: det.render(calibration_size, seed=2)})
+    return {"model": det.model_path(), "calibration": calibration,
+            "calibration_size": calibration_size, "input_shapes": None,
+            "accuracy": lambda path: det.f1(det.boxes_of(path, images), reference),
+            "metric": f"box F1 at IoU 0.5 against the original model's boxes, {limit} rendered "
+                      "416x416 scenes"}
+
+
 METHODS = {
     "svd": None,
     "linear": {"fit": "linear", "sensitivity": "layer"},
@@ -95,7 +110,8 @@ def run_point(task, out_dir: str, method: str, finetune_steps: int, **ranks) -> 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("fashion", "ddddocr"), default="fashion")
+    parser.add_argument("--model", choices=("fashion", "ddddocr", "ddddocr-det"),
+                        default="fashion")
     parser.add_argument("--ratios", default="0.15,0.2,0.3,0.4,0.5")
     parser.add_argument("--ranks", default="1,2,3,4")
     parser.add_argument("--limit", type=int, default=None,
@@ -111,14 +127,18 @@ def main(argv=None):
                         help="results go to accuracy_<model>[-<tag>].json/.png")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
-    if args.calibration_size is not None and (args.model != "ddddocr" or args.calibration_size < 1):
-        parser.error("--calibration-size: a positive count, for --model ddddocr only")
+    if args.calibration_size is not None and (args.model == "fashion" or args.calibration_size < 1):
+        parser.error("--calibration-size: a positive count, for the ddddocr models only")
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
-    task = (fashion_task(args.limit or 2000) if args.model == "fashion"
-            else ddddocr_task(args.limit or 200, args.calibration_size or 64))
+    if args.model == "fashion":
+        task = fashion_task(args.limit or 2000)
+    elif args.model == "ddddocr":
+        task = ddddocr_task(args.limit or 200, args.calibration_size or 64)
+    else:
+        task = detector_task(args.limit or 100, args.calibration_size or 32)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="dwsep-bench-")
     baseline = task["accuracy"](task["model"])

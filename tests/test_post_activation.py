@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dwsep_compiler.initialization import distill
 from dwsep_compiler.initialization.activation import Activation
-from dwsep_compiler.initialization.sensitivity import interpolated_gain, probed_ranks
+from dwsep_compiler.initialization.sensitivity import (PROBE_MACS, interpolated_gain, probe_plan,
+                                                      probed_ranks)
 from dwsep_compiler.pipeline import compile_model
 from helpers import make_model, rel_error, run_onnx
 
@@ -126,6 +127,15 @@ def test_probed_ranks_and_gain_interpolation():
     out = interpolated_gain(layer, {1: 1.0, 4: 0.8})  # gains 2 and 4
     assert out[1] == 1.0 and out[4] == 0.8
     assert out[2] == pytest.approx(0.4 * (2 + 2 / 3)) and out[3] == pytest.approx(0.3 * (2 + 4 / 3))
+
+
+def test_probe_plan_stays_within_its_budget():
+    assert probe_plan(10 ** 7, 4, 64) == (32, 5)  # a small model: everything
+    assert probe_plan(10 ** 7, 4, 10) == (10, 5)  # never more inputs than given
+    for macs, layers in ((4 * 10 ** 8, 10), (3 * 10 ** 9, 31), (2 * 10 ** 10, 50)):
+        samples, ranks = probe_plan(macs, layers, 64)
+        assert 2 <= ranks <= 5 and 4 <= samples <= 32
+        assert macs * layers * samples * ranks <= PROBE_MACS or (samples, ranks) == (4, 2)
 
 
 def _amplified_model(rng):

@@ -10,10 +10,13 @@ fitted bias), so no rewrite is needed to probe it: the probe model is the origin
 candidate conv's weight and bias turned into graph inputs (a folded BatchNormalization folded in
 for good), one onnxruntime session, fed the original kernels except for the probed layer.
 
-Cost: one run of the model on ``SAMPLES`` calibration inputs per probed (layer, rank).
-`rank_curves` probes at most ``RANKS_PROBED`` ranks of a layer and interpolates the
-*gain* (model-output error / layer error, a smooth function of rank) in between: the layer error
-is known at every rank from its Gram matrices.
+Cost: one run of the model on the probe's calibration inputs per probed (layer, rank), bounded
+by `probe_plan` to about ``PROBE_MACS`` multiply-accumulates in all (a deterministic budget, so
+the allocation does not depend on the machine's speed): at most ``SAMPLES`` inputs and
+``RANKS_PROBED`` ranks a layer, fewer on large models (a 31-conv 416x416 detector: 2 ranks on 7
+inputs). `rank_curves` interpolates the *gain* (model-output error / layer error, a smooth
+function of rank) between probed ranks: the layer error is known at every rank from its Gram
+matrices.
 """
 
 from __future__ import annotations
@@ -27,8 +30,20 @@ from onnx import TensorProto, helper
 from .calibration import CalibrationSet, Hooks
 from ..passes.onnx_factorize import ConvSite
 
-SAMPLES = 32  # calibration inputs per probe run
-RANKS_PROBED = 5  # ranks of one layer whose model-output error is measured; the rest interpolated
+SAMPLES = 32  # calibration inputs per probe run, at most
+RANKS_PROBED = 5  # ranks of one layer whose model-output error is measured, at most
+MIN_SAMPLES, MIN_RANKS = 4, 2
+PROBE_MACS = 1.5e12  # model MACs of all probe runs together (~30-60 s on 2 cores)
+
+
+def probe_plan(model_macs: int, layers: int, calibration_samples: int) -> tuple[int, int]:
+    """``(inputs per probe, ranks probed per layer)`` within ``PROBE_MACS``: ranks go first
+    (down to ``MIN_RANKS``), then inputs (down to ``MIN_SAMPLES``)."""
+    samples = min(SAMPLES, calibration_samples)
+    per_run = max(1, model_macs) * max(1, layers)
+    ranks = int(min(RANKS_PROBED, max(MIN_RANKS, PROBE_MACS // (per_run * samples))))
+    samples = int(min(samples, max(MIN_SAMPLES, PROBE_MACS // (per_run * ranks))))
+    return max(1, min(samples, calibration_samples)), ranks
 
 
 @dataclass
@@ -43,7 +58,9 @@ class OutputProbe:
     """The model's outputs on a few calibration inputs, with one conv's kernel swapped."""
 
     def __init__(self, model: onnx.ModelProto, sites: list[ConvSite],
-                 calibration: CalibrationSet, samples: int = SAMPLES):
+                 calibration: CalibrationSet, samples: int = SAMPLES,
+                 ranks: int = RANKS_PROBED):
+        self.samples, self.ranks = samples, ranks
         probe, self.slots = _probe_model(model, sites)
         self.outputs = [o.name for o in model.graph.output
                         if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
@@ -61,7 +78,7 @@ class OutputProbe:
         self.reference = self._run({})
 
     def ranks_to_probe(self, ranks: list[int]) -> list[int]:
-        return probed_ranks(ranks)
+        return probed_ranks(ranks, self.ranks)
 
     def curve(self, layer_errors: dict[int, float], measured: dict[int, float]) -> dict[int, float]:
         return interpolated_gain(layer_errors, measured)

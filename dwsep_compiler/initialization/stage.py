@@ -18,13 +18,14 @@ from typing import Callable
 import onnx
 
 from ..errors import DwsepError
+from ..macs import model_macs
 from ..model import view_model
 from ..passes.conditions import plan_conv
 from ..passes.onnx_factorize import OnnxFactorization, conv_sites, factorize_onnx
 from . import allocation
 from .calibration import FITS, TEACHERS, CalibrationSet, distill_layers, rank_curves
 from .ranks import RankPolicy
-from .sensitivity import OutputProbe
+from .sensitivity import OutputProbe, probe_plan
 
 KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv
 SENSITIVITIES = ("model-output", "layer")  # what --macs-ratio/--max-error price a rank by
@@ -189,9 +190,13 @@ def allocate_ranks(model, shapes, skip, calib: CalibrationSet | None,
               if by_output else
               "calibration output error" if calib is not None else "SVD weight error")
     started = time.perf_counter()
+    probe = None
     if calib is not None:
         log(f"measuring error by rank on {calib.used_samples} calibration samples ...")
-        probe = OutputProbe(model, eligible, calib) if by_output and eligible else None
+        if by_output and eligible:
+            samples, probed = probe_plan(model_macs(view), len(eligible), calib.used_samples)
+            log(f"model-output sensitivity: {probed} ranks a layer on {samples} inputs")
+            probe = OutputProbe(model, eligible, calib, samples=samples, ranks=probed)
         curves = list(rank_curves(model, view, eligible, calib, probe=probe, log=log).values())
     else:
         curves = [allocation.svd_curve(site.name, site.weight, site.spec.batch,
@@ -199,7 +204,8 @@ def allocate_ranks(model, shapes, skip, calib: CalibrationSet | None,
     info = {"error": source, "time_s": round(time.perf_counter() - started, 3),
             "curves": {c.name: {str(o.rank): round(o.error, 6) for o in c.options if o.rank}
                        for c in curves}}
-    if by_output:
+    if by_output and probe is not None:
+        info["sensitivity_probe"] = {"inputs": probe.samples, "ranks_per_layer": probe.ranks}
         info["sensitivity"] = {
             c.name: {"layer_error": {str(r): round(e, 6) for r, e in c.layer_errors.items()},
                      "model_output_error_measured": {str(r): round(e, 6)
