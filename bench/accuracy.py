@@ -63,8 +63,8 @@ def ddddocr_task(limit: int, calibration_size: int):
             "metric": f"exact string (case-insensitive), {limit} rendered 4-7 char strings"}
 
 
-# Each method: compile_model's calibration options. "linear" is the layer-wise method before
-# the post-activation fit and the model-output sensitivity; "layerwise" is today's default.
+# Each method: compile_model's calibration options. "linear": the pre-activation fit with ranks
+# priced by the layer's own error; "layerwise": compile_model's defaults.
 def detector_task(limit: int, calibration_size: int):
     import ddddocr_det as det
 

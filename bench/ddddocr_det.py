@@ -15,11 +15,12 @@ threshold 0.1, class-agnostic NMS at IoU 0.45, as ddddocr's own detection does.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import string
 
 import numpy as np
+
+import ddddocr_ocr  # bench/: the package lookup and the font
 
 SIZE = 416
 INPUT = "images"
@@ -27,25 +28,14 @@ ALPHABET = string.digits + string.ascii_letters
 
 
 def model_path() -> str:
-    spec = importlib.util.find_spec("ddddocr")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("ddddocr is not installed: pip install ddddocr==1.6.1 --no-deps")
-    return os.path.join(list(spec.submodule_search_locations)[0], "common_det.onnx")
-
-
-def _font_path() -> str:
-    spec = importlib.util.find_spec("captcha")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("captcha is not installed: pip install captcha==0.7.1")
-    return os.path.join(list(spec.submodule_search_locations)[0], "data", "DroidSansMono.ttf")
+    return os.path.join(ddddocr_ocr.package_dir(), "common_det.onnx")
 
 
 def render(count: int, seed: int) -> np.ndarray:
     """``count`` scenes ``[count, 3, 416, 416]`` float32 (BGR, 0-255)."""
-    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+    from PIL import Image, ImageDraw, ImageFilter
 
     rng = np.random.default_rng(seed)
-    font_file = _font_path()
     out = np.empty((count, 3, SIZE, SIZE), np.float32)
     for index in range(count):
         low = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
@@ -57,7 +47,7 @@ def render(count: int, seed: int) -> np.ndarray:
             draw = ImageDraw.Draw(glyph)
             colour = tuple(int(c) for c in rng.integers(0, 256, 3)) + (255,)
             draw.text((size // 2, size // 3), ALPHABET[rng.integers(len(ALPHABET))],
-                      font=ImageFont.truetype(font_file, size), fill=colour)
+                      font=ddddocr_ocr.text_font(size), fill=colour)
             glyph = glyph.rotate(float(rng.uniform(-30, 30)), resample=Image.BICUBIC)
             x, y = (int(v) for v in rng.integers(0, SIZE - 2 * size, 2))
             image.paste(glyph, (x, y), glyph)

@@ -47,7 +47,7 @@ def charset() -> list[str]:
     raise SystemExit("charset not found in ddddocr's charset_manager.py")
 
 
-def _font(size: int):
+def text_font(size: int):
     import captcha
     from PIL import ImageFont
     return ImageFont.truetype(os.path.join(os.path.dirname(captcha.__file__), "data",
@@ -57,7 +57,7 @@ def _font(size: int):
 def render(texts: list[str]) -> np.ndarray:
     """float32 ``[len(texts), 1, 64, WIDTH]`` in [0, 1]."""
     from PIL import Image, ImageDraw
-    font = _font(40)
+    font = text_font(40)
     out = np.empty((len(texts), 1, HEIGHT, WIDTH), np.float32)
     for i, text in enumerate(texts):
         image = Image.new("L", (WIDTH, HEIGHT), 255)

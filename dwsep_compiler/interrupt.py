@@ -31,7 +31,7 @@ _temporary: set[str] = set()
 _lock = threading.Lock()
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused PID apart;
     None where /proc does not say."""
     try:
@@ -45,7 +45,7 @@ def mark_temporary(path: str) -> None:
     """Write our marker into the fresh directory ``path`` and register it for removal on an
     interrupt (until `release` says it is published or gone)."""
     with open(os.path.join(path, MARKER), "w") as handle:
-        json.dump({"pid": os.getpid(), "start": _start_time(os.getpid())}, handle)
+        json.dump({"pid": os.getpid(), "start": process_start_time(os.getpid())}, handle)
     with _lock:
         _temporary.add(path)
 
@@ -70,7 +70,7 @@ def _alive(owner: dict) -> bool:
     except PermissionError:  # someone else's live process
         return True
     started = owner.get("start")
-    return started is None or _start_time(pid) in (None, started)
+    return started is None or process_start_time(pid) in (None, started)
 
 
 def remove_stale(directory: str, prefix: str = ".dwsep-") -> list[str]:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.pipeline import compile_model
-from helpers import conv_model, make_model, rel_error, run_onnx, small_cnn, with_outputs
+from helpers import conv_model, make_model, run_onnx, small_cnn, with_outputs
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="PyTorch (the finetune extra) is not installed")

@@ -98,7 +98,7 @@ def test_stale_temporary_directories(tmp_path):
     live = tmp_path / ".dwsep-live"
     live.mkdir()
     (live / interrupt.MARKER).write_text(
-        json.dumps({"pid": os.getpid(), "start": interrupt._start_time(os.getpid())}))
+        json.dumps({"pid": os.getpid(), "start": interrupt.process_start_time(os.getpid())}))
     unmarked = tmp_path / ".dwsep-not-ours"
     unmarked.mkdir()
     reused = tmp_path / ".dwsep-reused-pid"  # a live PID, but another process's start time

@@ -261,9 +261,9 @@ def conv_geometry(site: ConvSite, view: ModelView) -> distill.ConvGeometry:
 
 
 def layer_activation(site: ConvSite, view: ModelView) -> Activation | None:
-    """The piecewise-linear activation reading the layer's output (`ConvSite.activation`) as
-    the post-activation fit takes it; None when there is none or its parameters are not
-    constants of a supported form."""
+    """The activation reading the layer's output (`ConvSite.activation`) as the
+    post-activation fit takes it; None when there is none or its parameters are not constants
+    of a supported form."""
     if site.activation is None:
         return None
     node = site.activation.node
@@ -306,7 +306,7 @@ def rank_curves(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite],
 
     With ``probe`` (a `sensitivity.OutputProbe`), each curve's errors are instead the model
     outputs' relative error with that layer alone at that rank (measured at a few ranks, see
-    `sensitivity.model_output_curve`); the layer's own errors stay in ``curve.layer_errors``."""
+    `sensitivity.OutputProbe.curve`); the layer's own errors stay in ``curve.layer_errors``."""
     log = log or (lambda message: None)
     curves: dict[str, allocation.RankCurve] = {}
     for group in _groups(sites):
@@ -439,6 +439,7 @@ def _conv_output(patches: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
     out = patches @ weight.reshape(weight.shape[0], -1).T
     return out + bias.astype(np.float32) if bias is not None else out
 
+
 @dataclass
 class DistillResult:
     """The distilled plans (weights replaced) and sites (bias replaced), and what it cost."""
@@ -455,7 +456,7 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
                    log: Callable[[str], None] | None = None) -> DistillResult:
     """Sequential layer-wise distillation of every factorized plan (see the module doc).
 
-    ``fit="post-activation"`` (the default): a layer read only by a piecewise-linear activation
+    ``fit="post-activation"`` (the default): a layer read only by a supported activation
     (`layer_activation`) is refit, after the linear fit, to match the teacher after that
     activation (`distill.fit_post_activation`, on a bounded pixel sample); ``"linear"``: every
     layer keeps the pre-activation least-squares fit.
@@ -530,7 +531,7 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
         "teacher": teacher,
         "method": "sequential layer-wise least squares: pointwise + bias closed form, "
                   f"depthwise by alternating least squares ({iterations} alternations)" + (
-                      "; layers read by a ReLU-like activation refit after it (Zhang et al.'s "
+                      "; layers read by an activation refit after it (Zhang et al.'s "
                       f"relaxation, {len(distill.POST_ACTIVATION_PENALTIES)} rounds, at most "
                       f"{distill.POST_ACTIVATION_BYTES >> 20} MiB of sampled pixels per layer)"
                       if fit == "post-activation" else ""),

@@ -2,11 +2,12 @@
 
 Optional stage after sequential layer-wise distillation (`calibration.distill_layers`); needs
 PyTorch (CPU is enough): ``pip install 'dwsep-compiler[finetune]'``. The ONNX graphs are executed
-by `OnnxModule`, a ``torch.nn.Module`` that runs the graph node by node with torch functional
-ops (the CNN subset below), so no exporter or model source code is needed.
+by `OnnxModule`, a ``torch.nn.Module`` that runs the graph node by node with the operators of
+`torch_ops` (CNN bodies, recurrent and detection heads), so no exporter or model source code is
+needed.
 
-Models with operators outside that subset (an OCR model's LSTM head, a custom op) are trained on
-their `runnable_prefix`: the largest part the executor can run, cut where the factorized layers'
+Models with operators outside that table (a plain RNN, a custom op) are trained on their
+`runnable_prefix`: the largest part the executor can run, cut where the factorized layers'
 influence leaves it. The output loss is then taken on the cut tensors (e.g. the conv backbone's
 output features, which the head reads), the teacher computes the same tensors on the original
 model, and the trained weights are written back into the full model.
@@ -16,8 +17,7 @@ Hooks a user's own training loop can call:
 * `student_module(factorized_model, layers)`: the factorized model as a module whose only
   parameters are the depthwise/pointwise weights and biases of the factorized layers;
 * `layer_pairs(layers, factorized_model)`: ``(student_tensor, teacher_tensor)`` names to match
-  (the pointwise conv writes the original conv's, or folded BN's, output name, so both are the
-  same name);
+  (the pointwise conv's output, or its activation's, has the same name in both graphs);
 * `distillation_loss(student_out, teacher_out, pairs, feature_weight)`: output MSE plus the mean
   normalized feature MSE;
 * `runnable_prefix(factorized_model, layers)`: the part to train and the tensors to match when

@@ -71,10 +71,9 @@ class OutputProbe:
             taken += len(next(iter(feed.values())))
             if taken >= samples:
                 break
-        self.originals = {name: {slot.weight: slot.kernel, slot.bias: slot.original_bias}
-                          for name, slot in self.slots.items()}
-        everything = {k: v for weights in self.originals.values() for k, v in weights.items()}
-        self.base_weights = everything
+        self.base_weights = {name: value for slot in self.slots.values()
+                             for name, value in ((slot.weight, slot.kernel),
+                                                 (slot.bias, slot.original_bias))}
         self.reference = self._run({})
 
     def ranks_to_probe(self, ranks: list[int]) -> list[int]:

@@ -26,15 +26,7 @@ from ..errors import DwsepError
 from ..model import same_pads
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    out = {}
-    for a in node.attribute:
-        value = onnx.helper.get_attribute_value(a)
-        out[a.name] = value.decode() if isinstance(value, bytes) else value
-    return out
-
-
-def _opset(model: onnx.ModelProto) -> int:
+def model_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
@@ -514,7 +506,7 @@ def _instance_norm(i, a, opset):
 
 # ------------------------------------------------------------------------------ resizing
 
-def _source_coords(out_size: int, in_size: int, scale: float, mode: str, roi=None):
+def _source_coords(out_size: int, in_size: int, scale: float, mode: str):
     """ONNX Resize's coordinate transform: the input coordinate of each output index."""
     x = torch.arange(out_size, dtype=torch.float64)
     if mode == "half_pixel":
@@ -737,10 +729,9 @@ def supported(node: onnx.NodeProto) -> bool:
 def node_attributes(node: onnx.NodeProto) -> dict:
     """The node's attributes as Python values, plus ``_outputs``: its output count (a Split
     without sizes splits into that many parts)."""
-    out = _attrs(node)
+    out = {}
+    for a in node.attribute:
+        value = onnx.helper.get_attribute_value(a)
+        out[a.name] = value.decode() if isinstance(value, bytes) else value
     out["_outputs"] = len(node.output)
     return out
-
-
-def model_opset(model: onnx.ModelProto) -> int:
-    return _opset(model)
