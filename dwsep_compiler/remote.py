@@ -389,7 +389,7 @@ def tracker_summary(tracker: str | tuple[str, int], timeout: float = 10.0) -> di
     return value[1]
 
 
-def _registered_keys(summary: dict) -> dict[str, int]:
+def registered_keys(summary: dict) -> dict[str, int]:
     counts: dict[str, int] = {}
     for server in summary.get("server_info", []):
         key = str(server.get("key", ""))
@@ -422,7 +422,7 @@ def request_session(tracker: str | tuple[str, int], key: str,
         sock.close()
     if value is None:
         try:
-            keys = _registered_keys(tracker_summary(address))
+            keys = registered_keys(tracker_summary(address))
         except RemoteError:
             keys = None
         if keys is not None and key in keys:

@@ -241,7 +241,7 @@ def apply_plans(model: onnx.ModelProto, sites: list[ConvSite], plans: list[ConvP
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_initializers)
-    _remove_dead(out, {v.name for v in graph_inputs(model)})
+    remove_dead(out, {v.name for v in graph_inputs(model)})
     return out
 
 
@@ -263,7 +263,7 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _remove_dead(model: onnx.ModelProto, real_inputs: set[str]) -> None:
+def remove_dead(model: onnx.ModelProto, real_inputs: set[str]) -> None:
     """Drop nodes and initializers nothing reads any more (the replaced weights and their
     producers), initializers listed as graph inputs, and stale value_info."""
     graph = model.graph
@@ -273,7 +273,7 @@ def _remove_dead(model: onnx.ModelProto, real_inputs: set[str]) -> None:
         if any(o in live for o in node.output) or _has_subgraph(node):
             kept.append(node)
             live.update(i for i in node.input if i)
-            live.update(_subgraph_inputs(node))
+            live.update(subgraph_inputs(node))
     kept.reverse()
     del graph.node[:]
     graph.node.extend(kept)
@@ -298,12 +298,12 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
                for a in node.attribute)
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     names = set()
     for attr in node.attribute:
         graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for g in graphs:
             for inner in g.node:
                 names.update(inner.input)
-                names.update(_subgraph_inputs(inner))
+                names.update(subgraph_inputs(inner))
     return names

@@ -25,7 +25,7 @@ from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.initialization.lowrank import fold_batch_norm
 
-from .relax_fuse_dwpw import _is_conv, _layout_ok
+from .relax_fuse_dwpw import is_conv, layout_ok
 from .relax_rewrite import CallRewritePass, CallRewriter, bound_value, constant_value, is_op
 
 
@@ -37,8 +37,8 @@ class _Rewriter(CallRewriter):
         bias = None
         if is_op(expr, "relax.add"):
             lhs, rhs = (bound_value(self, a) for a in expr.args)
-            conv, other = (lhs, expr.args[1]) if _is_conv(lhs) else (rhs, expr.args[0])
-            if not _is_conv(conv):
+            conv, other = (lhs, expr.args[1]) if is_conv(lhs) else (rhs, expr.args[0])
+            if not is_conv(conv):
                 return None, None
             bias = constant_value(self, other)
             n = int(conv.ty.shape[1])
@@ -46,7 +46,7 @@ class _Rewriter(CallRewriter):
                 return None, None  # not a per-channel bias
             bias = bias.reshape(n)
             expr = conv
-        return (expr, bias) if _is_conv(expr) else (None, None)
+        return (expr, bias) if is_conv(expr) else (None, None)
 
     def visit_tuple_getitem_(self, op):
         op = super().visit_tuple_getitem_(op)
@@ -57,7 +57,7 @@ class _Rewriter(CallRewriter):
                 or bool(getattr(bn.attrs, "training", False))):
             return op
         conv, bias = self._conv_and_bias(bn.args[0])
-        if conv is None or not _layout_ok(conv.attrs):
+        if conv is None or not layout_ok(conv.attrs):
             return op
         weight = constant_value(self, conv.args[1])
         stats = [constant_value(self, a) for a in bn.args[1:]]

@@ -62,11 +62,11 @@ class _Fuser(PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _is_conv(call):
+        if not is_conv(call):
             return call
         dw_var, w_pw = call.args
         dw_call = self.lookup_binding(dw_var) if isinstance(dw_var, relax.Var) else dw_var
-        if not _is_conv(dw_call) or not _pointwise_ok(call, w_pw) or _read_elsewhere(self.users, dw_var):
+        if not is_conv(dw_call) or not _pointwise_ok(call, w_pw) or _read_elsewhere(self.users, dw_var):
             return call
         x, w_dw = dw_call.args
         attrs = dw_call.attrs
@@ -103,7 +103,7 @@ def _read_elsewhere(users: dict, var) -> bool:
     return users.get(var, 0) > 1
 
 
-def _is_conv(expr) -> bool:
+def is_conv(expr) -> bool:
     return (isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op)
             and expr.op.name == "relax.nn.conv2d")
 
@@ -112,7 +112,7 @@ def _is_const(expr) -> bool:
     return isinstance(expr, tvm.ir.expr.Constant)
 
 
-def _layout_ok(attrs) -> bool:
+def layout_ok(attrs) -> bool:
     return (attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW"
             and attrs.out_layout in ("", "NCHW") and str(attrs.out_dtype) in ("", "None", "float32"))
 
@@ -121,13 +121,13 @@ def _pointwise_ok(call, w_pw) -> bool:
     attrs = call.attrs
     shape = [int(d) for d in w_pw.ty.shape] if _is_const(w_pw) else None
     return (shape is not None and shape[2:] == [1, 1] and int(attrs.groups) == 1
-            and _layout_ok(attrs) and all(int(s) == 1 for s in attrs.strides)
+            and layout_ok(attrs) and all(int(s) == 1 for s in attrs.strides)
             and all(int(p) == 0 for p in attrs.padding) and str(w_pw.ty.dtype) == "float32")
 
 
 def _depthwise_ok(call, x, w_dw) -> bool:
     attrs = call.attrs
-    if not (_is_const(w_dw) and _layout_ok(attrs)) or str(w_dw.ty.dtype) != "float32":
+    if not (_is_const(w_dw) and layout_ok(attrs)) or str(w_dw.ty.dtype) != "float32":
         return False
     x_shape = getattr(x.ty, "shape", None)
     if x_shape is None or len(x_shape) != 4 or str(x.ty.dtype) != "float32":

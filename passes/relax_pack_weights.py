@@ -30,7 +30,7 @@ from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.schedules.cpu.common import channel_tile
 
-from .relax_fuse_dwpw import _is_conv, _layout_ok
+from .relax_fuse_dwpw import is_conv, layout_ok
 from .relax_rewrite import CallRewritePass, CallRewriter, constant_value
 
 PACKED_NAME = "conv2d_packed"  # the PrimFunc's compute block (`schedules.cpu.packed`)
@@ -98,7 +98,7 @@ class _Rewriter(CallRewriter):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _is_conv(call):
+        if not is_conv(call):
             return call
         attrs = call.attrs
         x, w = call.args
@@ -109,7 +109,7 @@ class _Rewriter(CallRewriter):
         except (AttributeError, TypeError, ValueError):  # symbolic shapes: leave them alone
             return call
         if (weight is None or len(x_shape) != 4 or int(attrs.groups) != 1
-                or not _layout_ok(attrs) or str(call.ty.dtype) != "float32"
+                or not layout_ok(attrs) or str(call.ty.dtype) != "float32"
                 or str(x.ty.dtype) != "float32" or weight.dtype != np.float32):
             return call
         _, _, out_h, out_w = (int(d) for d in call.ty.shape)

@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from .relax_fuse_dwpw import _is_conv, _layout_ok
+from .relax_fuse_dwpw import is_conv, layout_ok
 from .relax_rewrite import CallRewritePass, CallRewriter
 
 
@@ -32,7 +32,7 @@ def _strided_pointwise(call) -> tuple[int, int] | None:
     except (AttributeError, TypeError, ValueError):  # symbolic shapes: leave them alone
         return None
     if (len(x_shape) != 4 or w_shape[2:] != [1, 1] or int(attrs.groups) != 1
-            or not _layout_ok(attrs) or any(int(p) != 0 for p in attrs.padding)
+            or not layout_ok(attrs) or any(int(p) != 0 for p in attrs.padding)
             or strides == [1, 1]):
         return None
     return strides[0], strides[1]
@@ -42,7 +42,7 @@ def _strided_pointwise(call) -> tuple[int, int] | None:
 class _Rewriter(CallRewriter):
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not _is_conv(call):
+        if not is_conv(call):
             return call
         strides = _strided_pointwise(call)
         if strides is None:

@@ -43,7 +43,7 @@ from onnx import helper
 from ..errors import DwsepError
 from ..model import MAX_IR_VERSION, ModelView, attribute, graph_inputs, same_pads
 from ..passes.conditions import ConvPlan
-from ..passes.onnx_factorize import ConvSite, _remove_dead, apply_plans
+from ..passes.onnx_factorize import ConvSite, remove_dead, apply_plans
 from . import allocation, distill
 from .activation import Activation
 
@@ -214,7 +214,7 @@ def pruned(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     hooked.CopyFrom(model)
     del hooked.graph.output[:]
     hooked.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    _remove_dead(hooked, {v.name for v in graph_inputs(model)})
+    remove_dead(hooked, {v.name for v in graph_inputs(model)})
     if hooked.ir_version > MAX_IR_VERSION:
         hooked.ir_version = MAX_IR_VERSION
     return hooked

@@ -41,7 +41,7 @@ from onnx import numpy_helper
 
 from ..errors import DwsepError
 from ..model import graph_inputs, view_model
-from ..passes.onnx_factorize import _subgraph_inputs, following_activation
+from ..passes.onnx_factorize import subgraph_inputs, following_activation
 from .calibration import DEFAULT_BATCH, CalibrationSet, pruned
 from .torch_ops import SHAPE_ONLY, model_opset, node_attributes, run_node, supported
 
@@ -250,7 +250,7 @@ def _cut_tensors(graph: onnx.GraphProto, runnable: list[bool], sources: set[str]
     for node, ok in zip(graph.node, runnable):
         if not ok:
             leaving.update(node.input)
-            leaving.update(_subgraph_inputs(node))
+            leaving.update(subgraph_inputs(node))
     return list(dict.fromkeys(name for node, ok in zip(graph.node, runnable) if ok
                               for name in node.output if name in tainted and name in leaving))
 

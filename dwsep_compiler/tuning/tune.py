@@ -188,7 +188,7 @@ def _device(options: TuneOptions, preset):
         return None, 0
     try:
         address = remote.parse_address(options.rpc_tracker)
-        keys = remote._registered_keys(remote.tracker_summary(address))
+        keys = remote.registered_keys(remote.tracker_summary(address))
     except remote.RemoteError as exc:
         raise DwsepError(str(exc)) from None
     device = measure.RpcDevice(address, options.rpc_key)
@@ -351,7 +351,7 @@ class Progress:
         if now - self._gone_at[0] < 2.0:
             return self._gone_at[1]
         try:
-            keys = remote._registered_keys(remote.tracker_summary(self.device.tracker, 5.0))
+            keys = remote.registered_keys(remote.tracker_summary(self.device.tracker, 5.0))
             gone = not keys.get(self.device.key)
         except remote.RemoteError:
             gone = True

@@ -17,7 +17,7 @@ class ConvBlocks:
     kind: str  # "conv2d_nchw" | "group_conv2d_nchw"
 
 
-def _iter_kinds(sch: s_tir.Schedule, block) -> str:
+def iter_kinds(sch: s_tir.Schedule, block) -> str:
     """'S'/'R'/'O' per block iter (spatial, reduction, other)."""
     kinds = {0: "S", 2: "R"}
     return "".join(kinds.get(int(iv.iter_type), "O") for iv in sch.get(block).iter_vars)
@@ -34,7 +34,7 @@ def find_conv(func: tirx.PrimFunc, names=("conv2d_nchw", "group_conv2d_nchw"),
     epilogue = []
     for block in sch.get_child_blocks(root):
         name = sch.get(block).name_hint
-        kinds = _iter_kinds(sch, block)
+        kinds = iter_kinds(sch, block)
         if "R" in kinds:
             if conv is not None or name not in names or kinds != iters:
                 return None
@@ -132,10 +132,10 @@ def fused_dwpw_blocks(func: tirx.PrimFunc):
     if names[:3] != ["pad_temp", "depthwise", "pointwise"]:
         return None
     pad, dw, pw = (sch.get_sblock(n) for n in names[:3])
-    if _iter_kinds(sch, dw) != "SSSSRR" or _iter_kinds(sch, pw) != "SSSSR":
+    if iter_kinds(sch, dw) != "SSSSRR" or iter_kinds(sch, pw) != "SSSSR":
         return None
     epilogue = [sch.get_sblock(n) for n in names[3:]]
-    if any("R" in _iter_kinds(sch, b) for b in epilogue):
+    if any("R" in iter_kinds(sch, b) for b in epilogue):
         return None
     return sch, pad, dw, pw, epilogue
 

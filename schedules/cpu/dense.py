@@ -15,7 +15,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import _iter_kinds, largest_divisor
+from .common import iter_kinds, largest_divisor
 from .knobs import cpu_knobs
 
 _MAX_ROWS = 16  # batch rows handled by this rule; bigger matmuls belong to a GEMM rule
@@ -29,11 +29,11 @@ class Dense(ScheduleRule):
         sch = s_tir.Schedule(func)
         root = sch.get_sblock("root")
         blocks = list(sch.get_child_blocks(root))
-        reductions = [b for b in blocks if "R" in _iter_kinds(sch, b)]
+        reductions = [b for b in blocks if "R" in iter_kinds(sch, b)]
         if len(reductions) != 1 or "matmul" not in sch.get(reductions[0]).name_hint:
             return None
         block = reductions[0]
-        kinds = _iter_kinds(sch, block)
+        kinds = iter_kinds(sch, block)
         loops = sch.get_loops(block)
         if not kinds.endswith("SSR") or set(kinds[:-3]) - {"S"} or len(loops) != len(kinds):
             return None

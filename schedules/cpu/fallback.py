@@ -11,7 +11,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import _iter_kinds
+from .common import iter_kinds
 from .knobs import cpu_knobs
 
 _MIN_PARALLEL_WORK = 4096  # iterations below which threads cost more than they give
@@ -26,7 +26,7 @@ class Fallback(ScheduleRule):
         root = sch.get_sblock("root")
         blocks = list(sch.get_child_blocks(root))
         for block in blocks[:-1]:
-            if "R" not in _iter_kinds(sch, block):
+            if "R" not in iter_kinds(sch, block):
                 _try(sch.compute_inline, block)
         for block in sch.get_child_blocks(root):
             self._schedule_block(sch, block, knobs)
@@ -34,7 +34,7 @@ class Fallback(ScheduleRule):
 
     def _schedule_block(self, sch, block, knobs):
         loops = sch.get_loops(block)
-        kinds = _iter_kinds(sch, block)
+        kinds = iter_kinds(sch, block)
         if not loops or len(loops) != len(kinds):
             return  # loops do not map 1:1 onto block iters: leave the block as it is
         spatial = []

@@ -17,7 +17,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import _iter_kinds, extents
+from .common import iter_kinds, extents
 
 _POOL_BLOCKS = ("pool_max", "pool_sum")
 _MAX_UNROLLED_TAPS = 16  # windows up to 4x4 unrolled (3x3 and 2x2 in practice)
@@ -30,7 +30,7 @@ class Pool(ScheduleRule):
         sch = s_tir.Schedule(func)
         blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
         names = [sch.get(b).name_hint for b in blocks]
-        kinds = [_iter_kinds(sch, b) for b in blocks]
+        kinds = [iter_kinds(sch, b) for b in blocks]
         pools = [i for i, k in enumerate(kinds) if "R" in k]
         if len(pools) != 1:
             return None

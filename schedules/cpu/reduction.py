@@ -14,7 +14,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import _iter_kinds
+from .common import iter_kinds
 
 
 class Reduction(ScheduleRule):
@@ -23,7 +23,7 @@ class Reduction(ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        if sum("R" in _iter_kinds(sch, block) for block in blocks) != 1:
+        if sum("R" in iter_kinds(sch, block) for block in blocks) != 1:
             return None
         try:
             return dlight.cpu.Reduction().apply(func, target, tunable)
