@@ -150,16 +150,20 @@ def relax_pipeline(target, rules=None, fuse: bool = True):
     leave. Same backend as TVM picks: ``adreno`` (its own legalization and dlight.adreno rules)
     when "adreno" is in the target's keys, else ``gpu_generic``. Every depthwise -> pointwise
     conv pair is fused first (`FuseDepthwisePointwise(0)`, scheduled by our fused rule), after
-    batch norms are folded into the convs before them (`FoldBatchNormIntoConv2D`) and ONNX
-    ``Sum`` nodes become additions (`SumToAdd`). ``fuse=False`` keeps each pair as two kernels:
+    inference dropouts are removed (`DropDropout`), batch norms are folded into the convs
+    before them (`FoldBatchNormIntoConv2D`) and ONNX
+    ``Sum`` nodes become additions (`SumToAdd`) and strided 1x1 convs (ResNet's projections) a
+    strided slice and a pointwise conv (`StridedPointwiseToSlice`). ``fuse=False`` keeps each pair as two kernels:
     for a ``rules`` list without `FusedDepthwisePointwise`, whose fused PrimFuncs dlight would
     otherwise schedule.
 
     Returns ``(pass, schedule)``; after the pass ran, ``schedule.applied`` maps each PrimFunc our
     rules scheduled to the rule's class name."""
     from .schedules import gpu
+    from .passes.relax_drop_dropout import DropDropout
     from .passes.relax_fold_bn import FoldBatchNormIntoConv2D
     from .passes.relax_fuse_dwpw import FuseDepthwisePointwise
+    from .passes.relax_strided_pointwise import StridedPointwiseToSlice
     from .passes.relax_sum_to_add import SumToAdd
     from .schedules.apply import ApplyScheduleRules
     from tvm.s_tir import dlight
@@ -179,7 +183,8 @@ def relax_pipeline(target, rules=None, fuse: bool = True):
                                  "ApplyDefaultSchedule to put our schedule rules before")
             # every depthwise -> pointwise pair as one kernel (schedules/gpu/fused_dwpw.py)
             passes = (backend.library_dispatch_passes(target)
-                      + [FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd()]
+                      + [DropDropout(), FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd(),
+                         StridedPointwiseToSlice()]
                       + ([FuseDepthwisePointwise(0)] if fuse else [])
                       + legalize[:at] + [schedule]
                       + legalize[at:] + backend.dataflow_lower_passes(target)

@@ -24,6 +24,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
 
     from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
     from dwsep_compiler.passes.relax_conv_transpose import ConvTransposeToConv
+    from dwsep_compiler.passes.relax_drop_dropout import DropDropout
     from dwsep_compiler.passes.relax_fast_sigmoid import FastSigmoid
     from dwsep_compiler.passes.relax_fold_bn import FoldBatchNormIntoConv2D
     from dwsep_compiler.passes.relax_pack_weights import PackConvWeights
@@ -35,7 +36,8 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
     schedule = ApplyScheduleRules(cpu.rules(), records)
     knobs = cpu_knobs(target)
     front = (cpu_generic.library_dispatch_passes(target)
-             + [FoldBatchNormIntoConv2D(decompose_rest=True, track_origins=track_origins),
+             + [DropDropout(),
+                FoldBatchNormIntoConv2D(decompose_rest=True, track_origins=track_origins),
                 SumToAdd(), StridedPointwiseToSlice(), ConvTransposeToConv(), FastSigmoid()]
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
