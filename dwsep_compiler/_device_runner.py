@@ -14,7 +14,8 @@ x86_64 machine, so what the tests exercise is exactly what a user deploys.
 Inputs (`--inputs`): an .npz whose arrays are passed to the entry function positionally. Keys
 `arg_0`, `arg_1`, ... give the order explicitly; otherwise keys equal to the function's parameter
 names are matched by name; otherwise the order inside the file is used.
-Outputs (`--output`): an .npz with keys `output_0`, `output_1`, ... (tuples are flattened in order).
+Outputs (`--output`): an .npz with keys `output_0`, `output_1`, ... (tuples are flattened in order);
+with several `--inputs` files, `sample_0_output_0`, ... (the library is loaded once).
 
 The runtime-only library is used (`TVM_USE_RUNTIME_LIB=1` unless already set): on a device with
 the full wheel installed this skips loading the ~240 MB compiler library.
@@ -267,6 +268,18 @@ def run_library(
     bench: int = 0,
 ) -> tuple[list[Any], float | None]:
     """Load `library` with the runtime, call `function`: (outputs, median seconds or None)."""
+    results, median = run_samples(library, [inputs], function, bench)
+    return results[0], median
+
+
+def run_samples(
+    library: str,
+    samples: Sequence[list[Any] | dict[str, Any]],
+    function: str = "main",
+    bench: int = 0,
+) -> tuple[list[list[Any]], float | None]:
+    """Load `library` once and call `function` on each sample: (outputs per sample, median
+    seconds of the first sample's `bench` timed runs, or None)."""
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     import tvm
     import tvm.runtime
@@ -277,15 +290,16 @@ def run_library(
     lib = tvm.runtime.load_module(library)
     dev = tvm.cpu(0)
     vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-    if isinstance(inputs, dict):
-        inputs = order_inputs(inputs, _param_names(vm, function))
-    args = [tvm.runtime.tensor(x, dev) for x in inputs]
-    outputs = flatten_outputs(vm[function](*args))
-    median = None
-    if bench > 0:
-        timer = vm.time_evaluator(function, dev, number=1, repeat=bench)
-        median = float(timer(*args).median)
-    return outputs, median
+    results, median = [], None
+    for k, inputs in enumerate(samples):
+        if isinstance(inputs, dict):
+            inputs = order_inputs(inputs, _param_names(vm, function))
+        args = [tvm.runtime.tensor(x, dev) for x in inputs]
+        results.append(flatten_outputs(vm[function](*args)))
+        if bench > 0 and k == 0:
+            timer = vm.time_evaluator(function, dev, number=1, repeat=bench)
+            median = float(timer(*args).median)
+    return results, median
 
 
 def _load_npz(path: str) -> dict[str, Any]:
@@ -321,7 +335,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("library", nargs="?", help="compiled library (.so) from export_library")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--inputs", metavar="NPZ", help="input arrays (.npz)")
+    source.add_argument("--inputs", metavar="NPZ", action="append",
+                        help="input arrays (.npz); repeat to run several samples in one load")
     source.add_argument(
         "--random",
         metavar="SHAPE[:DTYPE]",
@@ -363,22 +378,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.bench < 0:
             raise RunnerError("--bench must be >= 0")
         if args.inputs:
-            inputs: list[Any] | dict[str, Any] = _load_npz(args.inputs)
+            samples: list[list[Any] | dict[str, Any]] = [_load_npz(p) for p in args.inputs]
         elif args.random:
-            inputs = _random_inputs(args.random, args.seed)
+            samples = [_random_inputs(args.random, args.seed)]
         else:
             raise RunnerError("no inputs: pass --inputs FILE.npz or --random SHAPE[:DTYPE]")
-        outputs, median = run_library(args.library, inputs, args.function, args.bench)
+        results, median = run_samples(args.library, samples, args.function, args.bench)
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # One sample: output_0, output_1, ...; several: sample_0_output_0, ...
+    prefixes = [""] if len(results) == 1 else [f"sample_{k}_" for k in range(len(results))]
+    named = {f"{prefix}output_{i}": out
+             for prefix, outputs in zip(prefixes, results) for i, out in enumerate(outputs)}
     if args.output:
         import numpy as np
 
         with open(args.output, "wb") as handle:  # a file object: numpy adds no ".npz" suffix
-            np.savez(handle, **{f"output_{i}": out for i, out in enumerate(outputs)})
-    for i, out in enumerate(outputs):
-        print(f"output_{i}: {out.dtype}{list(out.shape)}")
+            np.savez(handle, **named)
+    for key, out in named.items():
+        print(f"{key}: {out.dtype}{list(out.shape)}")
     if median is not None:
         print(f"median latency over {args.bench} runs: {median * 1e3:.3f} ms")
     return 0

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cross-compiler", metavar="CMD",
                         help="linker for aarch64 targets [default: aarch64-linux-gnu-g++]")
     parser.add_argument("--no-verify", action="store_true",
-                        help="do not run host builds once against onnxruntime")
+                        help="do not run the library against onnxruntime (a mismatch fails the "
+                             "build otherwise)")
     parser.add_argument("--list-targets", action="store_true", help="print the target presets")
     parser.add_argument("-q", "--quiet", action="store_true", help="no table, only errors")
     return parser
@@ -210,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not args.quiet:
         print(result.table())
-        if result.report.verification:
-            print(f"verified: library vs onnxruntime, max relative error "
-                  f"{result.report.verification['max_rel_error']:.2e}")
+        checked = result.report.verification
+        if checked and checked.get("ran"):
+            print(f"verified on {checked['ran']}: library vs onnxruntime on "
+                  f"{len(checked['inputs'])} inputs, max relative error "
+                  f"{checked['max_rel_error']:.2e} (tolerance {checked['tolerance']:.0e})")
+        elif checked:
+            print(f"not verified: {checked['skipped']}")
         if result.library is not None and result.library.note:
             print(f"library: {result.library.path}: {result.library.note}")
         print(f"wrote {result.output_dir}/ ({', '.join(sorted(os.listdir(result.output_dir)))})")

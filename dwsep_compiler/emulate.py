@@ -284,6 +284,12 @@ def _runtime_at(path: Path) -> Aarch64Runtime | None:
     return None
 
 
+def find_aarch64_runtime(cache_dir: str | os.PathLike[str] | None = None) -> Aarch64Runtime | None:
+    """The cached aarch64 runtime if one was built (`ensure_aarch64_runtime`), else None:
+    never builds (for checks that run only where emulation is already set up)."""
+    return _runtime_at(_runtime_dir(cache_dir))
+
+
 def ensure_aarch64_runtime(cache_dir: str | os.PathLike[str] | None = None) -> Aarch64Runtime:
     """Return the cached aarch64 runtime, building it first if needed (about a minute, network).
 
@@ -721,6 +727,22 @@ def run_aarch64(
     None leaves TVM's default). Raises `EmulationError` (a `DwsepError`) on SIGILL or any other
     failure, `DwsepError` for a missing library or host tool.
     """
+    return run_aarch64_samples(library_path, [inputs], qemu_cpu, runtime, timeout,
+                               function=function, num_threads=num_threads)[0]
+
+
+def run_aarch64_samples(
+    library_path: str | os.PathLike[str],
+    samples: Sequence[Sequence[np.ndarray]],
+    qemu_cpu: str = DEFAULT_QEMU_CPU,
+    runtime: Aarch64Runtime | None = None,
+    timeout: float | None = DEFAULT_RUN_TIMEOUT_S,
+    *,
+    function: str = "main",
+    num_threads: int | None = 1,
+) -> list[list[np.ndarray]]:
+    """`run_aarch64` on several input sets in one guest (one emulated start-up and library
+    load, which cost more than a small model's run); outputs per sample, in order."""
     library = Path(library_path).resolve()
     if not library.is_file():
         raise DwsepError(f"library not found: {library}")
@@ -728,21 +750,28 @@ def run_aarch64(
     qemu = find_qemu()
     _check_qemu_cpu(qemu, qemu_cpu)
     with tempfile.TemporaryDirectory(prefix="dwsep-aarch64-") as tmp:
-        inputs_npz, outputs_npz = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
-        arrays: dict[str, Any] = {f"arg_{i}": np.ascontiguousarray(x) for i, x in enumerate(inputs)}
-        np.savez(inputs_npz, **arrays)
+        outputs_npz = Path(tmp) / "outputs.npz"
+        args = [str(RUNNER_SCRIPT), str(library)]
+        for k, inputs in enumerate(samples):
+            inputs_npz = Path(tmp) / f"inputs_{k}.npz"
+            np.savez(inputs_npz, **{f"arg_{i}": np.ascontiguousarray(x)
+                                    for i, x in enumerate(inputs)})
+            args += ["--inputs", str(inputs_npz)]
         _run_guest(
             runtime,
             qemu,
             qemu_cpu,
-            [str(RUNNER_SCRIPT), str(library), "--inputs", str(inputs_npz),
-             "--output", str(outputs_npz), "--function", function],
+            args + ["--output", str(outputs_npz), "--function", function],
             timeout=timeout,
             what=f"aarch64 run of {library.name}",
             num_threads=num_threads,
         )
         with np.load(outputs_npz, allow_pickle=False) as data:
-            return [data[f"output_{i}"] for i in range(len(data.files))]
+            if len(samples) == 1:
+                return [[data[f"output_{i}"] for i in range(len(data.files))]]
+            return [[data[key] for key in sorted(
+                (k for k in data.files if k.startswith(f"sample_{s}_")),
+                key=lambda k: int(k.rsplit("_", 1)[1]))] for s in range(len(samples))]
 
 
 def cpu_features(qemu_cpu: str, runtime: Aarch64Runtime | None = None) -> set[str]:
