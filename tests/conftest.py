@@ -18,3 +18,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "emulation: runs aarch64 artifacts under qemu-user")
     config.addinivalue_line("markers", "opencl: runs OpenCL kernels on PoCL")
     config.addinivalue_line("markers", "rpc: uses a TVM RPC tracker and servers on 127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """The aarch64 Python root qemu runs libraries in (built once into $DWSEP_CACHE_DIR)."""
+    from dwsep_compiler import emulate
+    from dwsep_compiler.errors import DwsepError
+
+    try:
+        return emulate.ensure_aarch64_runtime()
+    except DwsepError as exc:
+        pytest.fail(f"aarch64 emulation unavailable: {exc} (tests/run.sh installs the tools)",
+                    pytrace=False)

@@ -10,6 +10,27 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from dwsep_compiler.model import graph_inputs
+from dwsep_compiler.targets import TargetPreset
+
+
+def _host_widths() -> dict[str, TargetPreset]:
+    """The x86 vector widths this machine can execute, widest first: code for each is built
+    and run by the rule tests (an AVX-512 machine runs AVX2 code too)."""
+    import tvm
+
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    has = tvm.target.codegen.llvm_cpu_has_features
+    widths = {}
+    if has(["avx512f"], host):
+        widths["avx512"] = TargetPreset("x86-avx512", "AVX-512",
+                                        {"kind": "llvm", "mcpu": "skylake-avx512"}, "host")
+    if has(["avx2"], host):
+        widths["avx2"] = TargetPreset("x86-avx2", "AVX2", {"kind": "llvm", "mcpu": "haswell"},
+                                      "host")
+    return widths or {"host": TargetPreset("host", "host", {"kind": "llvm"}, "host")}
+
+
+HOST_WIDTHS = _host_widths()
 
 LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 
@@ -121,3 +142,18 @@ def rel_error(actual, expected) -> float:
     expected = np.asarray(expected, dtype=np.float64)
     scale = max(float(np.max(np.abs(expected))), 1e-30)
     return float(np.max(np.abs(actual - expected)) / scale)
+
+
+def flip_first_kernel(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose first spatial conv kernel is flipped vertically: the planted
+    bug of the checks that must fail (a schedule or layout bug computes the same kind of
+    wrong)."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    for i, tensor in enumerate(bad.graph.initializer):
+        value = numpy_helper.to_array(tensor)
+        if value.ndim == 4 and value.shape[2] > 1:
+            bad.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(value[:, :, ::-1].copy(), tensor.name))
+            return bad
+    raise AssertionError("no spatial kernel to flip")

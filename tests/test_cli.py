@@ -194,3 +194,20 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path, cnn_path):
     proc = dwsep(cnn_path, "-o", tmp_path)
     assert_one_line_error(proc)
     assert not list(tmp_path.glob(".dwsep-*"))
+
+
+def test_an_internal_error_is_one_line_and_exit_1(tmp_path, cnn_path):
+    """A bug of ours (planted: MAC counting raises) is one line naming the exception, exit 1,
+    no output; DWSEP_DEBUG=1 shows the traceback."""
+    script = ("import sys\nfrom dwsep_compiler import cli, pipeline\n"
+              "def boom(*a, **k):\n    raise RuntimeError('planted')\n"
+              "pipeline.model_macs = boom\nsys.exit(cli.main(sys.argv[1:]))\n")
+    args = [sys.executable, "-c", script, str(cnn_path), "--rank", "2", "-o", str(tmp_path / "o")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("dwsep-compile: internal error: RuntimeError: planted"), lines
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+    debug = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "DWSEP_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

@@ -132,15 +132,6 @@ def build_aarch64(model: onnx.ModelProto, mattr: list[str], path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runtime() -> emulate.Aarch64Runtime:
-    try:
-        return ensure_aarch64_runtime()
-    except DwsepError as exc:
-        pytest.fail(f"aarch64 emulation unavailable: {exc} (tests/run.sh installs the tools)",
-                    pytrace=False)
-
-
-@pytest.fixture(scope="session")
 def features(runtime):
     """cpu_features, one qemu probe per CPU model for the whole session."""
     seen: dict[str, set[str]] = {}

@@ -285,3 +285,27 @@ def test_cli_finetune_small_steps(tmp_path):
     # Three Adam steps may overshoot a good layer-wise start: then the start is what is kept.
     assert info["steps"] == 3
     assert info["loss_end"] <= info["loss_start"] or info["kept"] == "initial", info
+
+
+@needs_torch
+def test_end_to_end_keeps_the_layerwise_weights_when_its_loss_rises(tmp_path):
+    """An lr far too large makes the calibration loss rise (here to NaN: a diverged run, which
+    a plain ``end > start`` let through): the layer-wise weights come back unchanged and the
+    info says so."""
+    from onnx import numpy_helper as nh
+
+    from dwsep_compiler.initialization.calibration import load_calibration
+    from dwsep_compiler.initialization.finetune import finetune
+    from dwsep_compiler.model import resolve_input_shapes
+
+    result = compile_model(EXAMPLE, output_dir=str(tmp_path / "out"), compile=False, rank=2,
+                           calibration=CALIBRATION)
+    layerwise = onnx.load(result.model_path)
+    original = onnx.load(EXAMPLE)
+    calib = load_calibration(CALIBRATION, original, resolve_input_shapes(original, None))
+    tuned, info = finetune(original, layerwise, result.report.layers, calib, steps=5, lr=10.0)
+    assert not info["loss_end"] <= info["loss_start"] and info["kept"] == "initial", info
+    before = {t.name: nh.to_array(t) for t in layerwise.graph.initializer}
+    after = {t.name: nh.to_array(t) for t in tuned.graph.initializer}
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)

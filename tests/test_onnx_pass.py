@@ -152,3 +152,56 @@ def test_rewritten_model_keeps_interface_and_opset():
     onnx.checker.check_model(result.model, full_check=True)
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)  # symbolic batch still works
     assert run_onnx(result.model, {"x": x})[0].shape == (2, 10)
+
+
+def test_conv1d_runtime_bias_and_unknown_shape_are_skipped_by_name():
+    """The README's other skip reasons, each on a model where it is the only obstacle; the
+    model around them still runs in onnxruntime as before."""
+    rng = np.random.default_rng(4)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+
+    # not_2d: a 1-D conv (3-D weight)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 4, 3)).astype(np.float32), "w")
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv1d", pads=[1, 1])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16])],
+                       [y], [w1])
+    assert factorize_onnx(model, {"x": (1, 4, 16)}, RankPolicy(rank=1)).layers[0].reason == \
+        "not_2d"
+
+    # non_constant_bias: the bias is a graph input
+    w = numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w")
+    model = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="runtime_b")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+                        helper.make_tensor_value_info("b", TensorProto.FLOAT, [8])], [y], [w])
+    result = factorize_onnx(model, {"x": (1, 4, 8, 8), "b": (8,)}, RankPolicy(rank=1))
+    assert result.layers[0].reason == "non_constant_bias"
+
+    # unknown_shape: the conv's input is reshaped to a shape known only at run time
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [4])
+    model = make_model([helper.make_node("Reshape", ["x", "shape"], ["r"]),
+                        helper.make_node("Conv", ["r", "w"], ["y"], name="late_shape")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256]), shape],
+                       [y], [w])
+    result = factorize_onnx(model, {"x": (1, 256), "shape": (4,)}, RankPolicy(rank=1))
+    assert result.layers[0].reason == "unknown_shape"
+    feed = {"x": rng.standard_normal((1, 256)).astype(np.float32),
+            "shape": np.array([1, 4, 8, 8], np.int64)}
+    assert rel_error(run_onnx(result.model, feed)[0], run_onnx(model, feed)[0]) == 0.0
+
+
+def test_weights_from_constant_nodes_are_rewritten():
+    """Weights and bias as ``Constant`` node outputs (exporters write them so): factorized, and
+    exact at full rank."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(w, "w")),
+         helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(b, "b")),
+         helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [])
+    result = factorize_onnx(model, {"x": (1, 6, 10, 10)}, RankPolicy(rank="full", force=True))
+    assert [layer.status for layer in result.layers] == ["factorized"]
+    x = rng.standard_normal((1, 6, 10, 10)).astype(np.float32)
+    assert rel_error(run_onnx(result.model, {"x": x})[0], run_onnx(model, {"x": x})[0]) < 1e-5

@@ -62,3 +62,24 @@ def test_factorize_conv2d_inside_a_users_sequential():
     assert [layer.status for layer in factorize.layers] == ["factorized"]
     out = run_executable(tvm.compile(mod, target=HOST), [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+def test_a_non_nchw_conv_is_skipped_as_unsupported_layout():
+    """A Relax conv2d in NHWC / HWIO (what other frontends emit) is left alone and named."""
+    from tvm.script import relax as R
+
+    w = np.random.default_rng(9).standard_normal((3, 3, 4, 8)).astype(np.float32)
+
+    @tvm.script.ir_module
+    class NHWC:
+        @R.function
+        def main(x: R.Tensor((1, 12, 12, 4), "float32")):
+            with R.dataflow():
+                y = R.nn.conv2d(x, R.const(w), padding=[1, 1, 1, 1], data_layout="NHWC",
+                                kernel_layout="HWIO")
+                R.output(y)
+            return y
+
+    mod, layers = factorize_relax(NHWC, RankPolicy(rank=1))
+    assert [layer.reason for layer in layers] == ["unsupported_layout"]
+    assert mod.script().count("R.nn.conv2d") == 1

@@ -165,15 +165,6 @@ def _aarch64_server(env: RpcEnv, runtime: emulate.Aarch64Runtime) -> Background:
 
 
 @pytest.fixture(scope="module")
-def runtime() -> emulate.Aarch64Runtime:
-    try:
-        return emulate.ensure_aarch64_runtime()
-    except DwsepError as exc:
-        pytest.fail(f"aarch64 emulation unavailable: {exc} (tests/run.sh installs the tools)",
-                    pytrace=False)
-
-
-@pytest.fixture(scope="module")
 def rpc(tmp_path_factory, runtime):
     """The tracker, then all servers at once (they start in parallel; tests wait for theirs)."""
     try:

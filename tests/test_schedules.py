@@ -14,9 +14,23 @@ from dwsep_compiler.model import load_model, resolve_input_shapes
 from dwsep_compiler.passes.onnx_factorize import factorize_onnx
 from dwsep_compiler.targets import resolve_target
 
-from helpers import conv_model, light_model_path, rel_error, run_onnx, small_cnn
+from helpers import (HOST_WIDTHS, conv_model, light_model_path, rel_error, run_onnx,
+                     small_cnn)
 
 HOST = resolve_target("host")
+
+
+def run_widths(mod, inputs, fuse=True):
+    """Build ``mod`` for every x86 vector width this machine runs (AVX-512 and AVX2 here) and
+    run each; returns the first width's outputs after checking the others compute the same
+    (within fp32 reordering), so every width is held to the test's onnxruntime comparison."""
+    results = {name: run_executable(build(mod, preset, fuse=fuse), inputs)
+               for name, preset in HOST_WIDTHS.items()}
+    first, *others = results.values()
+    for name, outs in results.items():
+        for a, b in zip(outs, first):
+            assert rel_error(a, b) < 1e-5, f"{name} differs from {next(iter(results))}"
+    return first
 TARGETS = {
     "x86-avx2": tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}),
     "x86-avx512": tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}),
@@ -54,7 +68,7 @@ def test_rules_match_onnxruntime_on_awkward_shapes(case, variant):
     expected_rules = {"fused": {"FusedDepthwisePointwise"}, "dw+pw": {"Depthwise", "Pointwise"},
                       "standard": {"Conv2D"}}[variant]
     assert expected_rules <= set(applied.values()), applied
-    out = run_executable(build(mod, HOST, fuse=fuse), [x])[0]
+    out = run_widths(mod, [x], fuse=fuse)[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -85,7 +99,7 @@ def test_grouped_convs_run_on_the_conv_rules_and_match_onnxruntime(case):
         _, applied = schedules.schedule_module(mod, target)
         pointwise = kernel == (1, 1) and strides == (1, 1)
         assert ("Pointwise" if pointwise else "Conv2D") in applied.values(), applied
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -210,7 +224,7 @@ def test_softmax_is_scheduled_stage_by_stage_and_exact():
                      for loop in sch.get_loops(sch.get_sblock("T_softmax_maxelem"))])
     assert trips < shape[1] * 1.1, trips  # dlight's reduction rule: about 1000 * 1000
     x = (rng.standard_normal(shape) * 5).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -230,7 +244,7 @@ def test_strided_pointwise_becomes_slice_then_gemm(strides, hw):
     _, applied = schedules.schedule_module(mod, HOST.tvm_target())
     assert "Pointwise" in applied.values() and "Conv2D" not in applied.values(), applied
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -282,7 +296,7 @@ def test_transposed_convs_become_convs_over_the_dilated_input(case):
     if group == 1:
         assert {"Conv2D", "Pointwise"} & set(applied.values()), applied
     x = rng.standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     expected = run_onnx(model, {"x": x})[0]
     assert out.shape == expected.shape
     assert rel_error(out, expected) < 1e-5
@@ -324,7 +338,7 @@ def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
     assert any(rule == "Pointwise" and "sigmoid" in name for name, rule in applied.items()), applied
     x = (rng.standard_normal(shape) * 30).astype(np.float32)  # saturates both ends
     x.flat[:4] = [-100.0, 100.0, 0.0, -87.0]
-    outs = run_executable(build(mod, HOST), [x])
+    outs = run_widths(mod, [x])
     for out, expected in zip(outs, run_onnx(model, {"x": x})):
         assert rel_error(out, expected) < 1e-5
 
@@ -382,7 +396,7 @@ def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
     if packs:  # the epilogue is in the same kernel
         assert "relu" in packed[0] and (not residual or "add1" in packed[0]), packed
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     expected = run_onnx(model, {"x": x})[0]
     assert np.count_nonzero(expected) > expected.size // 4
     assert rel_error(out, expected) < 1e-5
@@ -468,7 +482,7 @@ def test_batch_norm_folds_into_the_conv_or_decomposes(kind):
         wanted = gating.digest(numpy_helper.to_array(weight))
         assert any(wanted in held for _, held in gating.kernel_calls(mod, HOST.tvm_target()))
     x = rng.standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -499,7 +513,7 @@ def test_onnx_sum_becomes_adds_fused_into_the_conv():
     assert not any("stack" in name or "sum" in name for name in applied), applied
     assert len(applied) == 1 and "relu" in next(iter(applied)), applied
     x = rng.standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -526,7 +540,7 @@ def test_pointwise_tail_tile_matches_onnxruntime(cin, cout, hw, residual):
                   if inst.kind.name == "Split"]
         assert [None, 3, lanes] in splits, splits
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -562,7 +576,7 @@ def test_standard_conv_without_whole_row_vectors_runs_on_packed_weights(case):
     packed = pack_weight(weight, 16)  # [O/16, C, kh, kw, 16]
     np.testing.assert_array_equal(packed[-1, :, :, :, 3], weight[-16 + 3])
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -615,7 +629,7 @@ def test_depthwise_builds_padded_rows_with_whole_vector_copies(vectors, extra):
     else:
         assert "pad_const" not in script and "if_then_else" in copy, script
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -630,7 +644,7 @@ def test_strided_depthwise_reads_deinterleaved_columns(channels, hw, kernel, mul
     pads = [b for b in scheduled.body.block.alloc_buffers if b.name == "pad_temp"]
     assert pads and len(pads[0].shape) == 5, pads
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -646,7 +660,7 @@ def test_depthwise_bands_of_rows_spread_over_the_cores(channels, hw, multiplier,
                                            _scheduled_depthwise(mod).script())]
     assert parallel == [channels * bands], parallel
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -698,7 +712,7 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
                                               scheduled[dense[0]].script())]
         assert widths and all(w <= lanes and n % w == 0 for w in widths), widths
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     expected = run_onnx(model, {"x": x})[0]
     assert np.count_nonzero(expected) > expected.size // 4
     assert rel_error(out, expected) < 1e-5
@@ -720,7 +734,7 @@ def test_fused_kernel_builds_padded_rows_per_band_where_they_overflow_l1(cin, hw
                                            scheduled[fused[0]].script())]
     assert parallel == [bands], parallel
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST, fuse="always"), [x])[0]
+    out = run_widths(mod, [x], fuse="always")[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -747,7 +761,7 @@ def test_fused_kernel_keeps_each_depthwise_sum_in_a_register_across_the_taps():
     gemm = re.findall(r"for (\w+), (\w+) in T\.grid\(", script.split('"pointwise_init"')[0])[-1]
     assert gemm[0].startswith("n") and gemm[1].startswith("x"), gemm  # channel blocks outside
     x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST, fuse="always"), [x])[0]
+    out = run_widths(mod, [x], fuse="always")[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -769,7 +783,7 @@ def test_pointwise_stages_input_rows_that_alias_in_l1(hw, staged):
         widths = [int(n) for n in re.findall(r"T\.vectorized\((?:T\.int64\()?(\d+)", script)]
         assert len(tiles) == 1 and widths[0] * tiles[0] == hw[0] * hw[1], (tiles, widths)
     x = np.random.default_rng(6).standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -810,7 +824,7 @@ def test_channel_tile_reduces_in_k_blocks_and_its_space_stays_correct(kind):
         np.testing.assert_allclose(_run_prim_func(rule.apply(func, target, True).mod["main"], args),
                                    expected, rtol=1e-4, atol=1e-4)
     x = rng.standard_normal(shape).astype(np.float32)
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
@@ -854,6 +868,127 @@ def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
     x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
     expected = run_onnx(conv, {"x": x})[0]
     assert rows == [2 * 6 * expected.shape[2]], rows
-    out = run_executable(build(mod, HOST), [x])[0]
+    out = run_widths(mod, [x])[0]
     assert out.shape == expected.shape
     assert rel_error(out, expected) < 1e-6
+
+
+def _side_by_side(parts):
+    """One ONNX graph holding every ``(model, input shape)`` part side by side (names prefixed
+    ``p<k>_``): one library, one emulated run for all of them."""
+    from onnx import compose, helper
+
+    from helpers import make_model
+
+    nodes, inputs, outputs, inits, shapes = [], [], [], [], {}
+    for k, (model, shape) in enumerate(parts):
+        part = compose.add_prefix(model, f"p{k}_")
+        nodes += part.graph.node
+        inputs += part.graph.input
+        outputs += [helper.make_empty_tensor_value_info(o.name) for o in part.graph.output]
+        inits += part.graph.initializer
+        shapes[part.graph.input[0].name] = shape
+    return make_model(nodes, inputs, outputs, inits), shapes
+
+
+def _neon_parts():
+    """The odd shapes of the x86 rule tests: standard and factorized convs of CASES (channels
+    off the 4 lanes, stride 2, dilation, asymmetric pads, 1x7 / 7x1), the grouped convs, the
+    packed pointwise and packed standard convs."""
+    standard, factorized = [], []
+    for case in CASES:
+        model, shape, rank = _model(case)
+        standard.append((model, shape))
+        factorized.append((factorize_onnx(model, {"x": shape},
+                                          RankPolicy(rank=rank, force=True)).model, shape))
+    grouped = []
+    for cin, cout, group, kernel, strides, pads, hw in GROUPED:
+        grouped.append((conv_model(np.random.default_rng(cin + cout), in_channels=cin,
+                                   out_channels=cout, kernel=kernel, strides=strides, pads=pads,
+                                   input_hw=hw, group=group), (1, cin, *hw)))
+    packed = [_pointwise_model(np.random.default_rng(c[0]), *c) for c in PACKED_CASES]
+    packed += [_model((*case, 1))[:2] for case in PACKED_CONV_CASES]
+    return {"fuse=False": standard + factorized + grouped + packed, "fuse=always": factorized}
+
+
+@pytest.mark.emulation
+@pytest.mark.parametrize("preset", ["arm-a53", "arm-a76"])
+def test_neon_rules_match_onnxruntime_on_the_same_odd_shapes_under_qemu(preset, tmp_path,
+                                                                          runtime):
+    """NEON code of every rule (4 lanes, 32 registers: other tiles, tails and packing choices
+    than x86's), run on the preset's emulated core, each part against onnxruntime."""
+    from dwsep_compiler.compile import export_library
+    from dwsep_compiler.emulate import run_aarch64
+
+    target = resolve_target(preset)
+    for label, parts in _neon_parts().items():
+        fuse = "always" if label == "fuse=always" else False
+        model, shapes = _side_by_side(parts)
+        mod = import_onnx(model, shapes)
+        _, applied = schedules.schedule_module(mod, target.tvm_target(), fuse=fuse)
+        expected_rules = ({"FusedDepthwisePointwise"} if fuse else
+                          {"Conv2D", "Depthwise", "Pointwise"})
+        assert expected_rules <= set(applied.values()), applied
+        assert "Fallback" not in {r for n, r in applied.items() if "conv2d" in n}, applied
+        (tmp_path / label).mkdir()
+        library = export_library(build(mod, target, fuse=fuse), target, str(tmp_path / label))
+        rng = np.random.default_rng(4)
+        inputs = [rng.standard_normal(shapes[v.name]).astype(np.float32)
+                  for v in model.graph.input]
+        outs = run_aarch64(library.path, inputs, qemu_cpu=target.qemu_cpu, runtime=runtime)
+        assert len(outs) == len(parts)
+        for k, ((part, _), x, out) in enumerate(zip(parts, inputs, outs)):
+            expected = run_onnx(part, {part.graph.input[0].name: x})[0]
+            assert rel_error(out, expected) < 1e-5, (label, k, rel_error(out, expected))
+
+
+def test_a_rule_that_raises_falls_through_and_is_recorded(monkeypatch):
+    """A rule's bug must not fail the build: the next rule schedules the PrimFunc, the error is
+    recorded per PrimFunc (and the library still matches onnxruntime)."""
+    from dwsep_compiler.schedules import cpu
+
+    class Broken:
+        def apply(self, func, target, tunable):
+            raise RuntimeError("planted")
+
+    real = cpu.rules
+    monkeypatch.setattr(cpu, "rules", lambda: [Broken(), *real()])
+    model, shape, rank = _model(CASES[0])
+    mod = import_onnx(model, {"x": shape})
+    failures = {}
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target(), failures=failures)
+    assert failures and all(m == "Broken: RuntimeError: planted" for m in failures.values())
+    assert set(failures) == set(applied) and "Conv2D" in applied.values(), (failures, applied)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    out = run_executable(build(mod, HOST), [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+def test_inference_dropout_is_removed_and_the_pool_before_it_gets_its_rule():
+    """Inception's head: a global average pool then Dropout (imported as a copy plus a mask).
+    The dropout is the identity at inference: removed, so the pool is one reduction the
+    reduction rule takes (the fallback took the pool + dropout kernel); matches onnxruntime."""
+    from onnx import helper, numpy_helper
+
+    from dwsep_compiler.passes.relax_drop_dropout import DropDropout
+    from helpers import make_model
+
+    rng = np.random.default_rng(11)
+    w = numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "W")
+    model = make_model(
+        [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[7, 7]),
+         helper.make_node("Dropout", ["p"], ["d"], ratio=0.4),
+         helper.make_node("Flatten", ["d"], ["f"]),
+         helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)],
+        [helper.make_tensor_value_info("x", 1, [1, 16, 7, 7])],
+        [helper.make_tensor_value_info("y", 1, [1, 10])], [w], opset=11)
+    mod = import_onnx(model, {"x": (1, 16, 7, 7)})
+    drop = DropDropout()
+    drop(mod)
+    assert drop.rewritten == 1
+    _, applied = schedules.schedule_module(mod, HOST.tvm_target())
+    assert not any("dropout" in name for name in applied), applied
+    assert {rule for name, rule in applied.items() if "pool" in name} == {"Reduction"}, applied
+    x = rng.standard_normal((1, 16, 7, 7)).astype(np.float32)
+    out = run_widths(mod, [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5

@@ -33,7 +33,7 @@ from dwsep_compiler.tuning.tasks import extract_tasks
 
 from helpers import rel_error, run_onnx, small_cnn
 from test_rpc import (HOST, RpcEnv, _aarch64_server, _start, _stock_server, cnn,  # noqa: F401
-                      dwsep_run, free_port, runtime)  # (cnn, runtime: fixtures)
+                      dwsep_run, free_port)  # (cnn: a fixture)
 
 RECORD_FILE = "database_tuning_record.json"
 
@@ -356,3 +356,52 @@ def test_candidates_that_never_ran_are_deleted_with_the_builder(cnn):
     finally:
         measure.close(builder, runner)
     assert not artifact.exists() and not Path(builder.root).exists()
+
+
+@pytest.mark.rpc
+def test_no_server_under_the_key_is_refused_before_any_work(farm, cnn, tmp_path):
+    """A live tracker with nothing under the key: one line naming the keys it has, before the
+    rewrite, calibration or any build (nothing else on stderr, nothing written)."""
+    _wait_servers(farm, "farm", 1)
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, x=np.random.default_rng(0).uniform(0, 1, (4, 3, 16, 16))
+             .astype(np.float32))
+    proc = cli(cnn, "--target", "host", "--rank", "2", "-o", tmp_path / "out", "--tune",
+               "--tuning-records", tmp_path / "records", "--calibration", calibration,
+               "--rpc-tracker", farm.tracker, "--rpc-key", "nobody")
+    line = one_line_error(proc, "no RPC server registered", "farm")
+    assert proc.stderr.strip() == line, proc.stderr  # no progress line: no work started
+    assert not (tmp_path / "out").exists() and not (tmp_path / "records").exists()
+
+
+def test_tasks_are_deduplicated_by_structure_across_layers_and_models():
+    """Two identical convs in one model and the same model given twice: one task per distinct
+    PrimFunc structure, naming every module it occurs in; a conv of another shape is its own
+    task."""
+    from onnx import helper, numpy_helper
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(3)
+
+    def weight(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], **conv),
+         helper.make_node("Relu", ["c1"], ["r1"]),
+         helper.make_node("Conv", ["r1", "w2"], ["c2"], **conv),
+         helper.make_node("Relu", ["c2"], ["r2"]),
+         helper.make_node("Conv", ["r2", "w3"], ["y"], **conv)],
+        [helper.make_tensor_value_info("x", 1, [1, 16, 12, 12])],
+        [helper.make_tensor_value_info("y", 1, [1, 24, 12, 12])],
+        [weight("w1", (16, 16, 3, 3)), weight("w2", (16, 16, 3, 3)), weight("w3", (24, 16, 3, 3))])
+    mod = import_onnx(model, {"x": (1, 16, 12, 12)})
+    # Six convs (three per model): the 16 -> 16 conv + ReLU is one kernel shape (the two
+    # layers share one PrimFunc), the 16 -> 24 conv another; each task names both models.
+    tasks = extract_tasks([mod, mod], resolve_target("host").tvm_target(), fuse=False)
+    assert len(tasks) == 2, [task.names for task in tasks]
+    for task in tasks:
+        assert sorted(name.split(":")[0] for name in task.names) == ["0", "1"], task.names
+    assert any("relu" in task.name for task in tasks)

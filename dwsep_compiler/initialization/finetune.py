@@ -352,8 +352,8 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
     output loss taken on the cut tensors (normalized); the info dict's ``outputs`` says which.
     A model with a fixed batch size is fed in chunks of that size, their gradients accumulated
     into one step. Returns the full factorized model with the trained weights and an info dict.
-    If training ends with a higher calibration loss than it started with, the starting weights
-    are kept (``info["kept"] == "initial"``)."""
+    If training ends with a higher (or a NaN) calibration loss than it started with, the
+    starting weights are kept (``info["kept"] == "initial"``)."""
     log = log or (lambda message: None)
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -391,7 +391,7 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
     end_loss, end_errors = _evaluate(student, teacher, calibration, pairs, prefix,
                                      feature_weight, batch_size)
     kept = "trained"
-    if end_loss > start_loss:
+    if not end_loss <= start_loss:  # higher, or NaN (a diverged run)
         with torch.no_grad():
             for name, param in student.onnx_parameters().items():
                 param.copy_(initial[name])
