@@ -197,21 +197,24 @@ def test_each_conv_pool_and_dense_kernel_gets_its_rule(full_rank, family):
 
 
 @pytest.mark.emulation
-@pytest.mark.parametrize("preset", ["arm-a53", "arm-a76"])
+@pytest.mark.parametrize("preset,variant", [("arm-a53", "factorized"), ("arm-a76", "factorized"),
+                                            ("arm-a53", "original")])
 @pytest.mark.parametrize("name", MODELS)
-def test_arm_libraries_match_onnxruntime_under_qemu(name, preset, tmp_path, runtime):
-    """NEON code of the factorized architectures (full rank, reduced resolution) run on the
-    emulated core of the preset, logits and activations against onnxruntime."""
+def test_arm_libraries_match_onnxruntime_under_qemu(name, preset, variant, tmp_path, runtime):
+    """NEON code of the architectures (factorized at full rank on both cores, the original on
+    the A53; reduced resolution) run on the emulated core of the preset, logits and
+    activations against onnxruntime."""
     from dwsep_compiler.emulate import run_aarch64
 
     target = resolve_target(preset)
     model = zoo.light_model(name, input_hw=(ARM_HW[name],) * 2, max_fc=MAX_FC)
     shapes = resolve_input_shapes(model)
-    factorized = factorize_onnx(model, shapes, RankPolicy(rank="full", force=True)).model
+    source = (factorize_onnx(model, shapes, RankPolicy(rank="full", force=True)).model
+              if variant == "factorized" else model)
     probes = _probes(model)
     input_name, x = _input(model, shapes)
     expected = run_onnx(with_outputs(model, probes), {input_name: x}, probes)
-    probed = with_outputs(factorized, probes)
+    probed = with_outputs(source, probes)
     executable = build(import_onnx(probed, shapes), target)
     library = export_library(executable, target, str(tmp_path))
     assert library.linked
