@@ -277,9 +277,10 @@ def run_samples(
     samples: Sequence[list[Any] | dict[str, Any]],
     function: str = "main",
     bench: int = 0,
+    runs: int = 1,
 ) -> tuple[list[list[Any]], float | None]:
-    """Load `library` once and call `function` on each sample: (outputs per sample, median
-    seconds of the first sample's `bench` timed runs, or None)."""
+    """Load `library` once and call `function` on each sample (the first `runs` times):
+    (outputs per sample, median seconds of the first sample's `bench` timed runs, or None)."""
     os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     import tvm
     import tvm.runtime
@@ -295,6 +296,8 @@ def run_samples(
         if isinstance(inputs, dict):
             inputs = order_inputs(inputs, _param_names(vm, function))
         args = [tvm.runtime.tensor(x, dev) for x in inputs]
+        for _ in range(runs - 1 if k == 0 else 0):
+            vm[function](*args)
         results.append(flatten_outputs(vm[function](*args)))
         if bench > 0 and k == 0:
             timer = vm.time_evaluator(function, dev, number=1, repeat=bench)
@@ -350,6 +353,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bench", type=int, default=0, metavar="N", help="also time N runs, print the median"
     )
     parser.add_argument(
+        "--runs", type=int, default=1, metavar="N",
+        help="call the function N times on the first sample (instruction counting: the "
+        "difference of two run counts is N-1 inferences)",
+    )
+    parser.add_argument(
+        "--maps", metavar="FILE", help="write /proc/self/maps here at the end (profiling)"
+    )
+    parser.add_argument(
         "--features", action="store_true", help="print this CPU's hwcaps as JSON and exit"
     )
     return parser.parse_args(argv)
@@ -383,7 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples = [_random_inputs(args.random, args.seed)]
         else:
             raise RunnerError("no inputs: pass --inputs FILE.npz or --random SHAPE[:DTYPE]")
-        results, median = run_samples(args.library, samples, args.function, args.bench)
+        if args.runs < 1:
+            raise RunnerError("--runs must be >= 1")
+        results, median = run_samples(args.library, samples, args.function, args.bench,
+                                      args.runs)
+        if args.maps:
+            with open("/proc/self/maps") as source, open(args.maps, "w") as handle:
+                handle.write(source.read())
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

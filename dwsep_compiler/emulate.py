@@ -290,6 +290,34 @@ def find_aarch64_runtime(cache_dir: str | os.PathLike[str] | None = None) -> Aar
     return _runtime_at(_runtime_dir(cache_dir))
 
 
+#: onnxruntime's aarch64 wheel that runs under QEMU 7.2 (1.31.1's segfaults at import); it
+#: takes models of IR version 9 at most.
+AARCH64_ONNXRUNTIME = "1.19.2"
+
+
+def ensure_aarch64_onnxruntime(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A directory holding onnxruntime's aarch64 wheel (`AARCH64_ONNXRUNTIME`, no
+    dependencies: the runtime's numpy serves it), installed with pip on first use; for
+    `run_python(..., python_path=[...])`. The reference the ARM benchmark compares with."""
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = base / "aarch64" / f"onnxruntime-{AARCH64_ONNXRUNTIME}"
+    if (target / "onnxruntime" / "__init__.py").is_file():
+        return target
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--only-binary=:all:",
+         "--platform", "manylinux_2_28_aarch64", "--python-version", TARGET_PYTHON,
+         "--implementation", "cp", "--target", str(tmp),
+         f"onnxruntime=={AARCH64_ONNXRUNTIME}"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        _rmtree(tmp)
+        lines = proc.stderr.strip().splitlines()
+        raise DwsepError(f"pip could not fetch onnxruntime {AARCH64_ONNXRUNTIME} for aarch64: "
+                         f"{lines[-1] if lines else 'no output'}")
+    os.replace(tmp, target)
+    return target
+
+
 def ensure_aarch64_runtime(cache_dir: str | os.PathLike[str] | None = None) -> Aarch64Runtime:
     """Return the cached aarch64 runtime, building it first if needed (about a minute, network).
 
@@ -532,7 +560,8 @@ def _rmtree(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _guest_env(runtime: Aarch64Runtime, num_threads: int | None) -> dict[str, str]:
+def _guest_env(runtime: Aarch64Runtime, num_threads: int | None,
+               python_path: Sequence[str] = ()) -> dict[str, str]:
     """Host environment minus what would leak into the guest (x86 preloads, host Python and TVM
     settings, stray QEMU_* options), plus the guest's own settings."""
     drop_prefixes = ("QEMU_", "PYTHON", "TVM_")
@@ -540,7 +569,7 @@ def _guest_env(runtime: Aarch64Runtime, num_threads: int | None) -> dict[str, st
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(drop_prefixes) and k not in drop
     }
-    env["PYTHONPATH"] = str(runtime.site)
+    env["PYTHONPATH"] = os.pathsep.join([str(runtime.site), *map(str, python_path)])
     env["PYTHONNOUSERSITE"] = "1"
     env["TVM_USE_RUNTIME_LIB"] = "1"
     if num_threads is not None:
@@ -566,12 +595,14 @@ def _guest_command(
     qemu_cpu: str,
     python_args: Sequence[str],
     num_threads: int | None,
+    qemu_args: Sequence[str] = (),
+    python_path: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, str]]:
     """The qemu command line and environment that run the arm64 python with `python_args`."""
     # -P: the script's directory (this package) must not shadow modules in the guest.
-    cmd = [qemu, "-L", str(runtime.root), "-cpu", qemu_cpu, str(runtime.python),
+    cmd = [qemu, *qemu_args, "-L", str(runtime.root), "-cpu", qemu_cpu, str(runtime.python),
            "-P", "-X", "faulthandler", *python_args]
-    env = _guest_env(runtime, num_threads)
+    env = _guest_env(runtime, num_threads, python_path)
     env["QEMU_CPU"] = qemu_cpu  # same as -cpu; set too so that child processes agree
     return cmd, env
 
@@ -585,10 +616,13 @@ def _run_guest(
     timeout: float | None,
     what: str,
     num_threads: int | None = 1,
+    qemu_args: Sequence[str] = (),
+    python_path: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run the arm64 python with `python_args` under qemu on `qemu_cpu`; raise `EmulationError`
     on a signal, a non-zero exit or a timeout."""
-    cmd, env = _guest_command(runtime, qemu, qemu_cpu, python_args, num_threads)
+    cmd, env = _guest_command(runtime, qemu, qemu_cpu, python_args, num_threads, qemu_args,
+                              python_path)
     try:
         proc = subprocess.run(
             cmd,
@@ -667,12 +701,19 @@ def run_python(
     timeout: float | None = DEFAULT_RUN_TIMEOUT_S,
     *,
     num_threads: int | None = 1,
+    qemu: str | None = None,
+    qemu_args: Sequence[str] = (),
+    what: str = "aarch64 python",
+    python_path: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run the arm64 `python3.11 -P <python_args>` (a script and its arguments, or `-c CODE`)
     under qemu on `qemu_cpu`, with the aarch64 TVM runtime on its path; return the finished
-    process (text stdout/stderr). Raises `EmulationError` on a signal, non-zero exit or timeout."""
+    process (text stdout/stderr). Raises `EmulationError` on a signal, non-zero exit or timeout.
+    ``qemu``: another qemu-aarch64 binary (the dynamic one loads TCG plugins), ``qemu_args``
+    options it gets before the guest's (``-plugin ...``); ``python_path``: more aarch64
+    package directories for the guest (`ensure_aarch64_onnxruntime`)."""
     runtime = runtime or ensure_aarch64_runtime()
-    qemu = find_qemu()
+    qemu = qemu or find_qemu()
     _check_qemu_cpu(qemu, qemu_cpu)
     return _run_guest(
         runtime,
@@ -680,8 +721,10 @@ def run_python(
         qemu_cpu,
         python_args,
         timeout=timeout,
-        what="aarch64 python",
+        what=what,
         num_threads=num_threads,
+        qemu_args=qemu_args,
+        python_path=python_path,
     )
 
 

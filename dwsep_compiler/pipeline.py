@@ -157,7 +157,8 @@ def compile_model(
     report = Report(
         model=os.path.abspath(model_path), target=preset.name, rank_policy=init.policy_text,
         layers=result.layers, model_macs_before=model_macs(result.view_before),
-        model_macs_after=model_macs(after_view))
+        model_macs_after=model_macs(after_view),
+        input_shapes={name: [int(d) for d in shape] for name, shape in shapes.items()})
     if rank == "full":
         report.notes.append(
             "rank=full: the exact rewrite (every eligible conv at full rank); it does not cut "

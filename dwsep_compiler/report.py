@@ -58,6 +58,7 @@ class Report:
     verification: dict | None = None  # the library's outputs against onnxruntime, when run
     calibration: dict | None = None  # samples, teacher, method, time; None: data-free SVD only
     tuning: dict | None = None  # tuning run and records (dwsep_compiler.tuning); None: untuned
+    input_shapes: dict[str, list[int]] | None = None  # the library's (fixed) input shapes
 
     @property
     def factorized_layers(self) -> list[LayerReport]:
@@ -93,6 +94,7 @@ class Report:
         return {
             "model": self.model,
             "target": self.target,
+            "input_shapes": self.input_shapes,
             "rank_policy": self.rank_policy,
             "layers": layers,
             "totals": self.totals(),

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh Debian/Ubuntu machine, then run them.
 #   bash tests/run.sh [pytest args...]
-# apt packages: the aarch64 cross toolchain and qemu-user (ARM artifacts are executed here),
+# apt packages: the aarch64 cross toolchain and qemu-user-static (ARM artifacts are executed
+# here), qemu-user (its dynamic qemu-aarch64 loads the profiler's TCG plugin),
 # debootstrap (an aarch64 Python root, cached under .cache/), PoCL (OpenCL kernels on the CPU),
 # the Fashion-MNIST test set (accuracy check of the bundled example).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross
-              qemu-user-static debootstrap binutils
+              qemu-user-static qemu-user debootstrap binutils
               pocl-opencl-icd ocl-icd-libopencl1 ocl-icd-opencl-dev clinfo
               dataset-fashion-mnist)
 missing=()
