@@ -67,7 +67,7 @@ class Profile:
     library: str
     macs: int | None = None
     notes: list[str] = field(default_factory=list)
-    kernel_macs: dict[str, int] = field(default_factory=dict)  # PrimFunc -> MACs, when known
+    kernel_macs: dict[str, int] = field(default_factory=dict)  # PrimFunc -> MACs of all its calls
 
     def total(self, library: str | None = None) -> Counts:
         out = Counts()
@@ -138,15 +138,18 @@ def kernel_name(symbol: str | None) -> str:
 
 
 def kernel_macs(mod, target) -> dict[str, int]:
-    """Multiply-accumulates per PrimFunc of a Relax module as the CPU pipeline legalizes it for
-    ``target``: each reduction block (conv, matmul) does one per point of its iteration
-    space."""
+    """Multiply-accumulates per inference of each PrimFunc of a Relax module as the CPU
+    pipeline legalizes it for ``target``: each reduction block (conv, matmul) does one per point
+    of its iteration space, times the calls to that PrimFunc (structurally equal kernels, the
+    repeated blocks of a ResNet stage, are one PrimFunc called several times)."""
     from tvm import s_tir, tirx
 
     from .tuning.tasks import legalized
 
+    lowered = legalized(mod, target)
+    calls = kernel_calls(lowered)
     out = {}
-    for gvar, func in legalized(mod, target).functions_items():
+    for gvar, func in lowered.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
         sch = s_tir.Schedule(func)
@@ -159,8 +162,29 @@ def kernel_macs(mod, target) -> dict[str, int]:
             if any(int(iv.iter_type) == 2 for iv in iters):  # a reduction: one MAC per point
                 total += int(np.prod([int(iv.dom.extent) for iv in iters]))
         if total:
-            out[gvar.name_hint] = total
+            out[gvar.name_hint] = total * calls.get(gvar.name_hint, 1)
     return out
+
+
+def kernel_calls(mod) -> dict[str, int]:
+    """How many times the Relax functions of ``mod`` call each of its PrimFuncs per run."""
+    import tvm
+    from tvm import relax, tirx
+
+    prims = {gvar.name_hint for gvar, func in mod.functions_items()
+             if isinstance(func, tirx.PrimFunc)}
+    calls: dict[str, int] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call):
+            for arg in [expr.op, *expr.args]:
+                if isinstance(arg, tvm.ir.GlobalVar) and arg.name_hint in prims:
+                    calls[arg.name_hint] = calls.get(arg.name_hint, 0) + 1
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return calls
 
 
 # --- the plugin ---------------------------------------------------------------------------------

@@ -123,6 +123,37 @@ def test_a_librarys_kernels_account_for_all_of_its_code(tmp_path, runtime):
     assert set(macs) >= set(conv)
 
 
+def test_kernel_macs_count_every_call_of_a_shared_kernel():
+    """Structurally equal convs (a ResNet stage's repeated blocks) compile to one PrimFunc called
+    several times: its MACs per inference count every call, so the kernels' MACs add up to the
+    model's, on a chain of three equal 3x3 convs and on ResNet-50."""
+    from onnx import helper, numpy_helper
+
+    from dwsep_compiler import zoo
+    from dwsep_compiler.macs import model_macs
+    from dwsep_compiler.model import view_model
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(0)
+    nodes, weights, x = [], [], "x"
+    for i in range(3):
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        weights.append(numpy_helper.from_array(
+            rng.standard_normal((8, 8, 3, 3)).astype(np.float32), f"w{i}"))
+        x = f"r{i}"
+    chain = make_model(nodes, [helper.make_tensor_value_info("x", 1, [1, 8, 12, 12])],
+                       [helper.make_tensor_value_info("r2", 1, [1, 8, 12, 12])], weights)
+    resnet = zoo.light_model("resnet50", input_hw=(32, 32))
+    target = resolve_target("arm-a76").tvm_target()
+    for model, size, kernels in ((chain, (1, 8, 12, 12), 1), (resnet, (1, 3, 32, 32), None)):
+        shapes = {model.graph.input[0].name: size}
+        per_kernel = profile.kernel_macs(import_onnx(model, shapes), target)
+        assert sum(per_kernel.values()) == model_macs(view_model(model, shapes)), per_kernel
+        assert kernels is None or len(per_kernel) == kernels, per_kernel
+
+
 def test_a_kernel_left_unscheduled_comes_out_on_top(tmp_path, runtime, monkeypatch):
     """Scheduled, the 1x1 conv (more MACs) costs the most; with the 3x3 conv left as legalized
     (scalar loops over the taps, no tiles) the 3x3 conv is the most expensive kernel."""
