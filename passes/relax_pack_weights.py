@@ -15,6 +15,12 @@ slower: each input channel's row is 8 KB away, on another page). Measured on AVX
 threads, against the pixel-vectorized kernels (7 or 14 of 16 lanes): 512x7x7 -> 2048
 pointwise 2.5x faster, 2048x7x7 -> 512 2.8x, 14x14 pointwise layers 1.2x.
 
+On targets whose FMAs take their scalar from a vector lane (NEON), the convs whose pixels
+(pointwise) or output rows *are* whole vectors are packed too, with ``b`` from
+`schedules.cpu.common.lane_weight_block`: the pixel-vectorized tiles of
+`schedules/cpu/pointwise.py` and `conv2d.py` stay and load each reduction step's ``b``
+weights as vectors.
+
 The pass can record which weight each packed one replaces (``origins``: the tuning gate finds a
 layer's kernels by their ONNX weights).
 
@@ -28,7 +34,7 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax.expr_functor import mutator
 
-from dwsep_compiler.schedules.cpu.common import channel_tile
+from dwsep_compiler.schedules.cpu.common import channel_tile, lane_weight_block
 
 from .relax_fuse_dwpw import is_conv, layout_ok
 from .relax_rewrite import CallRewritePass, CallRewriter, constant_value
@@ -91,10 +97,11 @@ def pack_weight(weight: np.ndarray, block: int) -> np.ndarray:
 @mutator
 class _Rewriter(CallRewriter):
     def __init__(self, mod: tvm.IRModule, lanes: int, accumulators: int,
-                 track_origins: bool = False):
+                 track_origins: bool = False, fma_by_lane: bool = False):
         super().__init__(mod, track_origins)
         self.lanes = lanes
         self.accumulators = accumulators
+        self.fma_by_lane = fma_by_lane
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -117,13 +124,16 @@ class _Rewriter(CallRewriter):
                      and all(int(s) == 1 for s in attrs.strides))
         # The pixel-vectorized kernels vectorize the pixels (pointwise) or an output row.
         if (out_h * out_w if pointwise else out_w) % self.lanes == 0:
+            block = lane_weight_block(w_shape[0], self.lanes) if self.fma_by_lane else None
+            if block is None:
+                return call
+        elif pointwise and w_shape[1] <= MAX_UNPACKED_POINTWISE_CHANNELS:
             return call
-        if pointwise and w_shape[1] <= MAX_UNPACKED_POINTWISE_CHANNELS:
-            return call
-        tile = channel_tile(out_h * out_w, w_shape[0], self.lanes, self.accumulators)
-        if tile is None:
-            return call
-        block, _ = tile
+        else:
+            tile = channel_tile(out_h * out_w, w_shape[0], self.lanes, self.accumulators)
+            if tile is None:
+                return call
+            block, _ = tile
         packed = pack_weight(weight, block)
         self.replaced(packed, weight)
         packed = relax.const(packed, "float32")
@@ -141,14 +151,19 @@ class _Rewriter(CallRewriter):
 class PackConvWeights(CallRewritePass):
     """Rewrite the conv2d calls whose pixels (pointwise) or output rows are not whole vectors of
     ``lanes`` into `packed_pointwise` / `packed_conv` calls with packed constant weights
-    (``rewritten`` counts them)."""
+    (``rewritten`` counts them). With ``fma_by_lane`` (NEON) the convs whose pixels or rows are
+    whole vectors are packed too, in blocks of `lane_weight_block` channels: the
+    pixel-vectorized tiles then load each reduction step's weights for their rows as vectors."""
 
     drop_unused = True
 
-    def __init__(self, lanes: int, accumulators: int, track_origins: bool = False):
+    def __init__(self, lanes: int, accumulators: int, track_origins: bool = False,
+                 fma_by_lane: bool = False):
         super().__init__(track_origins)
         self.lanes = lanes
         self.accumulators = accumulators
+        self.fma_by_lane = fma_by_lane
 
     def make_rewriter(self, mod):
-        return _Rewriter(mod, self.lanes, self.accumulators, track_origins=self.track_origins)
+        return _Rewriter(mod, self.lanes, self.accumulators, track_origins=self.track_origins,
+                         fma_by_lane=self.fma_by_lane)

@@ -41,7 +41,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
                 SumToAdd(), StridedPointwiseToSlice(), ConvTransposeToConv(), FastSigmoid()]
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
-             + [PackConvWeights(knobs.lanes, knobs.accumulators, track_origins)]
+             + [PackConvWeights(knobs.lanes, knobs.accumulators, track_origins, knobs.fma_by_lane)]
              + cpu_generic.legalize_passes(target))
     back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     return front, schedule, back

@@ -402,6 +402,77 @@ def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
     assert rel_error(out, expected) < 1e-5
 
 
+# (in, out, hw, batch, residual) for NEON's lane-weights tile: 8-channel weight blocks with 3
+# pixel vectors and a tail (196 pixels), 4-channel blocks (20 outputs) over batch 2, 3 input
+# channels (no unrolled steps), and 18 outputs (no whole-vector block: left unpacked).
+LANE_WEIGHT_CASES = [(128, 128, (14, 14), 1, True), (24, 20, (6, 6), 2, False),
+                     (3, 16, (8, 8), 1, False), (16, 18, (4, 4), 1, False)]
+
+
+@pytest.mark.emulation
+def test_neon_pointwise_reads_weights_from_vector_lanes_and_matches_onnxruntime(tmp_path,
+                                                                             runtime):
+    """On NEON (FMLA by element) a pointwise conv whose pixels are whole vectors gets its
+    weights packed [O/b, C, b] and keeps the pixel-vectorized tile, each input channel's b
+    weights one vector copy that the FMA rows read by lane; x86 (broadcast inside the FMA)
+    leaves the same convs unpacked. The NEON library matches onnxruntime on Cortex-A53 and
+    A76 under qemu."""
+    from dwsep_compiler.compile import export_library
+    from dwsep_compiler.emulate import run_aarch64
+    from dwsep_compiler.passes.relax_pack_weights import (MAX_UNPACKED_POINTWISE_CHANNELS,
+                                                          PackConvWeights)
+    from dwsep_compiler.schedules.cpu.common import lane_weight_block
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+
+    assert [lane_weight_block(c, 4) for c in (128, 20, 16, 18)] == [8, 4, 8, None]
+    parts = [_pointwise_model(np.random.default_rng(cin + cout), cin, cout, hw, batch, residual)
+             for cin, cout, hw, batch, residual in LANE_WEIGHT_CASES]
+    # standard convs whose output rows are whole vectors: 3x3 over 12-pixel rows, a strided
+    # 5x5 with asymmetric pads (rows of 8), both packed for the direct-conv tile
+    convs = [conv_model(np.random.default_rng(k), in_channels=cin, out_channels=cout,
+                        kernel=kernel, strides=strides, pads=pads, input_hw=hw)
+             for k, (cin, cout, kernel, strides, pads, hw) in enumerate(
+                 [(16, 24, (3, 3), (1, 1), (1, 1, 1, 1), (12, 12)),
+                  (5, 16, (5, 5), (2, 2), (2, 1, 2, 1), (15, 17))])]
+    for (model, shape), (cin, cout, (h, w), _, _) in zip(parts, LANE_WEIGHT_CASES):
+        host_lanes = cpu_knobs(HOST.tvm_target()).lanes
+        for target, expected in (
+                (TARGETS["arm-neon"], lane_weight_block(cout, 4) is not None),
+                # x86: only the channel-vectorized tile's packing (pixels off the vectors)
+                (HOST.tvm_target(), (h * w) % host_lanes != 0
+                 and cin > MAX_UNPACKED_POINTWISE_CHANNELS)):
+            knobs = cpu_knobs(target)
+            rewrite = PackConvWeights(knobs.lanes, knobs.accumulators,
+                                      fma_by_lane=knobs.fma_by_lane)
+            rewrite(import_onnx(model, {"x": shape}))
+            assert rewrite.rewritten == int(expected), (cin, cout, str(target))
+    parts += [(conv, (1, *[int(d.dim_value) for d in conv.graph.input[0].type.tensor_type
+                           .shape.dim[1:]])) for conv in convs]
+    model, shapes = _side_by_side(parts)
+    mod = import_onnx(model, shapes)
+    scheduled, applied = schedules.schedule_module(mod, TARGETS["arm-neon"])
+    kernels = {name: rule for name, rule in applied.items() if "conv2d" in name}
+    assert sorted(kernels.values()) == ["Conv2D"] * 2 + ["Pointwise"] * 4, applied
+    packed = [name for name in kernels if "conv2d_packed" in name]
+    assert len(packed) == 5, kernels
+    for name in packed:
+        script = scheduled[name].script()
+        # the weight copy: one block writing a global-scope buffer with a vectorized loop
+        assert re.search(r'T\.sblock\("\w+_global"\)', script), script
+        assert re.search(r"T\.vectorized\((?:T\.int64\()?[48]\)", script), script
+    for preset in ("arm-a53", "arm-a76"):
+        target = resolve_target(preset)
+        (tmp_path / preset).mkdir()
+        library = export_library(build(mod, target), target, str(tmp_path / preset))
+        rng = np.random.default_rng(5)
+        inputs = [rng.standard_normal(shapes[v.name]).astype(np.float32)
+                  for v in model.graph.input]
+        outs = run_aarch64(library.path, inputs, qemu_cpu=target.qemu_cpu, runtime=runtime)
+        for k, ((part, _), x, out) in enumerate(zip(parts, inputs, outs)):
+            expected = run_onnx(part, {part.graph.input[0].name: x})[0]
+            assert rel_error(out, expected) < 1e-5, (preset, k, rel_error(out, expected))
+
+
 def test_packed_pointwise_tunable_rows_and_gating_digests():
     """The packed kernel's tunable space samples its pixel rows and every sample computes the
     same; the packed layout is [O/b, C, b]; the tuning gate still finds the layer's kernel by its

@@ -121,6 +121,17 @@ def channel_tile(pixels: int, out_channels: int, lanes: int,
     return None if best is None else best[1:]
 
 
+def lane_weight_block(out_channels: int, lanes: int) -> int | None:
+    """Output channels per row block of the pixel-vectorized pointwise tile where FMAs take
+    their weight from a vector lane (NEON): two vectors of weights per input channel (8 rows x
+    3 pixel vectors fill 24 accumulators, 2 + 3 loads per 24 FMAs), one where two do not
+    divide the channels; None where no whole vector does."""
+    for block in (2 * lanes, lanes):
+        if out_channels % block == 0:
+            return block
+    return None
+
+
 def fused_dwpw_blocks(func: tirx.PrimFunc):
     """``(sch, pad, depthwise, pointwise, epilogue)`` of a PrimFunc made by
     `passes/relax_fuse_dwpw.py` (blocks pad_temp, depthwise, pointwise, then injective

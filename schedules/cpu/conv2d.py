@@ -10,7 +10,9 @@ ResNeXt's; the rewrite skips them) ``co_block`` divides a group's output channel
 reads one group's inputs; depthwise convs are `depthwise.py`'s.
 
 Where an output row is not whole vectors (56, 28, 14, 7 pixels on AVX-512) the weights are
-packed into blocks of output channels and the tile turns around (`packed.py`).
+packed into blocks of output channels and the tile turns around (`packed.py`). On NEON (FMA by
+lane) the convs whose rows are whole vectors are packed too and keep this tile: each tap's
+weights for the tile's channels are one vector copy that the rows read by lane.
 """
 
 from __future__ import annotations
@@ -22,29 +24,41 @@ from tvm.target import Target
 from .common import (copy_padded_input, divisors, extents, find_conv, group_out_channels,
                      inline_epilogue, knob, largest_divisor, vector_tile)
 from .knobs import cpu_knobs
-from .packed import find_packed_conv, schedule_channel_tile
+from .packed import (add_lane_weights, find_packed_conv, lane_weights_block,
+                     schedule_channel_tile)
 
 
 class Conv2D(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        knobs = cpu_knobs(target)
         blocks = find_conv(func, names=("conv2d_nchw", "group_conv2d_nchw"))
+        block = None  # output channels per packed weight block (lane weights)
         if blocks is None:
             packed = find_packed_conv(func, kernel_1x1=False)
-            return None if packed is None else schedule_channel_tile(packed, target, tunable)
+            if packed is None:
+                return None
+            block = lane_weights_block(packed, knobs, extents(packed.sch, packed.conv)[3])
+            if block is None:
+                return schedule_channel_tile(packed, target, tunable)
+            blocks = packed
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
-        knobs = cpu_knobs(target)
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=2)
         registers = max(1, -(-tile // knobs.lanes))
+        if block is not None:
+            # The block is fixed by the packing; the row takes what accumulators are left.
+            vectors = knob(sch, tunable, largest_divisor(w // vector, knobs.accumulators // block),
+                           divisors(w // vector, knobs.accumulators // block))
+            return self._schedule(blocks, knobs, block, vectors, vector, lane_weights=True)
         group_co = group_out_channels(sch, blocks)  # co, but for grouped convs
         co_block = largest_divisor(group_co, max(1, knobs.accumulators // registers))
         vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 4))
         co_block = knob(sch, tunable, co_block, divisors(group_co, knobs.accumulators))
         return self._schedule(blocks, knobs, co_block, vectors, vector)
 
-    def _schedule(self, blocks, knobs, co_block, vectors, vector):
+    def _schedule(self, blocks, knobs, co_block, vectors, vector, lane_weights=False):
         sch = blocks.sch
         conv = blocks.conv
         last = inline_epilogue(blocks)
@@ -53,6 +67,8 @@ class Conv2D(ScheduleRule):
         xo, xv, xl = sch.split(xx, [None, vectors, vector])
         # Rows outside channel tiles: the kh input rows stay in cache across channel blocks.
         sch.reorder(nn, yy, fo, xo, rc, ry, rx, fi, xv, xl)
+        if lane_weights:  # packed weights: one vector copy per tap and input channel
+            add_lane_weights(sch, conv, rx)
         outer = sch.fuse(nn, yy, fo)
         sch.parallel(outer)
         sch.unroll(fi)

@@ -23,6 +23,9 @@ class CPUKnobs:
     lanes: int  # float32 lanes in one vector register
     registers: int  # architectural vector registers
     cores: int
+    # FMA by lane (NEON's FMLA by element): one vector load of weights serves ``lanes`` rows of
+    # FMAs, where x86 broadcasts a weight per row from memory inside the FMA itself.
+    fma_by_lane: bool = False
 
     @property
     def accumulators(self) -> int:
@@ -36,7 +39,7 @@ def cpu_knobs(target: tvm.target.Target) -> CPUKnobs:
     keys = {str(k) for k in target.keys}
     cores = int(attrs.get("num-cores", 0) or 0) or os.cpu_count() or 1
     if mtriple.startswith("aarch64") or "arm_cpu" in keys:
-        return CPUKnobs(lanes=4, registers=32, cores=cores)
+        return CPUKnobs(lanes=4, registers=32, cores=cores, fma_by_lane=True)
     has = tvm.target.codegen.llvm_cpu_has_features
     if has(["avx512f"], target):
         return CPUKnobs(lanes=16, registers=32, cores=cores)

@@ -43,6 +43,29 @@ def find_packed_conv(func: tirx.PrimFunc, kernel_1x1: bool) -> ConvBlocks | None
     return find_conv(func, names=(PACKED_NAME,), iters="SSSSR" if kernel_1x1 else "SSSSRRR")
 
 
+def lane_weights_block(blocks: ConvBlocks, knobs, vectorized: int) -> int | None:
+    """The weight block ``b`` of a packed conv that keeps its pixel-vectorized tile (the
+    ``vectorized`` extent, pixels or an output row, is whole vectors) on a target with FMA by
+    lane: `passes/relax_pack_weights.py` packs those so that a tile row's weights for one
+    reduction step are one vector (`add_lane_weights`). None: the channel-vectorized tile."""
+    block = int(blocks.sch.get(blocks.conv).reads[-1].source.shape[-1])
+    if not knobs.fma_by_lane or vectorized % knobs.lanes or block % knobs.lanes:
+        return None
+    return block
+
+
+def add_lane_weights(sch, conv, step):
+    """Copy the packed weights a tile reads in one reduction ``step`` (``b`` channels,
+    contiguous in ``[O/b, C, (kh, kw,) b]``) into a buffer, as whole vectors, so that LLVM keeps
+    them in registers and each FMA row takes its weight from a lane (FMLA by element) instead
+    of loading it on its own. The buffer is global-scope: TVM makes a small one a stack slot,
+    which LLVM promotes to registers; a local-scope one is a workspace allocation, stored and
+    reloaded on every step."""
+    weights = sch.cache_read(conv, len(sch.get(conv).reads) - 1, "global")
+    sch.compute_at(weights, step, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(weights)[-1])
+
+
 def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     sch = blocks.sch
     conv = blocks.conv
