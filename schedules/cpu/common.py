@@ -122,10 +122,11 @@ def channel_tile(pixels: int, out_channels: int, lanes: int,
 
 
 def lane_weight_block(out_channels: int, lanes: int) -> int | None:
-    """Output channels per row block of the pixel-vectorized pointwise tile where FMAs take
-    their weight from a vector lane (NEON): two vectors of weights per input channel (8 rows x
-    3 pixel vectors fill 24 accumulators, 2 + 3 loads per 24 FMAs), one where two do not
-    divide the channels; None where no whole vector does."""
+    """The packing block ``b`` (output channels) of a conv whose pixel-vectorized tile takes
+    its weights from vector lanes (FMA by lane, NEON; pointwise and standard convs): two
+    vectors of weights per reduction step (8 rows x 3 pixel vectors fill 24 accumulators,
+    2 + 3 loads per 24 FMAs), one where two do not divide the channels; None where no whole
+    vector does."""
     for block in (2 * lanes, lanes):
         if out_channels % block == 0:
             return block

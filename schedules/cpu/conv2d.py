@@ -24,7 +24,7 @@ from tvm.target import Target
 from .common import (copy_padded_input, divisors, extents, find_conv, group_out_channels,
                      inline_epilogue, knob, largest_divisor, vector_tile)
 from .knobs import cpu_knobs
-from .packed import (add_lane_weights, find_packed_conv, lane_weights_block,
+from .packed import (add_lane_weights, find_packed_conv, packed_lane_block,
                      schedule_channel_tile)
 
 
@@ -39,20 +39,20 @@ class Conv2D(ScheduleRule):
             packed = find_packed_conv(func, kernel_1x1=False)
             if packed is None:
                 return None
-            block = lane_weights_block(packed, knobs, extents(packed.sch, packed.conv)[3])
+            block = packed_lane_block(packed, knobs, extents(packed.sch, packed.conv)[3])
             if block is None:
                 return schedule_channel_tile(packed, target, tunable)
             blocks = packed
         sch = blocks.sch
         n, co, h, w, ci, kh, kw = extents(sch, blocks.conv)
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=2)
-        registers = max(1, -(-tile // knobs.lanes))
         if block is not None:
             # The block is fixed by the packing; the row takes what accumulators are left.
             vectors = knob(sch, tunable, largest_divisor(w // vector, knobs.accumulators // block),
                            divisors(w // vector, knobs.accumulators // block))
             return self._schedule(blocks, knobs, block, vectors, vector, lane_weights=True)
         group_co = group_out_channels(sch, blocks)  # co, but for grouped convs
+        registers = max(1, -(-tile // knobs.lanes))
         co_block = largest_divisor(group_co, max(1, knobs.accumulators // registers))
         vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 4))
         co_block = knob(sch, tunable, co_block, divisors(group_co, knobs.accumulators))

@@ -43,11 +43,11 @@ def find_packed_conv(func: tirx.PrimFunc, kernel_1x1: bool) -> ConvBlocks | None
     return find_conv(func, names=(PACKED_NAME,), iters="SSSSR" if kernel_1x1 else "SSSSRRR")
 
 
-def lane_weights_block(blocks: ConvBlocks, knobs, vectorized: int) -> int | None:
-    """The weight block ``b`` of a packed conv that keeps its pixel-vectorized tile (the
-    ``vectorized`` extent, pixels or an output row, is whole vectors) on a target with FMA by
-    lane: `passes/relax_pack_weights.py` packs those so that a tile row's weights for one
-    reduction step are one vector (`add_lane_weights`). None: the channel-vectorized tile."""
+def packed_lane_block(blocks: ConvBlocks, knobs, vectorized: int) -> int | None:
+    """Read back which tile a packed conv was packed for: its weight block ``b`` where it keeps
+    the pixel-vectorized tile with lane weights (FMA by lane, and the ``vectorized`` extent,
+    pixels or an output row, is whole vectors: `passes/relax_pack_weights.py` packed it with
+    `common.lane_weight_block`), None where it takes the channel-vectorized tile."""
     block = int(blocks.sch.get(blocks.conv).reads[-1].source.shape[-1])
     if not knobs.fma_by_lane or vectorized % knobs.lanes or block % knobs.lanes:
         return None

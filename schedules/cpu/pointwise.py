@@ -20,9 +20,9 @@ On NEON, whose FMAs can take their scalar from a vector lane (FMLA by element), 
 pixel-vectorized tile reads packed weights: the packing pass stores them ``[O/b, C, b]``
 (`common.lane_weight_block`: 8 channels, or 4) and each input channel's ``b`` weights are one
 vector copy that the tile's rows read lane by lane, with the input channels unrolled by
-``LANE_WEIGHTS_UNROLL``: 2 loads of weights and 3 of pixels per 24 FMAs, where a weight loaded
-per row made it 8 and 3. Counted under qemu (instructions per MAC / 4, 128x28x28 -> 128):
-Cortex-A53 1.54 -> 1.23, Cortex-A76 1.64 -> 1.24.
+``LANE_WEIGHTS_UNROLL``: 2 loads of weights and 3 of pixels per 24 FMAs, against 8 and 3 with
+a weight loaded per row. Emulated instructions per MAC / 4 on 128x28x28 -> 128: Cortex-A53
+1.23 against 1.54, Cortex-A76 1.24 against 1.64.
 
 Where the input rows alias in L1 (`stage_input_tile`: 56x56, 112x112 and 224x224 planes), each
 pixel tile's input column is first copied into a contiguous buffer that every channel block
@@ -40,7 +40,7 @@ from tvm.target import Target
 from .common import (divisors, extents, find_pointwise, group_out_channels, in_channels,
                      inline_epilogue, knob, largest_divisor, vector_tile)
 from .knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
-from .packed import (add_lane_weights, find_packed_conv, lane_weights_block,
+from .packed import (add_lane_weights, find_packed_conv, packed_lane_block,
                      schedule_channel_tile)
 
 
@@ -60,7 +60,7 @@ class Pointwise(ScheduleRule):
             if packed is None:
                 return None
             _, _, h, w, _ = extents(packed.sch, packed.conv)
-            block = lane_weights_block(packed, knobs, h * w)
+            block = packed_lane_block(packed, knobs, h * w)
             if block is None:
                 return schedule_channel_tile(packed, target, tunable)
             blocks = packed
