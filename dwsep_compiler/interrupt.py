@@ -4,10 +4,12 @@ Python runs signal handlers in the main thread between bytecodes, so a long nati
 (TVM's build, an onnxruntime session, a BLAS solve) would swallow Ctrl-C until it returns.
 `run_interruptible` therefore runs the work in a worker thread and keeps the main thread waiting
 on it: a signal is handled within a few milliseconds, whatever the worker is doing. The handler
-removes the run's registered temporary directories, ends its child processes (tuning's builder
-and runner workers), prints one line and leaves with ``128 + signal`` (130, 143) without waiting
-for the worker: nothing after it can publish a half-done output, and tuning records measured so
-far are already on disk (MetaSchedule appends each measurement), so a rerun resumes.
+forbids new processes from then on (an audit hook: the work's threads run on beside it, and a
+worker pool replaces each worker killed), removes the run's registered temporary directories,
+kills its child processes (tuning's builder and runner workers), prints one line and leaves
+with ``128 + signal`` (130, 143) without waiting for the worker: nothing after it can publish
+a half-done output, and tuning records measured so far are already on disk (MetaSchedule
+appends each measurement), so a rerun resumes.
 
 Temporary directories of ours carry a marker file naming the process that made them
 (`mark_temporary`). `remove_stale` deletes such directories whose process is gone (killed with
@@ -22,6 +24,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from typing import Callable
 
 MARKER = ".dwsep-temporary"  # the marker file's name, inside each temporary directory
@@ -96,21 +99,45 @@ def remove_stale(directory: str, prefix: str = ".dwsep-") -> list[str]:
     return removed
 
 
-def _end_children() -> None:
-    """Terminate this process's descendants (tuning workers); psutil is a core dependency."""
+# Audit events raised before a process is started (PEP 578); the one for subprocess covers
+# TVM's worker pools.
+_SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn",
+                           "os.spawn", "os.system", "os.exec"})
+
+
+def _refuse_new_processes(event: str, _args) -> None:
+    """Installed when a stop begins (audit hooks cannot be removed): from then on no thread of
+    ours starts a process, so the children killed while stopping are the last ones."""
+    if event in _SPAWN_EVENTS:
+        raise RuntimeError("stopping: no new processes")
+
+
+def _end_children(patience_s: float = 1.0) -> None:
+    """Kill this process's descendants (tuning's builder and runner workers), looking again
+    until none is left alive: one started just before `_refuse_new_processes` came in would
+    outlive us, holding our stderr open for the seconds its start-up takes. psutil is a core
+    dependency."""
     try:
         import psutil
     except ImportError:
         return
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for child in children:
+    give_up = time.monotonic() + patience_s
+    while time.monotonic() < give_up:
         try:
-            child.kill()
+            children = psutil.Process().children(recursive=True)
         except psutil.Error:
-            pass
+            return
+        alive = []
+        for child in children:
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    child.kill()
+                    alive.append(child)
+            except psutil.Error:  # gone meanwhile
+                pass
+        if not alive:
+            return
+        psutil.wait_procs(alive, timeout=0.05)
 
 
 def run_interruptible(work: Callable[[], object], prog: str):
@@ -125,6 +152,8 @@ def run_interruptible(work: Callable[[], object], prog: str):
             outcome["error"] = exc
 
     def stop(signum, frame):
+        threading.excepthook = lambda args: None  # a thread failing on the refusal: quiet
+        sys.addaudithook(_refuse_new_processes)
         with _lock:
             paths = list(_temporary)
         for path in paths:
