@@ -5,6 +5,9 @@ result with Apache TVM for ARM CPUs and mobile GPUs.
     result = compile_model("model.onnx", target="arm", rank=2)
     print(result.table())
 
+    from dwsep_compiler import factorize     # in memory, for a pipeline's next step
+    factorized, report = factorize(model_proto, macs_ratio=0.4, calibration=data_loader)
+
 Names are imported on first use, so that light tools (the device runner, the emulator, the CLI's
 --help) do not pay for importing TVM.
 """
@@ -13,14 +16,19 @@ from __future__ import annotations
 
 import importlib
 
+from . import relax_pipelines
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compile_model": "pipeline", "CompileResult": "pipeline", "NoEligibleConvs": "pipeline",
+    "compile_model": "pipeline", "factorize": "pipeline", "CompileResult": "pipeline", "NoEligibleConvs": "pipeline",
     "DwsepError": "errors", "RankPolicy": "initialization.ranks", "Report": "report",
     "LayerReport": "report",
 }
 __all__ = sorted(_EXPORTS)
+
+# tvm.compile(..., relax_pipeline="dwsep_cpu" / "dwsep_opencl"), without importing TVM here
+relax_pipelines.install()
 
 
 def __getattr__(name: str):

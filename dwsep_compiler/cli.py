@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force-rewrite", action="store_true",
                         help="rewrite layers even where the rank would not cut MACs "
                              "(e.g. to check --rank full)")
-    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
-                        help="leave this conv (node name, as in the report) alone; repeatable")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME|REGEX",
+                        help="leave this conv alone: its name as in the report, or a regular "
+                             "expression matched against whole names; repeatable")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                         help="fix an input's shape (needed for dynamic dims); repeatable")
     parser.add_argument("--no-compile", action="store_true",
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_interruptible(lambda: compile_model(
             args.model, target=args.target, output_dir=args.output, rank=args.rank,
-            energy=args.energy, force=args.force_rewrite, skip=args.skip,
+            energy=args.energy, force=args.force_rewrite, ignored_scope=args.skip,
             input_shapes=parse_input_shapes(args.input_shape), compile=not args.no_compile,
             cross_compiler=args.cross_compiler, verify=not args.no_verify, log=say,
             calibration=args.calibration, macs_ratio=args.macs_ratio, max_error=args.max_error,

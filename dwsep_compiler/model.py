@@ -53,6 +53,42 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+# What `model_from` accepts, for its error message.
+MODEL_KINDS = "a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model"
+
+
+def model_from(source) -> tuple[onnx.ModelProto, str | None]:
+    """A ModelProto of our own for ``source`` (a path, an `onnx.ModelProto` or an
+    `onnx_ir.Model`) and its absolute path (None for a model in memory).
+
+    The caller's object is only read: the passes downstream edit the copy in place. onnx_ir is
+    recognized by its module, so it need not be installed for the other kinds."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_model(source), os.path.abspath(os.fspath(source))
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        what = "onnx.ModelProto"
+    elif type(source).__module__.split(".")[0] == "onnx_ir" and hasattr(source, "graph"):
+        import onnx_ir
+
+        try:
+            model = onnx_ir.serde.serialize_model(source)  # a new proto, tensors copied
+        except Exception as exc:
+            raise DwsepError(f"cannot convert the onnx_ir.Model to ONNX: {first_line(exc)}") \
+                from None
+        what = "onnx_ir.Model"
+    else:
+        raise DwsepError(f"model must be {MODEL_KINDS}, not {type(source).__name__}")
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise DwsepError(f"not a valid ONNX model (no graph nodes): the {what} given")
+    external = next(_external_tensors(model), None)
+    if external is not None:
+        raise DwsepError(f"the {what} refers to external data (tensor '{external.name}') that "
+                         "is not loaded: pass the model's path, or load it with onnx.load(path)")
+    return model, None
+
+
 def _external_tensors(model: onnx.ModelProto):
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:

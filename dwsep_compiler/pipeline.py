@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
+import onnx
 import onnxruntime as ort
 
 from . import compile as tvm_compile
@@ -22,7 +23,7 @@ from .errors import DwsepError, first_line
 from .initialization.calibration import load_calibration
 from .initialization.stage import KEEP_ORIGINAL, Initializer, check_options
 from .macs import model_macs
-from .model import load_model, resolve_input_shapes, save_model, view_model
+from .model import model_from, resolve_input_shapes, save_model, view_model
 from .report import Report, format_table
 from .targets import TargetPreset, resolve_target
 
@@ -51,14 +52,104 @@ def default_output_dir(model_path: str) -> str:
     return os.path.join(os.getcwd(), f"{stem}.dwsep")
 
 
+@dataclass
+class _Stage:
+    """The factorization of one model: what `compile_model` needs beyond the rewritten model
+    (the initializer, to rewrite again with the layers the device gating keeps)."""
+
+    model: onnx.ModelProto  # our copy of the input
+    path: str | None  # the input's path; None for a model given in memory
+    shapes: dict
+    calib: object
+    init: Initializer
+    result: object  # OnnxFactorization
+    rank: object
+
+    @property
+    def label(self) -> str:
+        return self.path or "<model in memory>"
+
+    def report(self, target: str | None) -> Report:
+        """The report of ``result`` (the layers, MACs, notes; no artifacts)."""
+        result, calib = self.result, self.calib
+        report = Report(
+            model=self.label, target=target, rank_policy=self.init.policy_text,
+            layers=result.layers, model_macs_before=model_macs(result.view_before),
+            model_macs_after=model_macs(view_model(result.model, self.shapes)),
+            input_shapes={name: [int(d) for d in shape] for name, shape in self.shapes.items()})
+        if self.rank == "full":
+            report.notes.append(
+                "rank=full: the exact rewrite (every eligible conv at full rank); it does not "
+                "cut MACs, it adds them: use it to check the rewrite, not to speed a model up")
+        if calib is None:
+            if self.rank != "full":  # exact at full rank: nothing for calibration to recover
+                report.notes.append(
+                    "WARNING: no calibration data: the factors are the data-free SVD of each "
+                    "kernel, which can destroy a trained model's accuracy at ranks that save "
+                    "MACs; pass --calibration FILE.npz (a few dozen real inputs) to distill "
+                    "every layer")
+        else:
+            report.calibration = self.init.calibration_report()
+            if calib.used_samples < calib.samples:
+                report.notes.append(
+                    f"calibration: the model's batch size is fixed to {calib.batch}: used "
+                    f"{calib.used_samples} of {calib.samples} samples")
+        return report
+
+
+def _factorize_stage(model, log, *, rank, energy, macs_ratio, max_error, calibration,
+                     ignored_scope, force, input_shapes, teacher, fit, sensitivity,
+                     finetune_steps, finetune_lr) -> _Stage:
+    policy = check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
+                           max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
+                           finetune_lr=finetune_lr, calibration=calibration, fit=fit,
+                           sensitivity=sensitivity)
+    proto, path = model_from(model)
+    shapes = resolve_input_shapes(proto, input_shapes)
+    calib = load_calibration(calibration, proto, shapes) if calibration is not None else None
+    if isinstance(ignored_scope, str):
+        ignored_scope = (ignored_scope,)
+    init = Initializer(proto, shapes, policy, tuple(ignored_scope), calib,
+                       macs_ratio=macs_ratio, max_error=max_error, teacher=teacher,
+                       finetune_steps=finetune_steps, finetune_lr=finetune_lr, fit=fit,
+                       sensitivity=sensitivity, source=path or "the model given", log=log)
+    return _Stage(proto, path, shapes, calib, init, init.factorize(init.initial_ranks()), rank)
+
+
+def factorize(model, *, rank: int | str | None = None, energy: float | None = None,
+              macs_ratio: float | None = None, max_error: float | None = None,
+              calibration=None, ignored_scope=(), force: bool = False,
+              input_shapes: dict[str, tuple[int, ...]] | None = None,
+              teacher: str = "original", fit: str = "post-activation",
+              sensitivity: str = "model-output", finetune_steps: int = 0,
+              finetune_lr: float = 1e-4, log: Callable[[str], None] | None = None,
+              ) -> tuple[onnx.ModelProto, Report]:
+    """The rewrite and its initialization in memory, for a pipeline's next step: returns the
+    factorized model and its report, writes nothing, and never changes ``model``.
+
+    ``model``: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``. ``calibration``: a path
+    or an iterable of feeds: a torch DataLoader, an ``nncf.Dataset``, a list of dicts or arrays
+    (see `load_calibration`). ``ignored_scope``: convs to keep, by report name or by a regular
+    expression matched against whole names. The rank options, ``teacher``, ``fit``,
+    ``sensitivity`` and the fine-tuning are those of `compile_model`. A model where nothing
+    could be rewritten comes back unchanged, each conv's reason in the report."""
+    stage = _factorize_stage(model, log or (lambda message: None), rank=rank, energy=energy,
+                             macs_ratio=macs_ratio, max_error=max_error,
+                             calibration=calibration, ignored_scope=ignored_scope, force=force,
+                             input_shapes=input_shapes, teacher=teacher, fit=fit,
+                             sensitivity=sensitivity, finetune_steps=finetune_steps,
+                             finetune_lr=finetune_lr)
+    return stage.result.model, stage.report(target=None)
+
+
 def compile_model(
-    model_path: str,
+    model,
     target: str | TargetPreset = "host",
     output_dir: str | None = None,
     rank: int | str | None = None,
     energy: float | None = None,
     force: bool = False,
-    skip: tuple[str, ...] | list[str] = (),
+    ignored_scope: tuple[str, ...] | list[str] = (),
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     compile: bool = True,
     cross_compiler: str | None = None,
@@ -75,10 +166,12 @@ def compile_model(
     tune=None,
     tuning_records: str | None = None,
 ) -> CompileResult:
-    """Factorize ``model_path``'s standard convolutions and build the result for ``target``.
+    """Factorize ``model``'s standard convolutions and build the result for ``target``.
 
-    Writes ``model.onnx``, ``report.json`` and (unless ``compile=False``) the library into
-    ``output_dir`` (default ``./<model stem>.dwsep``). ``verify``: run the library on random and
+    ``model``: a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (only read). Writes
+    ``model.onnx``, ``report.json`` and (unless ``compile=False``) the library into
+    ``output_dir`` (default ``./<model stem>.dwsep``, ``./model.dwsep`` for a model in
+    memory). ``ignored_scope``: convs to keep (names or regular expressions, as `factorize`). ``verify``: run the library on random and
     calibration inputs against onnxruntime where it can run (here, under qemu, on the local
     OpenCL device; see `dwsep_compiler.verify`); above the tolerance `VerificationFailed` and
     nothing is written. The report's ``verification`` says what ran.
@@ -88,8 +181,8 @@ def compile_model(
     the least error) and ``max_error`` (per layer, the smallest rank whose relative error is at
     most this). With none of them: ``energy=0.95``.
 
-    ``calibration``: real inputs (a ``.npz``/``.npy`` path, a directory of them, or an iterable of
-    feed dicts; see `load_calibration`). With it every factorized layer is distilled
+    ``calibration``: real inputs (a ``.npz``/``.npy`` path, a directory of them, or an iterable
+    of feeds: a torch DataLoader, an ``nncf.Dataset``, a list; see `load_calibration`). With it every factorized layer is distilled
     sequentially against the original model (``teacher``: see `distill_layers`) and the errors
     that drive ``macs_ratio``/``max_error`` are output errors on that data; without it the
     factors are the data-free SVD and those errors are weight errors. ``fit``:
@@ -116,65 +209,44 @@ def compile_model(
     """
     log = log or (lambda message: None)
     preset = target if isinstance(target, TargetPreset) else resolve_target(target)
-    policy = check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
-                           max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
-                           finetune_lr=finetune_lr, calibration=calibration, fit=fit,
-                           sensitivity=sensitivity)
+    check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
+                  max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
+                  finetune_lr=finetune_lr, calibration=calibration, fit=fit,
+                  sensitivity=sensitivity)
     tuned = compile and (tune is not None or bool(tuning_records))
     if tuned:
         from . import tuning as tuning_stage
 
         tuning_stage.check(tune, tuning_records, preset)
-    output_dir = os.path.abspath(output_dir or default_output_dir(model_path))
-    _check_output_dir(output_dir, model_path)
+    path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+    output_dir = os.path.abspath(output_dir or default_output_dir(path or "model"))
+    _check_output_dir(output_dir, path)
     for stale in interrupt.remove_stale(os.path.dirname(output_dir)):
         log(f"removed {stale}: left by an earlier run that was killed")
 
-    model = load_model(model_path)
-    shapes = resolve_input_shapes(model, input_shapes)
-    calib = load_calibration(calibration, model, shapes) if calibration is not None else None
-    init = Initializer(model, shapes, policy, frozenset(skip), calib, macs_ratio=macs_ratio,
-                       max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
-                       finetune_lr=finetune_lr, fit=fit, sensitivity=sensitivity,
-                       source=model_path, log=log)
-    result = init.factorize(init.initial_ranks())
+    stage = _factorize_stage(model, log, rank=rank, energy=energy, macs_ratio=macs_ratio,
+                             max_error=max_error, calibration=calibration,
+                             ignored_scope=ignored_scope, force=force,
+                             input_shapes=input_shapes, teacher=teacher, fit=fit,
+                             sensitivity=sensitivity, finetune_steps=finetune_steps,
+                             finetune_lr=finetune_lr)
+    shapes, calib, init = stage.shapes, stage.calib, stage.init
     records = tuning = mod = None
-    if tuned and any(layer.factorized for layer in result.layers):
-        records, tuning, mod, slower = _tune_and_gate(tuning_stage, model, result, shapes,
-                                                      preset, tune, tuning_records, log)
+    if tuned and any(layer.factorized for layer in stage.result.layers):
+        records, tuning, mod, slower = _tune_and_gate(tuning_stage, stage.model, stage.result,
+                                                      shapes, preset, tune, tuning_records, log)
         if slower:
             log(f"keeping the original conv of {len(slower)} layer(s) the device runs faster "
                 f"than DW+PW: {', '.join(sorted(slower))}")
             kept = {layer.name: (layer.rank if layer.factorized and layer.name not in slower
-                                 else KEEP_ORIGINAL) for layer in result.layers}
+                                 else KEEP_ORIGINAL) for layer in stage.result.layers}
             latencies = {layer.name: (layer.latency_ms, layer.original_latency_ms)
-                         for layer in result.layers}
-            result = init.factorize(kept)
-            tuning_stage.gating.mark_kept(result.layers, slower, latencies)
+                         for layer in stage.result.layers}
+            stage.result = init.factorize(kept)
+            tuning_stage.gating.mark_kept(stage.result.layers, slower, latencies)
             mod = None
-
-    after_view = view_model(result.model, shapes)
-    report = Report(
-        model=os.path.abspath(model_path), target=preset.name, rank_policy=init.policy_text,
-        layers=result.layers, model_macs_before=model_macs(result.view_before),
-        model_macs_after=model_macs(after_view),
-        input_shapes={name: [int(d) for d in shape] for name, shape in shapes.items()})
-    if rank == "full":
-        report.notes.append(
-            "rank=full: the exact rewrite (every eligible conv at full rank); it does not cut "
-            "MACs, it adds them: use it to check the rewrite, not to speed a model up")
-    if calib is None:
-        if rank != "full":  # exact at full rank: nothing for calibration to recover
-            report.notes.append(
-                "WARNING: no calibration data: the factors are the data-free SVD of each "
-                "kernel, which can destroy a trained model's accuracy at ranks that save MACs; "
-                "pass --calibration FILE.npz (a few dozen real inputs) to distill every layer")
-    else:
-        report.calibration = init.calibration_report()
-        if calib.used_samples < calib.samples:
-            report.notes.append(
-                f"calibration: the model's batch size is fixed to {calib.batch}: used "
-                f"{calib.used_samples} of {calib.samples} samples")
+    result = stage.result
+    report = stage.report(preset.name)
     if tuning is not None:
         report.tuning = tuning
     nothing = not report.factorized_layers
@@ -246,7 +318,7 @@ def _tune_and_gate(tuning_stage, model, result, shapes, preset, tune, tuning_rec
     return records, info, factorized, slower
 
 
-def _check_output_dir(output_dir: str, model_path: str) -> None:
+def _check_output_dir(output_dir: str, model_path: str | None) -> None:
     if os.path.exists(output_dir):
         if not os.path.isdir(output_dir):
             raise DwsepError(f"output path exists and is not a directory: {output_dir}")
@@ -254,8 +326,8 @@ def _check_output_dir(output_dir: str, model_path: str) -> None:
             raise DwsepError(
                 f"output directory {output_dir} exists and is not a dwsep-compile output: "
                 "choose another -o")
-    model_abs = os.path.abspath(model_path)
-    if os.path.commonpath([model_abs, output_dir]) == output_dir:
+    if model_path is not None and os.path.commonpath([os.path.abspath(model_path),
+                                                      output_dir]) == output_dir:
         raise DwsepError(f"output directory {output_dir} contains the input model: choose another -o")
     parent = os.path.dirname(output_dir)
     if not os.path.isdir(parent):

@@ -23,8 +23,9 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# finetune: torch==2.13.0 (a CPU build that pip takes from local disk on this project's machines)
-python3 -m pip install -q -e '.[test,finetune]'
+# finetune: torch==2.13.0 (a CPU build that pip takes from local disk on this project's machines);
+# pipelines: onnx-ir, onnxscript and NNCF (tests/test_pipelines.py)
+python3 -m pip install -q -e '.[test,finetune,pipelines]'
 # Real OCR and detector models (ddddocr's files only: --no-deps keeps OpenCV out; nothing of
 # ddddocr is imported) and the renderer and font of bench/ddddocr_ocr.py.
 python3 -m pip install -q --no-deps ddddocr==1.6.1 captcha==0.7.1

@@ -398,7 +398,7 @@ def test_max_error_and_python_iterable_of_feeds(trained, tmp_path):
             assert all(e > 0.25 for e in lower)  # the smallest such rank
         else:
             assert layer.detail.startswith("kept")
-    assert result.report.calibration["source"] == "python iterable of feeds"
+    assert result.report.calibration["source"] == "python iterable of feeds (generator)"
 
 
 def test_calibration_validation_in_python(trained):

@@ -85,9 +85,13 @@ def load_calibration(source, model: onnx.ModelProto,
 
     ``source``: a ``.npz`` file (one array per model input name, first axis = samples), a
     ``.npy`` file (single-input models: samples ``[S, ...]`` or one sample), a directory of such
-    files (concatenated in name order), a `CalibrationSet`, or any iterable of feeds (dicts input
-    name -> array with a batch axis). Every sample must have the model input's shape (batch axis
-    excluded) and dtype float32. Raises a one-line `DwsepError` otherwise.
+    files (concatenated in name order), a `CalibrationSet`, or an iterable of feeds: a torch
+    DataLoader, an ``nncf.Dataset`` (its inference data, after its transform), a list or a
+    generator. A feed is a dict input name -> array, a tuple or list whose first items are the
+    inputs in graph order (what a DataLoader of ``(images, labels)`` yields: the labels are
+    ignored), or one array for a single-input model; arrays may be numpy arrays or torch
+    tensors, with a batch axis or as one sample. Every sample must have the model input's shape
+    (batch axis excluded) and dtype float32. Raises a one-line `DwsepError` otherwise.
     """
     if isinstance(source, CalibrationSet):
         return source
@@ -99,13 +103,8 @@ def load_calibration(source, model: onnx.ModelProto,
         parts = _read_path(path, names)
         label = os.path.abspath(path)
     else:
-        label = "python iterable of feeds"
-        feeds = [source] if isinstance(source, Mapping) else source
-        try:
-            parts = [(f"feed {i}", dict(feed)) for i, feed in enumerate(feeds)]
-        except TypeError:
-            raise DwsepError("calibration must be a .npz/.npy path, a directory, or an iterable "
-                             "of feeds (dicts input name -> array)") from None
+        label, feeds = _feed_source(source)
+        parts = [(f"feed {i}", _feed(f"feed {i}", item, names)) for i, item in enumerate(feeds)]
     if not parts:
         raise DwsepError(f"calibration data is empty: {label}")
     stacked: dict[str, list[np.ndarray]] = {name: [] for name in names}
@@ -128,6 +127,51 @@ def load_calibration(source, model: onnx.ModelProto,
         raise DwsepError(f"calibration has {total} samples, fewer than the model's fixed batch "
                          f"size {batch}")
     return CalibrationSet(result, label, batch)
+
+
+CALIBRATION_KINDS = ("a .npz/.npy path, a directory of them, or an iterable of feeds (a torch "
+                     "DataLoader, an nncf.Dataset, a list of dicts input name -> array)")
+
+
+def _feed_source(source) -> tuple[str, object]:
+    """What to call the source in the report, and the iterable of its feeds. Duck-typed, so
+    neither torch nor NNCF is a dependency."""
+    if isinstance(source, Mapping):
+        return "python dict of arrays", [source]
+    if callable(getattr(source, "get_inference_data", None)):  # nncf.Dataset
+        return f"{type(source).__module__.split('.')[0]}.{type(source).__name__}", \
+            source.get_inference_data()
+    if isinstance(source, (bytes, np.ndarray)) or not hasattr(source, "__iter__"):
+        raise DwsepError(f"calibration must be {CALIBRATION_KINDS}, not "
+                         f"{type(source).__name__}")
+    module = type(source).__module__.split(".")[0]
+    kind = type(source).__name__ if module == "builtins" else f"{module} {type(source).__name__}"
+    return f"python iterable of feeds ({kind})", source
+
+
+def _as_array(value):
+    """numpy as it is; a torch tensor (anything with ``detach``) or an array-like as numpy."""
+    if isinstance(value, np.ndarray):
+        return value
+    if callable(getattr(value, "detach", None)):
+        return value.detach().cpu().numpy()
+    if hasattr(value, "__array__"):
+        return np.asarray(value)
+    return value  # `_check_array` names its type
+
+
+def _feed(origin: str, item, names: list[str]) -> dict:
+    if isinstance(item, Mapping):
+        return {key: _as_array(value) for key, value in item.items()}
+    if isinstance(item, (tuple, list)):
+        if len(item) < len(names):
+            raise DwsepError(f"calibration {origin}: a {type(item).__name__} of {len(item)} "
+                             f"item(s) for a model with {len(names)} inputs {names}")
+        return {name: _as_array(value) for name, value in zip(names, item)}
+    if len(names) != 1:
+        raise DwsepError(f"calibration {origin}: one array for a model with {len(names)} "
+                         f"inputs {names}: give dicts input name -> array")
+    return {names[0]: _as_array(item)}
 
 
 def _read_path(path: str, names: list[str]) -> list[tuple[str, dict]]:

@@ -11,6 +11,7 @@ layers it keeps as original convs.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -104,6 +105,8 @@ class Initializer:
 
     def __post_init__(self):
         self.started = time.perf_counter()
+        self.skip = resolve_scope(self.skip, [site.name for site in
+                                              conv_sites(view_model(self.model, self.shapes))])
         self.policy_text = self.policy.describe()
         self.ranks: dict[str, int | None] | None = None
         self.allocation_info: dict | None = None
@@ -126,9 +129,6 @@ class Initializer:
         self.finetune_info = None
         result = factorize_onnx(self.model, self.shapes, self.policy, self.skip, ranks,
                                 refine=self._distill if self.calib is not None else None)
-        unknown = set(self.skip) - {layer.name for layer in result.layers}
-        if unknown:
-            raise DwsepError(f"--skip names no conv of the model: {', '.join(sorted(unknown))}")
         if not result.layers:
             raise DwsepError(f"the model has no Conv nodes: nothing to factorize ({self.source})")
         for layer in result.layers:
@@ -167,6 +167,28 @@ class Initializer:
         if self.finetune_info:
             out["finetune"] = self.finetune_info
         return out
+
+
+def resolve_scope(entries, names: list[str]) -> frozenset[str]:
+    """The conv names that ``entries`` select: each entry is a conv's report name or a regular
+    expression matched against whole names. An entry selecting none is an error: a typo would
+    otherwise factorize the layer the user meant to keep."""
+    selected = set()
+    for entry in entries:
+        if entry in names:
+            selected.add(entry)
+            continue
+        try:
+            pattern = re.compile(entry)
+        except re.error as exc:
+            raise DwsepError(f"skip entry {entry!r} is no conv name and no valid regular "
+                             f"expression ({exc})") from None
+        matched = {name for name in names if pattern.fullmatch(name)}
+        if not matched:
+            raise DwsepError(f"skip entry {entry!r} matches no conv of the model (its convs: "
+                             f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+        selected |= matched
+    return frozenset(selected)
 
 
 def allocate_ranks(model, shapes, skip, calib: CalibrationSet | None,
