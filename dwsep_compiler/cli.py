@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "expression matched against whole names; repeatable")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                         help="fix an input's shape (needed for dynamic dims); repeatable")
+    parser.add_argument("--no-factorize", action="store_true",
+                        help="compile the model as given (already factorized, or a "
+                             "hand-written MobileNet) with our schedules, tuning and checks")
     parser.add_argument("--no-compile", action="store_true",
                         help="stop after the ONNX rewrite (no TVM build)")
     parser.add_argument("--cross-compiler", metavar="CMD",
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             fit=args.fit, sensitivity=args.sensitivity,
             teacher=args.teacher, finetune_steps=args.finetune_steps,
             finetune_lr=args.finetune_lr, tune=tune,
-            tuning_records=None if tune else args.tuning_records), PROG)
+            tuning_records=None if tune else args.tuning_records,
+            factorize_convs=not args.no_factorize), PROG)
     except NoEligibleConvs as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -27,6 +27,8 @@ from .model import model_from, resolve_input_shapes, save_model, view_model
 from .report import Report, format_table
 from .targets import TargetPreset, resolve_target
 
+# Quantize/dequantize pairs of a QDQ model (NNCF, onnxruntime.quantization).
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 REPORT_NAME = "report.json"
 MODEL_NAME = "model.onnx"
 
@@ -81,7 +83,9 @@ class _Stage:
             report.notes.append(
                 "rank=full: the exact rewrite (every eligible conv at full rank); it does not "
                 "cut MACs, it adds them: use it to check the rewrite, not to speed a model up")
-        if calib is None:
+        if self.init.policy.off:
+            report.notes.append("--no-factorize: the model is compiled as given")
+        elif calib is None:
             if self.rank != "full":  # exact at full rank: nothing for calibration to recover
                 report.notes.append(
                     "WARNING: no calibration data: the factors are the data-free SVD of each "
@@ -94,16 +98,27 @@ class _Stage:
                 report.notes.append(
                     f"calibration: the model's batch size is fixed to {calib.batch}: used "
                     f"{calib.used_samples} of {calib.samples} samples")
+        quantized = _quantized_ops(result.model)
+        if quantized:
+            report.notes.append(
+                f"the model is quantized ({'/'.join(quantized)} nodes): TVM 0.27 imports them "
+                "as float operations, so the library computes in float32 what the QDQ graph "
+                "simulates, not with int8 kernels (verified against onnxruntime running the "
+                "graph unfused, to a tolerance of one quantization step)")
         return report
+
+
+def _quantized_ops(model: onnx.ModelProto) -> list[str]:
+    return sorted({node.op_type for node in model.graph.node if node.op_type in QDQ_OPS})
 
 
 def _factorize_stage(model, log, *, rank, energy, macs_ratio, max_error, calibration,
                      ignored_scope, force, input_shapes, teacher, fit, sensitivity,
-                     finetune_steps, finetune_lr) -> _Stage:
+                     finetune_steps, finetune_lr, factorize_convs=True) -> _Stage:
     policy = check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
                            max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
                            finetune_lr=finetune_lr, calibration=calibration, fit=fit,
-                           sensitivity=sensitivity)
+                           sensitivity=sensitivity, factorize=factorize_convs)
     proto, path = model_from(model)
     shapes = resolve_input_shapes(proto, input_shapes)
     calib = load_calibration(calibration, proto, shapes) if calibration is not None else None
@@ -165,6 +180,7 @@ def compile_model(
     finetune_lr: float = 1e-4,
     tune=None,
     tuning_records: str | None = None,
+    factorize_convs: bool = True,
 ) -> CompileResult:
     """Factorize ``model``'s standard convolutions and build the result for ``target``.
 
@@ -203,6 +219,11 @@ def compile_model(
     an earlier tuning run without tuning. The report's ``tuning`` and per-layer latencies say
     what was measured.
 
+    ``factorize_convs=False`` (``--no-factorize``): compile the model as given (one factorized
+    earlier, a hand-written MobileNet) with our schedules, tuning and verification; no rank
+    option may be given, ``calibration`` only adds verification inputs, and every conv is in
+    the report as ``factorization_off`` (or its structural reason).
+
     Raises `DwsepError` (one-line message) for bad input, `verify.VerificationFailed` (exit 1)
     for a library that computes something else, `NoEligibleConvs` after writing the unchanged
     model when nothing could be rewritten.
@@ -212,7 +233,7 @@ def compile_model(
     check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
                   max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
                   finetune_lr=finetune_lr, calibration=calibration, fit=fit,
-                  sensitivity=sensitivity)
+                  sensitivity=sensitivity, factorize=factorize_convs)
     tuned = compile and (tune is not None or bool(tuning_records))
     if tuned:
         from . import tuning as tuning_stage
@@ -229,12 +250,13 @@ def compile_model(
                              ignored_scope=ignored_scope, force=force,
                              input_shapes=input_shapes, teacher=teacher, fit=fit,
                              sensitivity=sensitivity, finetune_steps=finetune_steps,
-                             finetune_lr=finetune_lr)
+                             finetune_lr=finetune_lr, factorize_convs=factorize_convs)
     shapes, calib, init = stage.shapes, stage.calib, stage.init
     records = tuning = mod = None
-    if tuned and any(layer.factorized for layer in stage.result.layers):
+    if tuned and (any(layer.factorized for layer in stage.result.layers) or not factorize_convs):
         records, tuning, mod, slower = _tune_and_gate(tuning_stage, stage.model, stage.result,
-                                                      shapes, preset, tune, tuning_records, log)
+                                                      shapes, preset, tune, tuning_records, log,
+                                                      gate=factorize_convs)
         if slower:
             log(f"keeping the original conv of {len(slower)} layer(s) the device runs faster "
                 f"than DW+PW: {', '.join(sorted(slower))}")
@@ -249,7 +271,7 @@ def compile_model(
     report = stage.report(preset.name)
     if tuning is not None:
         report.tuning = tuning
-    nothing = not report.factorized_layers
+    nothing = factorize_convs and not report.factorized_layers
 
     staging = tempfile.mkdtemp(prefix=".dwsep-", dir=os.path.dirname(output_dir))
     interrupt.mark_temporary(staging)
@@ -259,7 +281,8 @@ def compile_model(
     try:
         model_out = os.path.join(staging, MODEL_NAME)
         save_model(result.model, model_out)
-        reference = _load_in_onnxruntime(model_out)
+        quantized = bool(_quantized_ops(result.model))
+        reference = _load_in_onnxruntime(model_out, quantized=quantized)
         library = None
         if compile and not nothing:
             log(f"compiling for {preset.name} with TVM ...")
@@ -274,7 +297,9 @@ def compile_model(
                 log("verifying the library against onnxruntime ...")
                 report.verification = verification.verify(
                     executable, library.path if library.linked else None, preset, reference,
-                    result.model, shapes, calib)
+                    result.model, shapes, calib,
+                    tolerance=(verification.QUANTIZED_TOLERANCE if quantized
+                               else verification.TOLERANCE))
         report.artifacts["model"] = os.path.join(output_dir, MODEL_NAME)
         report.artifacts["report"] = os.path.join(output_dir, REPORT_NAME)
         with open(os.path.join(staging, REPORT_NAME), "w") as handle:
@@ -297,23 +322,26 @@ def compile_model(
     return out
 
 
-def _tune_and_gate(tuning_stage, model, result, shapes, preset, tune, tuning_records, log):
-    """Tune (when asked), then measure each factorized layer against its original conv.
+def _tune_and_gate(tuning_stage, model, result, shapes, preset, tune, tuning_records, log,
+                   gate: bool = True):
+    """Tune (when asked), then measure each factorized layer against its original conv
+    (``gate=False``: the model is compiled as given; only it is tuned, nothing is gated).
 
     Returns ``(records, report info, factorized Relax module, {layer: (dwpw_ms, original_ms)}
     of the layers whose DW+PW is not faster)``; sets each layer's latencies."""
     factorized = tvm_compile.import_onnx(result.model, shapes)
-    original = tvm_compile.import_onnx(model, shapes)
+    original = tvm_compile.import_onnx(model, shapes) if gate else None
     info: dict = {}
     if tune is not None:
-        summary = tuning_stage.tune_module([factorized, original], preset, tune, log=log)
+        summary = tuning_stage.tune_module([factorized, original] if gate else [factorized],
+                                           preset, tune, log=log)
         info = summary.as_dict()
         records = tuning_stage.TuningRecords(tune.records)
     else:
         records = tuning_stage.TuningRecords(tuning_records, create=False)
     info["records"] = os.path.abspath(records.directory)
-    slower = tuning_stage.gating.gate(original, factorized, result, shapes,
-                                      preset.tvm_target(), records)
+    slower = (tuning_stage.gating.gate(original, factorized, result, shapes,
+                                       preset.tvm_target(), records) if gate else set())
     info["gated_layers"] = sorted(slower)
     return records, info, factorized, slower
 
@@ -352,17 +380,23 @@ def _replace_dir(staging: str, output_dir: str) -> None:
     interrupt.release(staging)
 
 
-def _session(path_or_model) -> ort.InferenceSession:
+def _session(path_or_model, unfused: bool = False) -> ort.InferenceSession:
+    """``unfused``: no graph optimizations, so that a QDQ model runs as its graph says (float
+    ops between quantize/dequantize, as TVM imports it) instead of onnxruntime's int8 kernels,
+    which round differently (25% apart from the QDQ graph on an NNCF-quantized example)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if unfused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = path_or_model if isinstance(path_or_model, str) else path_or_model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _load_in_onnxruntime(path: str) -> ort.InferenceSession:
-    """The written model's onnxruntime session (proves it loads; the verification reuses it)."""
+def _load_in_onnxruntime(path: str, quantized: bool = False) -> ort.InferenceSession:
+    """The written model's onnxruntime session (proves it loads; the verification reuses it,
+    so a ``quantized`` model runs unfused: see `_session`)."""
     try:
-        return _session(path)
+        return _session(path, unfused=quantized)
     except Exception as exc:
         raise DwsepError(f"onnxruntime cannot load the rewritten model: "
                          f"{first_line(exc)}") from None

@@ -31,6 +31,8 @@ class SkipReason(str, enum.Enum):
     UNKNOWN_SHAPE = "unknown_shape"
     NO_MAC_REDUCTION = "no_mac_reduction"
     KEPT_BY_ALLOCATION = "kept_by_rank_allocation"
+    FACTORIZATION_OFF = "factorization_off"
+    NO_TORCH_MODULE = "no_conv2d_module"
 
 
 DETAILS = {
@@ -46,6 +48,9 @@ DETAILS = {
     SkipReason.UNKNOWN_SHAPE: "the output shape could not be inferred",
     SkipReason.NO_MAC_REDUCTION: "at this rank r*(kh*kw+N) >= N*kh*kw: the rewrite would not cut MACs",
     SkipReason.KEPT_BY_ALLOCATION: "the rank allocation (--macs-ratio / --max-error) kept it",
+    SkipReason.FACTORIZATION_OFF: "--no-factorize: the model is compiled as given",
+    SkipReason.NO_TORCH_MODULE: "dwsep_compiler.torch: a functional conv, no nn.Conv2d module "
+                                "to replace",
 }
 
 
@@ -127,6 +132,8 @@ def plan_conv(spec: ConvSpec, policy: RankPolicy, skip: set[str] | frozenset = f
 
     if reason is not None:
         return skipped(reason)
+    if policy.off:
+        return skipped(SkipReason.FACTORIZATION_OFF)
     if rank == 0:
         return skipped(SkipReason.KEPT_BY_ALLOCATION)
     svd = lowrank.channel_svd(spec.weight)

@@ -4,6 +4,7 @@ onnxscript's, and the input left untouched."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -195,3 +196,157 @@ def test_relax_pipeline_dwsep_opencl_builds_what_build_builds():
     preset = resolve_target("mali")
     plain = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline="dwsep_opencl")
     assert opencl.opencl_source(plain) == opencl.opencl_source(build(mod, preset))
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "dwsep_compiler.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=1200, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def factorized_example(tmp_path_factory):
+    """The Fashion example factorized with calibration (as a pipeline's first step would)."""
+    model, _ = factorize(EXAMPLE, macs_ratio=0.5, calibration=[_samples(32, seed=7)])
+    path = tmp_path_factory.mktemp("factorized") / "model.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_no_factorize_compiles_the_model_as_given(factorized_example, tmp_path):
+    out = tmp_path / "as_given"
+    proc = _cli(factorized_example, "--no-factorize", "--target", "host", "-q", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["factorized"] == 0 and report["verification"]["ran"]
+    reasons = {layer["reason"] for layer in report["layers"]}
+    assert reasons <= {"factorization_off", "grouped_or_depthwise", "kernel_1x1"}
+    assert "grouped_or_depthwise" in reasons  # the depthwise convs of the earlier factorization
+    assert onnx.load(out / "model.onnx").SerializeToString() == \
+        onnx.load(factorized_example).SerializeToString()
+    x = _samples(1, seed=9)
+    from dwsep_compiler.compile import run_executable
+
+    assert rel_error(run_executable(str(out / "model.so"), [x])[0],
+                     run_onnx(str(factorized_example), {"image": x})[0]) < 1e-5
+    refused = _cli(factorized_example, "--no-factorize", "--rank", "2", "-o", tmp_path / "r")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "--no-factorize" in refused.stderr and "rank" in refused.stderr
+
+
+def test_nncf_per_tensor_quantization_of_our_output_runs_and_compiles(factorized_example,
+                                                                     tmp_path):
+    """NNCF with per-tensor activation quantizers (its per-channel default on depthwise inputs
+    gives models onnxruntime refuses) quantizes our output into a QDQ model that onnxruntime
+    runs near the float model; --no-factorize compiles it as TVM imports it (float ops), and
+    verifies it against the QDQ graph, saying so in the report."""
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                       QuantizationParameters)
+
+    calibration = _samples(32, seed=7)
+    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(32)], lambda x: {"image": x})
+    quantized = nncf.quantize(
+        onnx.load(factorized_example), dataset, subset_size=32,
+        advanced_parameters=AdvancedQuantizationParameters(
+            activations_quantization_params=QuantizationParameters(per_channel=False)))
+    assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+    path = tmp_path / "quantized.onnx"
+    onnx.save(quantized, path)
+    x = calibration[:4]
+    assert rel_error(run_onnx(str(path), {"image": x})[0],
+                     run_onnx(str(factorized_example), {"image": x})[0]) < 0.1
+    out = tmp_path / "q"
+    proc = _cli(path, "--no-factorize", "--target", "host", "-q", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["verification"]["ran"]
+    assert sum("the model is quantized" in note for note in report["notes"]) == 1
+
+
+def test_no_factorize_tunes_the_model_as_given(factorized_example, tmp_path):
+    """Tuning a model compiled as given: its own kernels are tuned, nothing is gated."""
+    out, records = tmp_path / "tuned", tmp_path / "records"
+    proc = _cli(factorized_example, "--no-factorize", "--target", "host", "--tune", "--trials",
+                "2", "--tuning-records", records, "-q", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["tuning"]["gated_layers"] == [] and report["tuning"]["trials_run"] >= 1
+    assert report["verification"]["ran"] and report["totals"]["factorized"] == 0
+
+
+class _TorchCNN(torch.nn.Module):
+    """Nested blocks, a conv with batch norm and no bias, a strided conv, a 1x1 and a grouped
+    conv (both kept), a functional conv on a computed weight (no module: kept)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.ModuleDict({"down": nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                                    "mix": nn.Conv2d(32, 32, 1),
+                                    "grouped": nn.Conv2d(32, 32, 3, padding=1, groups=4)})
+        self.scale = nn.Parameter(torch.ones(32, 32, 3, 3) * 0.01)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, image):
+        x = self.stem(image)
+        x = torch.relu(self.block["down"](x))
+        x = self.block["grouped"](self.block["mix"](x))
+        x = torch.nn.functional.conv2d(x, self.scale * 2.0, padding=1)
+        return self.head(x.mean((2, 3)))
+
+
+def _torch_cnn(seed=0):
+    torch.manual_seed(seed)
+    model = _TorchCNN().eval()
+    with torch.no_grad():  # batch-norm statistics of a trained model, not the identity
+        model.stem[1].running_mean.normal_(0, 0.5)
+        model.stem[1].running_var.uniform_(0.5, 2.0)
+        model.stem[1].weight.uniform_(0.5, 1.5)
+    return model
+
+
+def test_torch_factorize_equals_the_onnx_pass_and_its_export_compiles(tmp_path):
+    from dwsep_compiler.torch import _export, factorize_
+
+    images = torch.rand(32, 3, 16, 16)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, torch.zeros(32)), batch_size=8)
+    model = _torch_cnn()
+    example = images[:1]
+    reference, expected_report = factorize(_export(model, (example,)), macs_ratio=0.8,
+                                           calibration=loader)
+    report = factorize_(model, example, macs_ratio=0.8, calibration=loader)
+    assert "block.down" in {layer.name for layer in report.factorized_layers}
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    assert reasons["block.mix"] == "kernel_1x1" and reasons["block.grouped"] == \
+        "grouped_or_depthwise"
+    assert list(reasons.values()).count("no_conv2d_module") == 1  # the functional conv
+    assert [layer.rank for layer in report.layers] == \
+        [layer.rank for layer in expected_report.layers]
+    assert isinstance(model.block["down"], torch.nn.Sequential)
+    assert model.block["down"][0].groups == 16 and model.block["down"][1].kernel_size == (1, 1)
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        ours = model(x).numpy()
+    assert rel_error(ours, run_onnx(reference, {"image": x.numpy()})[0]) < 1e-5
+    # the factorized module exports and compiles as given
+    path = tmp_path / "factorized.onnx"
+    torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["image"])
+    proc = _cli(path, "--no-factorize", "--target", "host", "-q", "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    compiled = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert compiled["verification"]["ran"]
+    assert sum(layer["reason"] == "grouped_or_depthwise" for layer in compiled["layers"]) == \
+        1 + len(report.factorized_layers)  # the grouped conv and each new depthwise one
+
+
+def test_torch_factorize_ignored_scope_takes_module_paths():
+    from dwsep_compiler.torch import factorize_
+
+    model = _torch_cnn()
+    report = factorize_(model, torch.rand(1, 3, 16, 16), rank=2, ignored_scope=["stem\\..*"])
+    assert [layer.name for layer in report.factorized_layers] == ["block.down"]
+    assert isinstance(model.stem[0], torch.nn.Conv2d)
+    with pytest.raises(DwsepError, match="matches no Conv2d module"):
+        factorize_(_torch_cnn(), torch.rand(1, 3, 16, 16), ignored_scope=["trunk"])

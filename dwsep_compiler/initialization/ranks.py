@@ -16,14 +16,18 @@ class RankPolicy:
 
     With neither given the default is ``energy = 0.95``. A layer where the chosen rank would
     not cut multiply-accumulates is skipped, unless ``force`` (e.g. the exact ``rank="full"``
-    rewrite, which never cuts MACs, for checking or measuring).
+    rewrite, which never cuts MACs, for checking or measuring). ``off``: no layer is rewritten
+    (``--no-factorize``: the model is compiled as given, each conv reported).
     """
 
     rank: int | str | None = None
     energy: float | None = None
     force: bool = False
+    off: bool = False
 
     def __post_init__(self):
+        if self.off and (self.rank is not None or self.energy is not None):
+            raise ValueError("no rank or energy with the factorization off")
         if self.rank is not None and self.energy is not None:
             raise ValueError("give a rank or an energy, not both")
         if isinstance(self.rank, str) and self.rank != "full":
@@ -41,6 +45,8 @@ class RankPolicy:
         return rank_for_energy(svd, DEFAULT_ENERGY if self.energy is None else self.energy)
 
     def describe(self) -> str:
+        if self.off:
+            return "off (compiled as given)"
         text = (f"rank={self.rank}" if self.rank is not None
                 else f"energy={DEFAULT_ENERGY if self.energy is None else self.energy}")
         return text + (", force" if self.force else "")

@@ -38,11 +38,21 @@ FINETUNE_NEEDS_TORCH = ("--finetune-steps needs PyTorch: pip install 'dwsep-comp
 def check_options(rank=None, energy=None, force: bool = False, macs_ratio=None, max_error=None,
                   teacher: str = "original", finetune_steps: int = 0, finetune_lr: float = 1e-4,
                   calibration=None, fit: str = "post-activation",
-                  sensitivity: str = "model-output") -> RankPolicy:
-    """The per-layer rank policy, after checking that the options make sense together."""
+                  sensitivity: str = "model-output", factorize: bool = True) -> RankPolicy:
+    """The per-layer rank policy, after checking that the options make sense together.
+    ``factorize=False``: the policy that rewrites nothing (calibration data then only feeds
+    the verification)."""
     chosen = [flag for flag, value in (("rank", rank), ("energy", energy),
                                        ("macs_ratio", macs_ratio), ("max_error", max_error))
               if value is not None]
+    if not factorize:
+        given = chosen + [flag for flag, value in (("force", force),
+                                                   ("finetune_steps", finetune_steps))
+                          if value]
+        if given:
+            raise DwsepError(f"the factorization is off (--no-factorize): {', '.join(given)} "
+                             "would not be used")
+        return RankPolicy(off=True)
     if len(chosen) > 1:
         raise DwsepError(f"give at most one of rank, energy, macs_ratio, max_error "
                          f"(got {', '.join(chosen)})")
@@ -129,7 +139,7 @@ class Initializer:
         self.finetune_info = None
         result = factorize_onnx(self.model, self.shapes, self.policy, self.skip, ranks,
                                 refine=self._distill if self.calib is not None else None)
-        if not result.layers:
+        if not result.layers and not self.policy.off:
             raise DwsepError(f"the model has no Conv nodes: nothing to factorize ({self.source})")
         for layer in result.layers:
             if self.ranks is not None and self.ranks.get(layer.name, 0) is None:
