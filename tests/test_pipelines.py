@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -350,3 +351,34 @@ def test_torch_factorize_ignored_scope_takes_module_paths():
     assert isinstance(model.stem[0], torch.nn.Conv2d)
     with pytest.raises(DwsepError, match="matches no Conv2d module"):
         factorize_(_torch_cnn(), torch.rand(1, 3, 16, 16), ignored_scope=["trunk"])
+
+
+def test_olive_workflow_factorizes_then_quantizes(tmp_path):
+    """examples/olive as a user runs it: our package config, then `olive run`: factorize ->
+    OnnxPeepholeOptimizer -> OnnxStaticQuantization gives a QDQ model with depthwise convs that
+    onnxruntime runs and that agrees with the original model's top-1."""
+    examples = os.path.join(os.path.dirname(__file__), "..", "examples")
+    shutil.copytree(os.path.join(examples, "olive"), tmp_path / "olive")
+    os.symlink(os.path.abspath(os.path.join(examples, "fashion_mnist")),
+               tmp_path / "fashion_mnist")
+    work, config = tmp_path / "olive", tmp_path / "olive" / "olive_config.json"
+    written = subprocess.run([sys.executable, "-m", "dwsep_compiler.olive", "package-config",
+                              "-o", config], capture_output=True, text=True, timeout=300)
+    assert written.returncode == 0, written.stderr
+    passes = json.loads(config.read_text())["passes"]
+    assert passes["DwsepFactorize"]["module_path"] == "dwsep_compiler.olive.DwsepFactorize"
+    assert "OnnxStaticQuantization" in passes and "OnnxPeepholeOptimizer" in passes
+    run = subprocess.run([sys.executable, "-m", "olive", "run", "--config", "workflow.json",
+                          "--package-config", str(config)], cwd=work, capture_output=True,
+                         text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    out = onnx.load(work / "olive-output" / "model.onnx")
+    assert any(node.op_type == "Conv" and any(a.name == "group" and a.i > 1
+                                              for a in node.attribute) for node in out.graph.node)
+    assert any(node.op_type == "QuantizeLinear" for node in out.graph.node)
+    images = np.load(os.path.join(examples, "fashion_mnist", "calibration.npz"))["image"][:16]
+    ours = np.concatenate([run_onnx(out, {"image": x[None]})[0] for x in images])
+    original = np.concatenate([run_onnx(EXAMPLE, {"image": x[None]})[0] for x in images])
+    assert (ours.argmax(1) == original.argmax(1)).mean() >= 0.8
+    reports = list((work / "olive-cache").rglob("dwsep_report.json"))
+    assert reports and json.loads(reports[0].read_text())["totals"]["factorized"] >= 1

@@ -89,7 +89,7 @@ def load_calibration(source, model: onnx.ModelProto,
     DataLoader, an ``nncf.Dataset`` (its inference data, after its transform), a list or a
     generator. A feed is a dict input name -> array, a tuple or list whose first items are the
     inputs in graph order (what a DataLoader of ``(images, labels)`` yields: the labels are
-    ignored), or one array for a single-input model; arrays may be numpy arrays or torch
+    ignored) or whose first item is such a dict (Olive's ``(inputs, labels)`` batches), or one array for a single-input model; arrays may be numpy arrays or torch
     tensors, with a batch axis or as one sample. Every sample must have the model input's shape
     (batch axis excluded) and dtype float32. Raises a one-line `DwsepError` otherwise.
     """
@@ -163,6 +163,8 @@ def _as_array(value):
 def _feed(origin: str, item, names: list[str]) -> dict:
     if isinstance(item, Mapping):
         return {key: _as_array(value) for key, value in item.items()}
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], Mapping):
+        return _feed(origin, item[0], names)  # (inputs by name, labels), as Olive's loaders
     if isinstance(item, (tuple, list)):
         if len(item) < len(names):
             raise DwsepError(f"calibration {origin}: a {type(item).__name__} of {len(item)} "
