@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "expression matched against whole names; repeatable")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                         help="fix an input's shape (needed for dynamic dims); repeatable")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw the rank allocation (--macs-ratio/--max-error): each "
+                             "layer's MACs against its error by rank, chosen ranks marked")
     parser.add_argument("--no-factorize", action="store_true",
                         help="compile the model as given (already factorized, or a "
                              "hand-written MobileNet) with our schedules, tuning and checks")
@@ -184,6 +187,17 @@ def main(argv: list[str] | None = None) -> int:
                            minutes=args.tune_minutes, rpc_tracker=args.rpc_tracker,
                            rpc_key=args.rpc_key, cross_compiler=args.cross_compiler,
                            progress=not args.quiet)
+    if args.plot and args.macs_ratio is None and args.max_error is None:
+        print(f"{PROG}: error: --plot draws the rank allocation: give --macs-ratio or "
+              "--max-error", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - before the work, not after it
+        except ImportError:
+            print(f"{PROG}: error: --plot needs matplotlib: pip install "
+                  "'dwsep-compiler[plot]'", file=sys.stderr)
+            return 2
     say = (lambda message: None) if args.quiet else (
         lambda message: print(message, file=sys.stderr, flush=True))
     try:
@@ -214,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(exc).__name__}: {first} "
               "(set DWSEP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    if args.plot:
+        from .plot import allocation_plot
+
+        try:
+            allocation_plot(result.report, args.plot)
+        except (DwsepError, OSError) as exc:
+            print(f"{PROG}: error: --plot: {exc}", file=sys.stderr)
+            return 2
+        say(f"plotted the rank allocation: {args.plot}")
     if not args.quiet:
         print(result.table())
         checked = result.report.verification

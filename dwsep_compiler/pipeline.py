@@ -79,6 +79,7 @@ class _Stage:
             layers=result.layers, model_macs_before=model_macs(result.view_before),
             model_macs_after=model_macs(view_model(result.model, self.shapes)),
             input_shapes={name: [int(d) for d in shape] for name, shape in self.shapes.items()})
+        report.rank_allocation = self.init.allocation_info
         if self.rank == "full":
             report.notes.append(
                 "rank=full: the exact rewrite (every eligible conv at full rank); it does not "

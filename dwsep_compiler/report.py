@@ -59,6 +59,8 @@ class Report:
     calibration: dict | None = None  # samples, teacher, method, time; None: data-free SVD only
     tuning: dict | None = None  # tuning run and records (dwsep_compiler.tuning); None: untuned
     input_shapes: dict[str, list[int]] | None = None  # the library's (fixed) input shapes
+    # --macs-ratio / --max-error: what priced the ranks and each layer's error by rank
+    rank_allocation: dict | None = None
 
     @property
     def factorized_layers(self) -> list[LayerReport]:
@@ -102,6 +104,7 @@ class Report:
             "artifacts": dict(self.artifacts),
             "verification": self.verification,
             "calibration": self.calibration,
+            "rank_allocation": self.rank_allocation,
             "tuning": self.tuning,
         }
 

@@ -345,7 +345,7 @@ def test_end_to_end_macs_ratio_beats_svd_only(trained, tmp_path):
     assert cal_agreement > svd_agreement + 0.2, (svd_agreement, cal_agreement)
     report = json.loads((tmp_path / "out1" / "report.json").read_text())
     assert report["calibration"]["samples"] == 48 and report["calibration"]["time_s"] > 0
-    assert "allocation" in report["calibration"]
+    assert report["rank_allocation"]["error"].startswith("model output error on calibration")
     assert report["rank_policy"].startswith("macs_ratio=0.35")
     for layer in report["layers"]:
         if layer["status"] == "factorized":
@@ -390,7 +390,7 @@ def test_max_error_and_python_iterable_of_feeds(trained, tmp_path):
     feeds = ({"x": trained["cal_x"][i:i + 8]} for i in range(0, 48, 8))  # a one-shot generator
     result = compile_model(str(trained["path"]), compile=False, output_dir=str(tmp_path / "o"),
                            max_error=0.25, calibration=feeds)
-    curves = result.report.calibration["allocation"]["curves"]
+    curves = result.report.rank_allocation["curves"]
     for layer in result.report.layers:
         if layer.factorized:
             assert curves[layer.name][str(layer.rank)] <= 0.25

@@ -382,3 +382,23 @@ def test_olive_workflow_factorizes_then_quantizes(tmp_path):
     assert (ours.argmax(1) == original.argmax(1)).mean() >= 0.8
     reports = list((work / "olive-cache").rglob("dwsep_report.json"))
     assert reports and json.loads(reports[0].read_text())["totals"]["factorized"] >= 1
+
+
+def test_plot_draws_the_rank_allocation(tmp_path):
+    calibration = os.path.join(os.path.dirname(EXAMPLE), "calibration.npz")
+    plot = tmp_path / "allocation.png"
+    proc = _cli(EXAMPLE, "--macs-ratio", "0.4", "--calibration", calibration, "--no-compile",
+                "-q", "-o", tmp_path / "o", "--plot", plot)
+    assert proc.returncode == 0, proc.stderr
+    from matplotlib import image
+
+    pixels = image.imread(str(plot))  # a PNG matplotlib itself reads back
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pixels.shape[0] > 300
+    assert pixels.std() > 0.05  # drawn, not blank
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert set(report["rank_allocation"]["curves"]) == {
+        layer["name"] for layer in report["layers"] if layer["reason"] in
+        (None, "kept_by_rank_allocation")}
+    refused = _cli(EXAMPLE, "--rank", "2", "--no-compile", "-o", tmp_path / "r", "--plot", plot)
+    assert refused.returncode == 2 and "--macs-ratio or --max-error" in refused.stderr
+    assert not (tmp_path / "r").exists()

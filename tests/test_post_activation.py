@@ -180,7 +180,7 @@ def test_sensitivity_keeps_the_amplified_layer_richer(tmp_path):
         results["layer"], results["model-output"]
     assert out_ranks["convA"] > layer_ranks["convA"], (layer_ranks, out_ranks)
     assert out_error < 0.8 * layer_error, (layer_error, out_error)
-    allocation = report.calibration["allocation"]
+    allocation = report.rank_allocation
     assert set(allocation["sensitivity"]) == {"convA", "convB"}
     curve = allocation["sensitivity"]["convA"]
     assert curve["model_output_error_measured"] and curve["layer_error"]

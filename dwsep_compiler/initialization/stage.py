@@ -172,8 +172,6 @@ class Initializer:
                "teacher": self.teacher, **self.distilled,
                "distill_time_s": self.distilled.get("time_s"),
                "time_s": round(time.perf_counter() - self.started, 3)}
-        if self.allocation_info:
-            out["allocation"] = self.allocation_info
         if self.finetune_info:
             out["finetune"] = self.finetune_info
         return out
