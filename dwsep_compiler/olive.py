@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
-from olive.data.config import DataConfig
 from olive.common.config_utils import validate_config
+from olive.data.config import DataConfig
 from olive.model import ONNXModelHandler
 from olive.model.utils import resolve_onnx_path
 from olive.package_config import OlivePackageConfig

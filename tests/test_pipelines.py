@@ -54,16 +54,16 @@ def test_factorize_leaves_a_model_proto_byte_identical_and_matches_the_path():
     assert np.isfinite(run_onnx(from_proto, {"image": _samples(2)})[0]).all()
 
 
-def test_three_calibration_kinds_give_identical_factors():
-    """A list of feed dicts, a torch DataLoader of (image, label) batches and an nncf.Dataset
-    with a transform: the same samples, the same distilled weights."""
+def test_calibration_kinds_give_identical_factors():
+    """A list of feed dicts, a torch DataLoader of (image, label) batches, an nncf.Dataset with
+    a transform, and the samples as one array or tensor: the same distilled weights."""
     x = _samples()
     feeds = [{"image": x[i:i + 8]} for i in range(0, len(x), 8)]
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(torch.from_numpy(x), torch.zeros(len(x))), batch_size=8)
     dataset = nncf.Dataset(loader, lambda batch: batch[0].numpy())
     results = [factorize(EXAMPLE, macs_ratio=0.5, calibration=kind) for kind in
-               (feeds, loader, dataset)]
+               (feeds, loader, dataset, x, torch.from_numpy(x))]
     reference = _weights(results[0][0])
     for model, report in results:
         assert report.calibration["samples"] == len(x)

@@ -85,7 +85,8 @@ def load_calibration(source, model: onnx.ModelProto,
 
     ``source``: a ``.npz`` file (one array per model input name, first axis = samples), a
     ``.npy`` file (single-input models: samples ``[S, ...]`` or one sample), a directory of such
-    files (concatenated in name order), a `CalibrationSet`, or an iterable of feeds: a torch
+    files (concatenated in name order), a `CalibrationSet`, one array or torch tensor of
+    samples (single-input models), or an iterable of feeds: a torch
     DataLoader, an ``nncf.Dataset`` (its inference data, after its transform), a list or a
     generator. A feed is a dict input name -> array, a tuple or list whose first items are the
     inputs in graph order (what a DataLoader of ``(images, labels)`` yields: the labels are
@@ -141,7 +142,9 @@ def _feed_source(source) -> tuple[str, object]:
     if callable(getattr(source, "get_inference_data", None)):  # nncf.Dataset
         return f"{type(source).__module__.split('.')[0]}.{type(source).__name__}", \
             source.get_inference_data()
-    if isinstance(source, (bytes, np.ndarray)) or not hasattr(source, "__iter__"):
+    if isinstance(source, np.ndarray) or callable(getattr(source, "detach", None)):
+        return f"{type(source).__name__} of samples", [source]  # one feed: samples on axis 0
+    if isinstance(source, (str, bytes)) or not hasattr(source, "__iter__"):
         raise DwsepError(f"calibration must be {CALIBRATION_KINDS}, not "
                          f"{type(source).__name__}")
     module = type(source).__module__.split(".")[0]
