@@ -49,8 +49,8 @@ DETAILS = {
     SkipReason.NO_MAC_REDUCTION: "at this rank r*(kh*kw+N) >= N*kh*kw: the rewrite would not cut MACs",
     SkipReason.KEPT_BY_ALLOCATION: "the rank allocation (--macs-ratio / --max-error) kept it",
     SkipReason.FACTORIZATION_OFF: "--no-factorize: the model is compiled as given",
-    SkipReason.NO_TORCH_MODULE: "dwsep_compiler.torch: a functional conv, no nn.Conv2d module "
-                                "to replace",
+    SkipReason.NO_TORCH_MODULE: "dwsep_compiler.torch: no zero-padded nn.Conv2d module to "
+                                "replace (a functional conv, or another padding mode)",
 }
 
 
