@@ -61,8 +61,8 @@ def model_from(source) -> tuple[onnx.ModelProto, str | None]:
     """A ModelProto of our own for ``source`` (a path, an `onnx.ModelProto` or an
     `onnx_ir.Model`) and its absolute path (None for a model in memory).
 
-    The caller's object is only read: the passes downstream edit the copy in place. onnx_ir is
-    recognized by its module, so it need not be installed for the other kinds."""
+    A copy, so that no later step can reach the caller's object. onnx_ir is recognized by its
+    module, so it need not be installed for the other kinds."""
     if isinstance(source, (str, os.PathLike)):
         return load_model(source), os.path.abspath(os.fspath(source))
     if isinstance(source, onnx.ModelProto):

@@ -3,7 +3,7 @@ the rank the allocation chose marked (``dwsep-compile --plot FILE.png``).
 
 Drawn from the report alone: the allocation records each layer's error by rank
 (``rank_allocation.curves``: output errors on calibration data, or SVD weight errors), and a rank's MACs follow from the layer's shape, ``r * (kh*kw + N)`` per
-input channel and pixel against ``N * kh*kw`` for the original conv. Needs matplotlib (the
+input channel and pixel against ``N * kh*kw`` for the original conv (`macs`). Needs matplotlib (the
 ``plot`` extra).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+from . import macs
 from .errors import DwsepError
 from .report import Report
 
@@ -29,9 +30,11 @@ def allocation_curves(report: Report) -> tuple[dict[str, dict[int, float]], str]
 
 
 def macs_fraction(layer, rank: int) -> float:
-    """The factorized layer's MACs at ``rank`` over the original conv's."""
-    taps = layer.kernel[0] * layer.kernel[1]
-    return rank * (taps + layer.out_channels) / (layer.out_channels * taps)
+    """The factorized layer's MACs at ``rank`` over the original conv's (per pixel: the ratio
+    does not depend on the map size)."""
+    kernel = tuple(layer.kernel)
+    return (macs.factorized_macs(1, layer.in_channels, layer.out_channels, kernel, rank, (1, 1))
+            / macs.conv_macs(1, layer.out_channels, layer.in_channels, kernel, (1, 1)))
 
 
 def allocation_plot(report: Report, path: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import re
 import warnings
 
 import numpy as np
@@ -29,6 +28,7 @@ from torch import nn
 
 from .errors import DwsepError, first_line
 from .passes.conditions import DETAILS, SkipReason
+from .initialization.stage import resolve_scope
 from .pipeline import factorize
 from .report import Report
 
@@ -119,18 +119,10 @@ def _conv_modules(module: nn.Module, exported: onnx.ModelProto) -> dict:
 
 def _scope(entries, paths: dict[str, str]) -> list[str]:
     """The ONNX conv names of the module paths that ``entries`` select (paths or regular
-    expressions over whole paths, as `factorize`'s ``ignored_scope`` over conv names)."""
-    if isinstance(entries, str):
-        entries = (entries,)
-    names = []
-    for entry in entries:
-        chosen = [name for name, path in paths.items()
-                  if path == entry or re.fullmatch(entry, path)]
-        if not chosen:
-            raise DwsepError(f"ignored_scope entry {entry!r} matches no Conv2d module (its "
-                             f"convs: {', '.join(list(paths.values())[:6])})")
-        names.extend(chosen)
-    return names
+    expressions over whole paths: `resolve_scope`, as over conv names)."""
+    chosen = resolve_scope((entries,) if isinstance(entries, str) else entries,
+                           list(paths.values()))
+    return [name for name, path in paths.items() if path in chosen]
 
 
 def _pair(conv: nn.Conv2d, depthwise: np.ndarray, pointwise: np.ndarray,

@@ -115,8 +115,9 @@ class Initializer:
 
     def __post_init__(self):
         self.started = time.perf_counter()
-        self.skip = resolve_scope(self.skip, [site.name for site in
-                                              conv_sites(view_model(self.model, self.shapes))])
+        if self.skip:  # names the convs only when asked: the view costs a shape inference
+            self.skip = resolve_scope(self.skip, [site.name for site in conv_sites(
+                view_model(self.model, self.shapes))])
         self.policy_text = self.policy.describe()
         self.ranks: dict[str, int | None] | None = None
         self.allocation_info: dict | None = None
