@@ -156,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imports after parsing: --help and argument errors stay instant.
-    from .errors import DwsepError
-    from .interrupt import run_interruptible
-    from .model import parse_input_shapes
-    from .pipeline import NoEligibleConvs, compile_model
-    from .targets import list_targets
+    from dwsep_compiler.errors import DwsepError
+    from dwsep_compiler.interrupt import run_interruptible
+    from dwsep_compiler.model import parse_input_shapes
+    from dwsep_compiler.pipeline import NoEligibleConvs, compile_model
+    from dwsep_compiler.targets import list_targets
 
     if args.list_targets:
         print(list_targets())
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.trials < 1:
             print(f"{PROG}: error: --trials must be >= 1", file=sys.stderr)
             return 2
-        from .tuning import TuneOptions
+        from dwsep_compiler.tuning import TuneOptions
 
         tune = TuneOptions(records=args.tuning_records, trials=args.trials,
                            minutes=args.tune_minutes, rpc_tracker=args.rpc_tracker,
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
               "(set DWSEP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
     if args.plot:
-        from .plot import allocation_plot
+        from dwsep_compiler.plot import allocation_plot
 
         try:
             allocation_plot(result.report, args.plot)

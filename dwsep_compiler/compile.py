@@ -15,9 +15,9 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend import onnx as rx_onnx
 
-from . import schedules
-from .errors import DwsepError, first_line
-from .targets import TargetPreset, find_cross_compiler
+from dwsep_compiler import schedules
+from dwsep_compiler.errors import DwsepError, first_line
+from dwsep_compiler.targets import TargetPreset, find_cross_compiler
 
 
 def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tvm.IRModule:
@@ -54,7 +54,7 @@ def _build_gpu(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
     work-group size and local memory against the preset's ``gpu_limits`` (a phone's, not the
     build machine's): `opencl.GpuLimitError` (a one-line `DwsepError`) when one does not fit.
     ``opencl.gpu_kernels(executable)`` lists the kernels afterwards."""
-    from . import opencl
+    from dwsep_compiler import opencl
 
     try:
         executable, _ = opencl.build(mod, preset, opencl.target_limits(preset), preset.name)

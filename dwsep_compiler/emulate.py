@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from ._device_runner import HWCAP2_BITS, HWCAP_BITS, decode_hwcaps
-from .errors import DwsepError
+from dwsep_compiler._device_runner import HWCAP2_BITS, HWCAP_BITS, decode_hwcaps
+from dwsep_compiler.errors import DwsepError
 
 __all__ = [
     "Aarch64Runtime",

@@ -10,7 +10,7 @@ import math
 
 import onnx
 
-from .model import ModelView, attribute
+from dwsep_compiler.model import ModelView, attribute
 
 
 def conv_macs(batch: int, out_channels: int, in_channels_per_group: int,

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import DwsepError, first_line
+from dwsep_compiler.errors import DwsepError, first_line
 
 # onnxruntime 1.31 refuses IR version 11+ (onnx 1.23 writes 14 by default).
 MAX_IR_VERSION = 10

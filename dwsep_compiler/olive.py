@@ -30,7 +30,7 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from .pipeline import factorize
+from dwsep_compiler.pipeline import factorize
 
 PASS_NAME = "DwsepFactorize"
 REPORT_NAME = "dwsep_report.json"

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .pipeline import factorize
-from .report import Report
+from dwsep_compiler.pipeline import factorize
+from dwsep_compiler.report import Report
 
 
 class FactorizePass(ir.passes.FunctionalPass):

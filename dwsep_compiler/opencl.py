@@ -41,7 +41,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from .errors import DwsepError, first_line
+from dwsep_compiler.errors import DwsepError, first_line
 
 _DIMS = {"x": 0, "y": 1, "z": 2}
 _SHARED_SCOPES = ("shared", "shared.dyn")
@@ -159,13 +159,13 @@ def relax_pipeline(target, rules=None, fuse: bool = True):
 
     Returns ``(pass, schedule)``; after the pass ran, ``schedule.applied`` maps each PrimFunc our
     rules scheduled to the rule's class name."""
-    from .schedules import gpu
-    from .passes.relax_drop_dropout import DropDropout
-    from .passes.relax_fold_bn import FoldBatchNormIntoConv2D
-    from .passes.relax_fuse_dwpw import FuseDepthwisePointwise
-    from .passes.relax_strided_pointwise import StridedPointwiseToSlice
-    from .passes.relax_sum_to_add import SumToAdd
-    from .schedules.apply import ApplyScheduleRules
+    from dwsep_compiler.schedules import gpu
+    from dwsep_compiler.passes.relax_drop_dropout import DropDropout
+    from dwsep_compiler.passes.relax_fold_bn import FoldBatchNormIntoConv2D
+    from dwsep_compiler.passes.relax_fuse_dwpw import FuseDepthwisePointwise
+    from dwsep_compiler.passes.relax_strided_pointwise import StridedPointwiseToSlice
+    from dwsep_compiler.passes.relax_sum_to_add import SumToAdd
+    from dwsep_compiler.schedules.apply import ApplyScheduleRules
     from tvm.s_tir import dlight
 
     target = _as_target(target)
@@ -703,8 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .model import graph_inputs, load_model, parse_input_shapes, resolve_input_shapes
-    from .targets import resolve_target
+    from dwsep_compiler.model import graph_inputs, load_model, parse_input_shapes, resolve_input_shapes
+    from dwsep_compiler.targets import resolve_target
 
     parser = argparse.ArgumentParser(
         prog="python -m dwsep_compiler.opencl",
@@ -717,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import onnxruntime as ort
 
-        from . import compile as tvm_compile
+        from dwsep_compiler import compile as tvm_compile
 
         preset = resolve_target(args.target)
         if not preset.is_gpu:

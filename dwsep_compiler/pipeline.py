@@ -16,16 +16,16 @@ from typing import Callable
 import onnx
 import onnxruntime as ort
 
-from . import compile as tvm_compile
-from . import interrupt
-from . import verify as verification
-from .errors import DwsepError, first_line
-from .initialization.calibration import load_calibration
-from .initialization.stage import KEEP_ORIGINAL, Initializer, check_options
-from .macs import model_macs
-from .model import model_from, resolve_input_shapes, save_model, view_model
-from .report import Report, format_table
-from .targets import TargetPreset, resolve_target
+from dwsep_compiler import compile as tvm_compile
+from dwsep_compiler import interrupt
+from dwsep_compiler import verify as verification
+from dwsep_compiler.errors import DwsepError, first_line
+from dwsep_compiler.initialization.calibration import load_calibration
+from dwsep_compiler.initialization.stage import KEEP_ORIGINAL, Initializer, check_options
+from dwsep_compiler.macs import model_macs
+from dwsep_compiler.model import model_from, resolve_input_shapes, save_model, view_model
+from dwsep_compiler.report import Report, format_table
+from dwsep_compiler.targets import TargetPreset, resolve_target
 
 # Quantize/dequantize pairs of a QDQ model (NNCF, onnxruntime.quantization).
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -237,7 +237,7 @@ def compile_model(
                   sensitivity=sensitivity, factorize=factorize_convs)
     tuned = compile and (tune is not None or bool(tuning_records))
     if tuned:
-        from . import tuning as tuning_stage
+        from dwsep_compiler import tuning as tuning_stage
 
         tuning_stage.check(tune, tuning_records, preset)
     path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-from . import macs
-from .errors import DwsepError
-from .report import Report
+from dwsep_compiler import macs
+from dwsep_compiler.errors import DwsepError
+from dwsep_compiler.report import Report
 
 
 def allocation_curves(report: Report) -> tuple[dict[str, dict[int, float]], str]:

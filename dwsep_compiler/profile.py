@@ -29,8 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import emulate
-from .errors import DwsepError, first_line
+from dwsep_compiler import emulate
+from dwsep_compiler.errors import DwsepError, first_line
 
 PLUGIN_SOURCE = Path(__file__).with_name("profile_plugin.c")
 NEON_FP32_LANES = 4  # one FMLA on 128-bit vectors: 4 multiply-accumulates
@@ -144,7 +144,7 @@ def kernel_macs(mod, target) -> dict[str, int]:
     repeated blocks of a ResNet stage, are one PrimFunc called several times)."""
     from tvm import s_tir, tirx
 
-    from .tuning.tasks import legalized
+    from dwsep_compiler.tuning.tasks import legalized
 
     lowered = legalized(mod, target)
     calls = kernel_calls(lowered)
@@ -401,8 +401,8 @@ def profile_artifact(path: str | os.PathLike, cpu: str | None = None, memory: bo
     from ``model.onnx`` as the compiler legalizes it for that target."""
     import onnx
 
-    from .remote import find_artifact, load_inputs, random_inputs
-    from .targets import PRESETS
+    from dwsep_compiler.remote import find_artifact, load_inputs, random_inputs
+    from dwsep_compiler.targets import PRESETS
 
     artifact = find_artifact(path)
     if artifact.arch != "aarch64":
@@ -421,7 +421,7 @@ def profile_artifact(path: str | os.PathLike, cpu: str | None = None, memory: bo
     per_kernel: dict[str, int] = {}
     model_path = os.path.join(os.path.dirname(artifact.library), "model.onnx")
     if preset is not None and os.path.isfile(model_path) and specs:
-        from .compile import import_onnx
+        from dwsep_compiler.compile import import_onnx
 
         shapes = {s.name: tuple(a.shape) for s, a in zip(specs, ordered)}
         per_kernel = kernel_macs(import_onnx(onnx.load(model_path), shapes), preset.tvm_target())

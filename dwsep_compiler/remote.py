@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DwsepError, first_line
+from dwsep_compiler.errors import DwsepError, first_line
 
 LIBRARY_NAME = "model.so"
 MODEL_NAME = "model.onnx"
@@ -176,7 +176,7 @@ def find_artifact(path: str | os.PathLike[str]) -> Artifact:
 def _model_io(path: str) -> tuple[list[InputSpec], list[str]]:
     import onnx
 
-    from .model import graph_inputs
+    from dwsep_compiler.model import graph_inputs
 
     try:
         model = onnx.load(path, load_external_data=False)

@@ -17,7 +17,7 @@ import os
 import sys
 import traceback
 
-from .cli import OneLineParser, count, positive
+from dwsep_compiler.cli import OneLineParser, count, positive
 
 PROG = "dwsep-run"
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --rpc-key goes with --rpc-tracker, not --local", file=sys.stderr)
         return 2
     # Imports after parsing: --help and argument errors stay instant.
-    from .errors import DwsepError
-    from .remote import run_library, save_outputs
+    from dwsep_compiler.errors import DwsepError
+    from dwsep_compiler.remote import run_library, save_outputs
 
     say = (lambda message: print(message, file=sys.stderr, flush=True)) if args.verbose else None
     try:
@@ -122,8 +122,8 @@ def _emulate(args) -> int:
     """``--emulate``: the outputs under qemu, or with ``--profile`` the per-kernel counts."""
     import json
 
-    from . import emulate, profile
-    from .remote import find_artifact, load_inputs, random_inputs
+    from dwsep_compiler import emulate, profile
+    from dwsep_compiler.remote import find_artifact, load_inputs, random_inputs
 
     if args.profile:
         if args.runs < 2:
@@ -141,7 +141,7 @@ def _emulate(args) -> int:
     specs = artifact.inputs or []
     arrays = load_inputs(args.inputs) if args.inputs else random_inputs(specs, args.seed)
     ordered = [arrays[s.name] for s in specs] if specs else list(arrays.values())
-    from .targets import PRESETS
+    from dwsep_compiler.targets import PRESETS
 
     preset = PRESETS.get(artifact.target or "")
     cpu = args.cpu or (preset.qemu_cpu if preset else None) or emulate.DEFAULT_QEMU_CPU

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from .errors import DwsepError
+from dwsep_compiler.errors import DwsepError
 
 AARCH64_TRIPLE = "aarch64-linux-gnu"
 AARCH64_CROSS_COMPILER = "aarch64-linux-gnu-g++"

@@ -26,11 +26,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from .errors import DwsepError, first_line
-from .passes.conditions import DETAILS, SkipReason
-from .initialization.stage import resolve_scope
-from .pipeline import factorize
-from .report import Report
+from dwsep_compiler.errors import DwsepError, first_line
+from dwsep_compiler.passes.conditions import DETAILS, SkipReason
+from dwsep_compiler.initialization.stage import resolve_scope
+from dwsep_compiler.pipeline import factorize
+from dwsep_compiler.report import Report
 
 
 def factorize_(module: nn.Module, example_inputs, *, rank: int | str | None = None,

@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import DwsepError, first_line
-from .model import graph_inputs
-from .targets import TargetPreset
+from dwsep_compiler.errors import DwsepError, first_line
+from dwsep_compiler.model import graph_inputs
+from dwsep_compiler.targets import TargetPreset
 
 # fp32: the largest absolute difference over the output's largest magnitude. Reordered sums
 # (vectorized, tiled, folded batch norms) stay near 1e-6; a wrong channel or tap is O(1).
@@ -113,7 +113,7 @@ def relative_error(actual, expected) -> float:
 def _runner(executable, library_path, preset: TargetPreset):
     """``(run(samples) -> outputs per sample, where)``, or ``(None, why not)``."""
     if preset.is_gpu:
-        from . import opencl
+        from dwsep_compiler import opencl
 
         try:
             context = opencl.pocl_context()
@@ -129,11 +129,11 @@ def _runner(executable, library_path, preset: TargetPreset):
 
         return on_opencl, f"OpenCL device {device}"
     if preset.host_arch == "host":
-        from .compile import run_executable
+        from dwsep_compiler.compile import run_executable
 
         return (lambda samples: [run_executable(executable, inputs) for inputs in samples]), \
             "this machine's CPU"
-    from . import emulate
+    from dwsep_compiler import emulate
 
     if library_path is None or not library_path.endswith(".so"):
         return None, "the aarch64 library is not linked here (no cross compiler)"

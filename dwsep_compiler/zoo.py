@@ -22,8 +22,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import DwsepError
-from .model import attribute, graph_inputs, infer_shapes
+from dwsep_compiler.errors import DwsepError
+from dwsep_compiler.model import attribute, graph_inputs, infer_shapes
 
 LIGHT_DIR = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 LIGHT_MODELS = ("vgg19", "resnet50", "squeezenet", "shufflenet", "bvlc_alexnet", "zfnet512",

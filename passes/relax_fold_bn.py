@@ -25,8 +25,8 @@ from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.initialization.lowrank import fold_batch_norm
 
-from .relax_fuse_dwpw import is_conv, layout_ok
-from .relax_rewrite import CallRewritePass, CallRewriter, bound_value, constant_value, is_op
+from dwsep_compiler.passes.relax_fuse_dwpw import is_conv, layout_ok
+from dwsep_compiler.passes.relax_rewrite import CallRewritePass, CallRewriter, bound_value, constant_value, is_op
 
 
 @mutator

@@ -19,8 +19,8 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
                 track_origins: bool = False):
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    from . import cpu
-    from .apply import ApplyScheduleRules
+    from dwsep_compiler.schedules import cpu
+    from dwsep_compiler.schedules.apply import ApplyScheduleRules
 
     from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
     from dwsep_compiler.passes.relax_conv_transpose import ConvTransposeToConv
@@ -31,7 +31,7 @@ def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None
     from dwsep_compiler.passes.relax_strided_pointwise import StridedPointwiseToSlice
     from dwsep_compiler.passes.relax_sum_to_add import SumToAdd
 
-    from .cpu.knobs import cpu_knobs
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
     schedule = ApplyScheduleRules(cpu.rules(), records)
     knobs = cpu_knobs(target)

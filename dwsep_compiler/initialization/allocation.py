@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import macs as mac_count
-from . import lowrank
+from dwsep_compiler import macs as mac_count
+from dwsep_compiler.initialization import lowrank
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,12 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from ..errors import DwsepError
-from ..model import MAX_IR_VERSION, ModelView, attribute, graph_inputs, same_pads
-from ..passes.conditions import ConvPlan
-from ..passes.onnx_factorize import ConvSite, remove_dead, apply_plans
-from . import allocation, distill
-from .activation import Activation
+from dwsep_compiler.errors import DwsepError
+from dwsep_compiler.model import MAX_IR_VERSION, ModelView, attribute, graph_inputs, same_pads
+from dwsep_compiler.passes.conditions import ConvPlan
+from dwsep_compiler.passes.onnx_factorize import ConvSite, remove_dead, apply_plans
+from dwsep_compiler.initialization import allocation, distill
+from dwsep_compiler.initialization.activation import Activation
 
 TEACHERS = ("original", "local")
 DEFAULT_BATCH = 16  # samples per run when the model's batch axis is dynamic
@@ -453,13 +453,13 @@ def _empty_gram(site: ConvSite) -> distill.LayerGram:
 
 
 def _conv_macs(spec) -> int:
-    from .. import macs
+    from dwsep_compiler import macs
     return macs.conv_macs(spec.batch, spec.weight_shape[0], spec.weight_shape[1],
                           tuple(spec.weight_shape[2:]), spec.out_spatial)
 
 
 def _factorized_macs(spec, rank: int) -> int:
-    from .. import macs
+    from dwsep_compiler import macs
     return macs.factorized_macs(spec.batch, spec.weight_shape[1], spec.weight_shape[0],
                                 tuple(spec.weight_shape[2:]), rank, spec.out_spatial)
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import lowrank
+from dwsep_compiler.initialization import lowrank
 
 CHUNK_ROWS = 16384  # pixels per Gram update: bounds the float32 patch buffer to CHUNK_ROWS*K*4 B
 DEFAULT_RIDGE = 1e-4  # relative to the mean diagonal of each normal matrix

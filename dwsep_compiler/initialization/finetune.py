@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ..errors import DwsepError
-from ..model import graph_inputs, view_model
-from ..passes.onnx_factorize import subgraph_inputs, following_activation
-from .calibration import DEFAULT_BATCH, CalibrationSet, pruned
-from .torch_ops import SHAPE_ONLY, model_opset, node_attributes, run_node, supported
+from dwsep_compiler.errors import DwsepError
+from dwsep_compiler.model import graph_inputs, view_model
+from dwsep_compiler.passes.onnx_factorize import subgraph_inputs, following_activation
+from dwsep_compiler.initialization.calibration import DEFAULT_BATCH, CalibrationSet, pruned
+from dwsep_compiler.initialization.torch_ops import SHAPE_ONLY, model_opset, node_attributes, run_node, supported
 
 DEFAULT_LR = 1e-4  # 1e-3 measured worse on the Fashion example (89.9% vs 90.1-90.3%)
 DEFAULT_FEATURE_WEIGHT = 1.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .lowrank import ChannelSVD, rank_for_energy
+from dwsep_compiler.initialization.lowrank import ChannelSVD, rank_for_energy
 
 DEFAULT_ENERGY = 0.95
 

@@ -18,15 +18,15 @@ from typing import Callable
 
 import onnx
 
-from ..errors import DwsepError
-from ..macs import model_macs
-from ..model import view_model
-from ..passes.conditions import plan_conv
-from ..passes.onnx_factorize import OnnxFactorization, conv_sites, factorize_onnx
-from . import allocation
-from .calibration import FITS, TEACHERS, CalibrationSet, distill_layers, rank_curves
-from .ranks import RankPolicy
-from .sensitivity import OutputProbe, probe_plan
+from dwsep_compiler.errors import DwsepError
+from dwsep_compiler.macs import model_macs
+from dwsep_compiler.model import view_model
+from dwsep_compiler.passes.conditions import plan_conv
+from dwsep_compiler.passes.onnx_factorize import OnnxFactorization, conv_sites, factorize_onnx
+from dwsep_compiler.initialization import allocation
+from dwsep_compiler.initialization.calibration import FITS, TEACHERS, CalibrationSet, distill_layers, rank_curves
+from dwsep_compiler.initialization.ranks import RankPolicy
+from dwsep_compiler.initialization.sensitivity import OutputProbe, probe_plan
 
 KEEP_ORIGINAL = 0  # the rank that tells plan_conv to keep the original conv
 SENSITIVITIES = ("model-output", "layer")  # what --macs-ratio/--max-error price a rank by
@@ -150,7 +150,7 @@ class Initializer:
                                 "kept: the --macs-ratio allocation found this layer's error "
                                 "costlier than its MACs")
         if self.finetune_steps and any(layer.factorized for layer in result.layers):
-            from .finetune import finetune  # torch: imported only when asked for
+            from dwsep_compiler.initialization.finetune import finetune  # torch: imported only when asked for
 
             result.model, self.finetune_info = finetune(
                 self.model, result.model, result.layers, self.calib, self.finetune_steps,

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ..errors import DwsepError
-from ..model import same_pads
+from dwsep_compiler.errors import DwsepError
+from dwsep_compiler.model import same_pads
 
 
 def model_opset(model: onnx.ModelProto) -> int:

@@ -8,8 +8,8 @@ structure across layers and models; MetaSchedule searches the rule's ``tunable=T
 compiles apply without tuning. `tune.tune_module` ties them together.
 """
 
-from . import gating
-from .records import TuningRecords
-from .tune import TuneOptions, TuneSummary, check, tune_module
+from dwsep_compiler.tuning import gating
+from dwsep_compiler.tuning.records import TuningRecords
+from dwsep_compiler.tuning.tune import TuneOptions, TuneSummary, check, tune_module
 
 __all__ = ["TuneOptions", "TuneSummary", "TuningRecords", "check", "gating", "tune_module"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from ..model import view_model
-from ..passes.onnx_factorize import conv_sites
-from ..passes.relax_rewrite import digest
-from .records import TuningRecords
-from .tasks import legalized
+from dwsep_compiler.model import view_model
+from dwsep_compiler.passes.onnx_factorize import conv_sites
+from dwsep_compiler.passes.relax_rewrite import digest
+from dwsep_compiler.tuning.records import TuningRecords
+from dwsep_compiler.tuning.tasks import legalized
 
 SLOWER_ON_DEVICE = "slower_than_original_on_device"  # the skip reason of a gated layer
 

@@ -19,7 +19,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from dwsep_compiler.errors import DwsepError, first_line
 
-from .tasks import workload
+from dwsep_compiler.tuning.tasks import workload
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"

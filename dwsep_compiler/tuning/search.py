@@ -20,7 +20,7 @@ from tvm import s_tir
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from .records import FAILED, mean, measured
+from dwsep_compiler.tuning.records import FAILED, mean, measured
 
 # Larger spaces (none of the rules has one today) are walked in their first this-many points.
 MAX_POINTS = 4096

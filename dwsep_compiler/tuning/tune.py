@@ -25,11 +25,11 @@ from tvm.ir.utils import derived_object
 
 from dwsep_compiler.errors import DwsepError
 
-from . import measure
-from .records import FAILED, TuningRecords, mean
-from .search import SpaceWalk
-from .space import space_generator
-from .tasks import Task, extract_tasks
+from dwsep_compiler.tuning import measure
+from dwsep_compiler.tuning.records import FAILED, TuningRecords, mean
+from dwsep_compiler.tuning.search import SpaceWalk
+from dwsep_compiler.tuning.space import space_generator
+from dwsep_compiler.tuning.tasks import Task, extract_tasks
 
 TRIALS_PER_BATCH = 16
 # A rule's space holds a few dozen points; SpaceWalk stops a task once none is left unmeasured.

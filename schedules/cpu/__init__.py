@@ -1,13 +1,13 @@
 """Schedule rules for CPUs (ARM NEON, x86 AVX2/AVX-512): one file per operator family."""
 
-from .conv2d import Conv2D
-from .dense import Dense
-from .depthwise import Depthwise
-from .fallback import Fallback
-from .fused_dwpw import FusedDepthwisePointwise
-from .pointwise import Pointwise
-from .pool import Pool
-from .reduction import Reduction
+from dwsep_compiler.schedules.cpu.conv2d import Conv2D
+from dwsep_compiler.schedules.cpu.dense import Dense
+from dwsep_compiler.schedules.cpu.depthwise import Depthwise
+from dwsep_compiler.schedules.cpu.fallback import Fallback
+from dwsep_compiler.schedules.cpu.fused_dwpw import FusedDepthwisePointwise
+from dwsep_compiler.schedules.cpu.pointwise import Pointwise
+from dwsep_compiler.schedules.cpu.pool import Pool
+from dwsep_compiler.schedules.cpu.reduction import Reduction
 
 
 def rules():

@@ -21,10 +21,10 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (copy_padded_input, divisors, extents, find_conv, group_out_channels,
+from dwsep_compiler.schedules.cpu.common import (copy_padded_input, divisors, extents, find_conv, group_out_channels,
                      inline_epilogue, knob, largest_divisor, vector_tile)
-from .knobs import cpu_knobs
-from .packed import (add_lane_weights, find_packed_conv, packed_lane_block,
+from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv, packed_lane_block,
                      schedule_channel_tile)
 
 

@@ -15,8 +15,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import iter_kinds, largest_divisor
-from .knobs import cpu_knobs
+from dwsep_compiler.schedules.cpu.common import iter_kinds, largest_divisor
+from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 _MAX_ROWS = 16  # batch rows handled by this rule; bigger matmuls belong to a GEMM rule
 MIN_ROWS_PER_CORE = 64  # weight rows per core below which the reduction is not split

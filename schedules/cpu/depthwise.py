@@ -20,9 +20,9 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (build_padded_rows, divisors, extents, find_depthwise, inline_epilogue, knob,
+from dwsep_compiler.schedules.cpu.common import (build_padded_rows, divisors, extents, find_depthwise, inline_epilogue, knob,
                      row_band, vector_tile)
-from .knobs import cpu_knobs
+from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 
 class Depthwise(ScheduleRule):

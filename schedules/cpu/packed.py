@@ -16,9 +16,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.target import Target
 
-from .common import (ConvBlocks, channel_tile, copy_padded_input, divisors, extents, find_conv,
+from dwsep_compiler.schedules.cpu.common import (ConvBlocks, channel_tile, copy_padded_input, divisors, extents, find_conv,
                      inline_epilogue, knob, largest_divisor)
-from .knobs import cpu_knobs
+from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 # Input channels per K block. In-model, interleaved (2-core AVX-512): ResNet-50 rank 1 0.93x the
 # time (its 14x14 layers 256 -> 1024 and 1024 -> 256 0.82-0.85x, 2048x7x7 -> 512 0.8x),

@@ -37,10 +37,10 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .common import (divisors, extents, find_pointwise, group_out_channels, in_channels,
+from dwsep_compiler.schedules.cpu.common import (divisors, extents, find_pointwise, group_out_channels, in_channels,
                      inline_epilogue, knob, largest_divisor, vector_tile)
-from .knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
-from .packed import (add_lane_weights, find_packed_conv, packed_lane_block,
+from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
+from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv, packed_lane_block,
                      schedule_channel_tile)
 
 

@@ -3,9 +3,9 @@
 Applied before dlight's GPU rules (`dwsep_compiler.opencl`); a PrimFunc none of these claims is
 scheduled by dlight."""
 
-from .depthwise import Depthwise
-from .fused_dwpw import FusedDepthwisePointwise
-from .pointwise import Pointwise
+from dwsep_compiler.schedules.gpu.depthwise import Depthwise
+from dwsep_compiler.schedules.gpu.fused_dwpw import FusedDepthwisePointwise
+from dwsep_compiler.schedules.gpu.pointwise import Pointwise
 
 
 def rules(target=None):

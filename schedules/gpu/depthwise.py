@@ -17,8 +17,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..cpu.common import divisors, extents, find_depthwise, inline_epilogue, knob
-from .knobs import gpu_knobs, is_gpu, thread_candidates, threads_for
+from dwsep_compiler.schedules.cpu.common import divisors, extents, find_depthwise, inline_epilogue, knob
+from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu, thread_candidates, threads_for
 
 
 class Depthwise(ScheduleRule):

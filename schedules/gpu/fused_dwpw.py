@@ -26,8 +26,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..cpu.common import divisors, fused_dwpw_blocks, knob, largest_divisor
-from .knobs import gpu_knobs, is_gpu
+from dwsep_compiler.schedules.cpu.common import divisors, fused_dwpw_blocks, knob, largest_divisor
+from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu
 
 MAX_STRIP = 32  # output pixels per work-group (a divisor of the row width)
 MIN_THREADS = 64  # work-items per group the default tiles keep where the shape allows

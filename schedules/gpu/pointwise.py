@@ -22,9 +22,9 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from ..cpu.common import (divisors, extents, find_pointwise, inline_epilogue, knob,
+from dwsep_compiler.schedules.cpu.common import (divisors, extents, find_pointwise, inline_epilogue, knob,
                           largest_divisor)
-from .knobs import gpu_knobs, is_gpu
+from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu
 
 PIXEL_THREADS = (8, 16, 32, 64)  # tx candidates: work-items along pixels
 CHANNEL_THREADS = (1, 2, 4)  # ty candidates: work-items along output channels
