@@ -7,7 +7,7 @@ Per model and core, in one run: our library of the factorized model and of the o
 (`--target arm-a53` / `arm-a76`), onnxruntime's aarch64 build (1.19.2, the newest that runs
 under QEMU 7.2) on the same factorized and original ONNX files, and the NEON floor (MACs / 4:
 one 4-lane FMLA per 4 multiply-accumulates). Counted with the profiler
-(`dwsep_compiler.profile`): instructions inside the inference libraries (ours: model.so, the TVM
+(`dwsep_compiler.device.profile`): instructions inside the inference libraries (ours: model.so, the TVM
 runtime, libc/libm/libstdc++; onnxruntime: its extension and the same system libraries), one
 thread, the difference of a run of ``--runs`` inferences and a run of one. Deterministic,
 unlike timings on this VM; a proxy for speed (no stalls, no memory latency). Writes
@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from dwsep_compiler import emulate, profile, zoo  # noqa: E402
+from dwsep_compiler import zoo  # noqa: E402
+from dwsep_compiler.device import emulate, profile  # noqa: E402
 from dwsep_compiler.compile import build, export_library, import_onnx  # noqa: E402
 from dwsep_compiler.macs import model_macs  # noqa: E402
 from dwsep_compiler.model import resolve_input_shapes, view_model  # noqa: E402

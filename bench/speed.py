@@ -590,7 +590,7 @@ class Clock:
 def bench_model(spec: ModelSpec, ranks: list[str], args, preset, limits: list, log) -> dict:
     """Every variant of one model at every rank; ``limits`` collects machine-limit runs."""
     from dwsep_compiler.compile import build, import_onnx
-    from dwsep_compiler.passes.onnx_factorize import factorize_onnx
+    from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 
     clock = Clock()
     started = time.perf_counter()

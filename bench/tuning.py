@@ -45,7 +45,7 @@ def factorized_module(name: str, ocr_width: int):
 
     from dwsep_compiler.compile import import_onnx
     from dwsep_compiler.initialization.ranks import RankPolicy
-    from dwsep_compiler.passes.onnx_factorize import factorize_onnx
+    from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 
     spec = speed.model_specs([name], ocr_width)[0][0]
     model, shapes, _ = spec.load()

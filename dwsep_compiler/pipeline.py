@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from dwsep_compiler import compile as tvm_compile
 from dwsep_compiler import interrupt
-from dwsep_compiler import verify as verification
+from dwsep_compiler.compile import verify as verification
 from dwsep_compiler.errors import DwsepError, first_line
 from dwsep_compiler.initialization.calibration import load_calibration
 from dwsep_compiler.initialization.stage import KEEP_ORIGINAL, Initializer, check_options
@@ -190,7 +190,7 @@ def compile_model(
     ``output_dir`` (default ``./<model stem>.dwsep``, ``./model.dwsep`` for a model in
     memory). ``ignored_scope``: convs to keep (names or regular expressions, as `factorize`). ``verify``: run the library on random and
     calibration inputs against onnxruntime where it can run (here, under qemu, on the local
-    OpenCL device; see `dwsep_compiler.verify`); above the tolerance `VerificationFailed` and
+    OpenCL device; see `dwsep_compiler.compile.verify`); above the tolerance `VerificationFailed` and
     nothing is written. The report's ``verification`` says what ran.
 
     Ranks: at most one of ``rank`` (every layer), ``energy`` (per layer, from the singular

@@ -1,5 +1,5 @@
 """``dwsep-run``: run a compiled library on a device through TVM RPC, or here with ``--local``.
-A thin shell over `dwsep_compiler.remote.run_library`.
+A thin shell over `dwsep_compiler.device.remote.run_library`.
 
     dwsep-run model.dwsep --rpc-tracker 10.0.0.5:9190 --rpc-key rk3399 --repeat 20
     dwsep-run model.dwsep --local --inputs inputs.npz --output outputs.npz
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imports after parsing: --help and argument errors stay instant.
     from dwsep_compiler.errors import DwsepError
-    from dwsep_compiler.remote import run_library, save_outputs
+    from dwsep_compiler.device.remote import run_library, save_outputs
 
     say = (lambda message: print(message, file=sys.stderr, flush=True)) if args.verbose else None
     try:
@@ -122,8 +122,8 @@ def _emulate(args) -> int:
     """``--emulate``: the outputs under qemu, or with ``--profile`` the per-kernel counts."""
     import json
 
-    from dwsep_compiler import emulate, profile
-    from dwsep_compiler.remote import find_artifact, load_inputs, random_inputs
+    from dwsep_compiler.device import emulate, profile
+    from dwsep_compiler.device.remote import find_artifact, load_inputs, random_inputs
 
     if args.profile:
         if args.runs < 2:

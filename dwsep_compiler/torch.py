@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from dwsep_compiler.errors import DwsepError, first_line
-from dwsep_compiler.passes.conditions import DETAILS, SkipReason
+from dwsep_compiler.passes.rewrite.conditions import DETAILS, SkipReason
 from dwsep_compiler.initialization.stage import resolve_scope
 from dwsep_compiler.pipeline import factorize
 from dwsep_compiler.report import Report

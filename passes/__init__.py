@@ -4,6 +4,6 @@ Both passes decide with `conditions.plan_conv` ("may I, and at which rank?") and
 weights with `dwsep_compiler.initialization.lowrank` ("do it"), so they agree by construction.
 """
 
-from dwsep_compiler.passes.conditions import ConvSpec, SkipReason, plan_conv
+from dwsep_compiler.passes.rewrite.conditions import ConvSpec, SkipReason, plan_conv
 
 __all__ = ["ConvSpec", "SkipReason", "plan_conv"]

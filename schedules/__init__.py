@@ -2,82 +2,8 @@
 
 Rules have TVM dlight's shape, ``apply(func, target, tunable) -> Schedule | None``: with
 ``tunable=False`` they pick knobs from the target (vector width, registers, cores); None means
-"not mine". `cpu_pipeline` is TVM's CPU pipeline with the rules of `schedules.cpu` applied
-between legalization and lowering; `schedule_module` stops after scheduling (for tests, the
-benchmark and tuning).
+"not mine". `cpu` holds the CPU rules (NEON, AVX2, AVX-512), `gpu` the OpenCL ones; `analysis`
+is what rules of both families share (finding a PrimFunc's conv blocks, tile sizes); `apply`
+runs a rule list over a module. The pipelines that call them are `dwsep_compiler.compile.cpu`
+and `dwsep_compiler.compile.opencl`.
 """
-
-from __future__ import annotations
-
-import tvm
-
-# Split loops whose extent the tile does not divide into a clean body and a tail.
-PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
-
-
-def _cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None,
-                track_origins: bool = False):
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    from dwsep_compiler.schedules import cpu
-    from dwsep_compiler.schedules.apply import ApplyScheduleRules
-
-    from dwsep_compiler.passes.relax_fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
-    from dwsep_compiler.passes.relax_conv_transpose import ConvTransposeToConv
-    from dwsep_compiler.passes.relax_drop_dropout import DropDropout
-    from dwsep_compiler.passes.relax_fast_sigmoid import FastSigmoid
-    from dwsep_compiler.passes.relax_fold_bn import FoldBatchNormIntoConv2D
-    from dwsep_compiler.passes.relax_pack_weights import PackConvWeights
-    from dwsep_compiler.passes.relax_strided_pointwise import StridedPointwiseToSlice
-    from dwsep_compiler.passes.relax_sum_to_add import SumToAdd
-
-    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-
-    schedule = ApplyScheduleRules(cpu.rules(), records)
-    knobs = cpu_knobs(target)
-    front = (cpu_generic.library_dispatch_passes(target)
-             + [DropDropout(),
-                FoldBatchNormIntoConv2D(decompose_rest=True, track_origins=track_origins),
-                SumToAdd(), StridedPointwiseToSlice(), ConvTransposeToConv(), FastSigmoid()]
-             + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
-                if fuse else [])
-             + [PackConvWeights(knobs.lanes, knobs.accumulators, track_origins, knobs.fma_by_lane)]
-             + cpu_generic.legalize_passes(target))
-    back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
-    return front, schedule, back
-
-
-def cpu_pipeline(target: tvm.target.Target, fuse: bool | str = True, records=None):
-    """The Relax pipeline ``tvm.compile`` runs for a CPU target, with our schedules.
-
-    ``fuse``: depthwise -> pointwise pairs with large outputs become one fused kernel
-    (``"always"``: every pair; False: never). ``records``: tuning records to apply
-    (`dwsep_compiler.tuning.TuningRecords`); PrimFuncs without one get the rules' defaults."""
-    front, schedule, back = _cpu_passes(target, fuse, records)
-
-    @tvm.transform.module_pass(opt_level=0, name="DwsepCPUPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:
-            return tvm.transform.Sequential(front + [schedule] + back)(mod)
-
-    return _pipeline
-
-
-def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True,
-                    records=None, failures: dict[str, str] | None = None):
-    """Legalize ``mod`` and apply the CPU rules (or ``records``); returns
-    ``(module, {PrimFunc: rule name})``. ``failures``, if given, receives the errors of rules
-    that raised (PrimFunc name -> "Rule: error"; the next rule scheduled the PrimFunc)."""
-    front, schedule, _ = _cpu_passes(target, fuse, records)
-    with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        out = tvm.transform.Sequential(front + [schedule])(mod)
-    if failures is not None:
-        failures.update(schedule.failures)
-    return out, dict(schedule.applied)
-
-
-def unscheduled_prim_funcs(mod: tvm.IRModule) -> list[str]:
-    """Names of the PrimFuncs that no rule scheduled."""
-    return [gv.name_hint for gv, func in mod.functions_items()
-            if isinstance(func, tvm.tirx.PrimFunc)
-            and not bool(func.attrs.get("tirx.is_scheduled", False))]

@@ -23,7 +23,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def runtime():
     """The aarch64 Python root qemu runs libraries in (built once into $DWSEP_CACHE_DIR)."""
-    from dwsep_compiler import emulate
+    from dwsep_compiler.device import emulate
     from dwsep_compiler.errors import DwsepError
 
     try:

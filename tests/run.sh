@@ -33,8 +33,8 @@ python3 -m pip install -q Pillow
 
 # The aarch64 Python root with the aarch64 TVM runtime wheel (built once, cached in .cache/).
 export DWSEP_CACHE_DIR="${DWSEP_CACHE_DIR:-$PWD/.cache}"
-if python3 -c "import dwsep_compiler.emulate" 2>/dev/null; then
-  python3 -m dwsep_compiler.emulate --prepare
+if python3 -c "import dwsep_compiler.device.emulate" 2>/dev/null; then
+  python3 -m dwsep_compiler.device.emulate --prepare
 fi
 
 exec python3 -m pytest "$@"

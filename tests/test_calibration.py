@@ -17,8 +17,8 @@ from dwsep_compiler.initialization.calibration import (distill_layers, load_cali
                                                        rank_curves)
 from dwsep_compiler.initialization.ranks import RankPolicy
 from dwsep_compiler.model import view_model
-from dwsep_compiler.passes.conditions import plan_conv
-from dwsep_compiler.passes.onnx_factorize import apply_plans, conv_sites
+from dwsep_compiler.passes.rewrite.conditions import plan_conv
+from dwsep_compiler.passes.rewrite.onnx_factorize import apply_plans, conv_sites
 from dwsep_compiler.pipeline import compile_model
 from helpers import conv_model, make_model, run_onnx
 
@@ -272,7 +272,7 @@ def test_sequential_distillation_beats_independent_layers(trained):
         curves_fits[site.name] = rank_curves(model, view, [site], calibration, iterations=3)
     independent_sites, independent_plans = [], []
     from dwsep_compiler.initialization.calibration import Hooks, conv_geometry
-    from dwsep_compiler.passes.conditions import ConvPlan
+    from dwsep_compiler.passes.rewrite.conditions import ConvPlan
     from dataclasses import replace
     hooks = Hooks(model, [s.node.input[0] for s in sites])
     grams = {s.name: distill.LayerGram(s.weight.shape[1], 9, s.weight.shape[0]) for s in sites}

@@ -1,4 +1,4 @@
-"""aarch64 artifacts run under qemu-user (dwsep_compiler.emulate), checked against onnxruntime.
+"""aarch64 artifacts run under qemu-user (dwsep_compiler.device.emulate), checked against onnxruntime.
 
 The `emulation` tests need the cross compiler, qemu-user-static and debootstrap (tests/run.sh
 installs them); when one is missing they fail naming it, they never skip. The aarch64 Python root
@@ -21,9 +21,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dwsep_compiler import emulate
-from dwsep_compiler._device_runner import order_inputs, parse_random_spec
-from dwsep_compiler.emulate import (
+from dwsep_compiler.device import emulate
+from dwsep_compiler.device.runner import order_inputs, parse_random_spec
+from dwsep_compiler.device.emulate import (
     HWCAP2_BITS,
     HWCAP_BITS,
     EmulationError,
@@ -285,7 +285,7 @@ def test_unknown_qemu_cpu_is_a_one_line_error(runtime, fp32_block):
 
 @pytest.mark.emulation
 def test_prepare_command_reports_where_the_runtime_is(runtime):
-    proc = subprocess.run([sys.executable, "-m", "dwsep_compiler.emulate", "--prepare"],
+    proc = subprocess.run([sys.executable, "-m", "dwsep_compiler.device.emulate", "--prepare"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert f"aarch64 runtime ready at {runtime.root.parent}" in proc.stdout

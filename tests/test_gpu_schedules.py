@@ -16,7 +16,8 @@ import tvm
 from tvm import relax, s_tir
 
 from dwsep_compiler import compile as tvm_compile
-from dwsep_compiler import opencl
+from dwsep_compiler.compile import opencl
+from dwsep_compiler.device import pocl
 from dwsep_compiler.schedules.gpu import Depthwise, FusedDepthwisePointwise, Pointwise
 from dwsep_compiler.targets import resolve_target
 
@@ -100,7 +101,7 @@ def _odd_build(name, target_name):
 
 def _check_on_pocl(program, model, shape, context, seed=1):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    (actual,) = opencl.run_on_pocl(program, [x], context=context)
+    (actual,) = pocl.run_on_pocl(program, [x], context=context)
     (expected,) = run_onnx(model, {"x": x})
     assert actual.shape == expected.shape
     return rel_error(actual, expected)
@@ -115,7 +116,7 @@ def _conv_schedules(program) -> dict[str, str]:
 @pytest.mark.parametrize("target_name", TARGETS)
 def test_factorized_cnn_convs_are_ours_and_match_onnxruntime(cl_context, models, target_name):
     _, _, executable = _build(models, "cnn_rank2", target_name)
-    program = executable._dwsep_gpu_program
+    program = opencl.program_of(executable)
     convs = _conv_schedules(program)
     # every conv ours: its two DW -> PW pairs fused, the 1x1 and the 3x3 depthwise on their own
     assert set(convs.values()) == OURS | {"FusedDepthwisePointwise"}, program.schedules
@@ -128,7 +129,7 @@ def test_factorized_cnn_convs_are_ours_and_match_onnxruntime(cl_context, models,
             assert 0 < kernel.local_memory_bytes <= 16 * 1024, opencl.format_kernels([kernel])
             assert not any("depthwise" in p.name for p in kernel.params), kernel.params
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
-    (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
+    (actual,) = pocl.run_on_pocl(executable, [x], context=cl_context)
     (expected,) = run_onnx(models["cnn_rank2"], {"x": x})
     assert rel_error(actual, expected) < 1e-4
 
@@ -147,7 +148,7 @@ def test_odd_shapes_match_onnxruntime(cl_context, name, target_name):
 
 @pytest.mark.parametrize("target_name", TARGETS)
 def test_every_kernel_fits_a_phone(models, target_name):
-    programs = [_build(models, "cnn_rank2", target_name)[2]._dwsep_gpu_program]
+    programs = [opencl.program_of(_build(models, "cnn_rank2", target_name)[2])]
     programs += [_odd_build(name, target_name)[3] for name in ODD_SHAPES]
     for program in programs:
         kernels = list(program.kernels.values())
@@ -217,7 +218,7 @@ def test_tunable_points_run_on_pocl(cl_context, name):
 def test_rules_refuse_what_is_not_theirs(models):
     """Standard 3x3 convs are dlight's; the rules decline CPU targets and each other's convs."""
     _, _, executable = _build(models, "cnn", "mali")
-    convs = _conv_schedules(executable._dwsep_gpu_program)
+    convs = _conv_schedules(opencl.program_of(executable))
     assert sorted(convs.values()) == ["Depthwise", "Pointwise", "dlight", "dlight"], convs
     _, _, mod, _ = _odd_build("pw_16_residual", "mali")
     mali = resolve_target("mali").tvm_target()
@@ -357,7 +358,7 @@ def test_fused_rule_refuses_what_is_not_its(models):
     """Only the fused PrimFuncs, only on GPU targets; the single-conv rules leave them alone."""
     _, _, mod, _ = _fused_build("c16_residual_relu", "mali")
     mali = resolve_target("mali").tvm_target()
-    from dwsep_compiler.passes.relax_fuse_dwpw import FuseDepthwisePointwise
+    from dwsep_compiler.passes.lowering.fuse_dwpw import FuseDepthwisePointwise
 
     with mali:
         legal = relax.transform.FuseTIR()(relax.transform.FuseOps()(

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import tvm
 
-from dwsep_compiler import schedules, zoo
+from dwsep_compiler import zoo
+from dwsep_compiler.compile import cpu as cpu_pipeline
 from dwsep_compiler.compile import build, export_library, import_onnx, run_executable
 from dwsep_compiler.initialization.ranks import RankPolicy
 from dwsep_compiler.model import load_model, resolve_input_shapes
-from dwsep_compiler.passes.onnx_factorize import factorize_onnx
+from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 from dwsep_compiler.targets import resolve_target
 
 from helpers import HOST_WIDTHS, light_model_path, rel_error, run_onnx, with_outputs
@@ -157,7 +158,7 @@ def _schedules(model, shapes, family: str) -> tuple[dict, dict]:
     """({PrimFunc: rule}, {PrimFunc: function}) after our pipeline for ``family``."""
     mod = import_onnx(model, shapes)
     if family == "opencl":
-        from dwsep_compiler import opencl
+        from dwsep_compiler.compile import opencl
 
         program = opencl.lower(mod, resolve_target("mali").tvm_target())
         funcs = program.relax_mod
@@ -166,9 +167,9 @@ def _schedules(model, shapes, family: str) -> tuple[dict, dict]:
         target = (resolve_target("arm").tvm_target() if family == "neon"
                   else tvm.target.Target(X86[family]))
         failures: dict = {}
-        funcs, applied = schedules.schedule_module(mod, target, failures=failures)
+        funcs, applied = cpu_pipeline.schedule_module(mod, target, failures=failures)
         assert failures == {}, failures
-        assert schedules.unscheduled_prim_funcs(funcs) == []
+        assert cpu_pipeline.unscheduled_prim_funcs(funcs) == []
     return applied, {gv.name_hint: f for gv, f in funcs.functions_items()
                      if isinstance(f, tvm.tirx.PrimFunc)}
 
@@ -204,7 +205,7 @@ def test_arm_libraries_match_onnxruntime_under_qemu(name, preset, variant, tmp_p
     """NEON code of the architectures (factorized at full rank on both cores, the original on
     the A53; reduced resolution) run on the emulated core of the preset, logits and
     activations against onnxruntime."""
-    from dwsep_compiler.emulate import run_aarch64
+    from dwsep_compiler.device.emulate import run_aarch64
 
     target = resolve_target(preset)
     model = zoo.light_model(name, input_hw=(ARM_HW[name],) * 2, max_fc=MAX_FC)

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dwsep_compiler.initialization import lowrank
 from dwsep_compiler.initialization.ranks import RankPolicy
-from dwsep_compiler.passes.onnx_factorize import factorize_onnx
+from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 
 from helpers import conv_model, make_model, rel_error, run_onnx, small_cnn
 

@@ -15,10 +15,11 @@ import pytest
 import tvm
 
 from dwsep_compiler import compile as tvm_compile
-from dwsep_compiler import opencl
+from dwsep_compiler.compile import opencl
+from dwsep_compiler.device import pocl
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.initialization.ranks import RankPolicy
-from dwsep_compiler.passes.onnx_factorize import factorize_onnx
+from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 from dwsep_compiler.targets import resolve_target
 
 from helpers import rel_error, run_onnx, small_cnn
@@ -38,8 +39,8 @@ def cl_context():
     except ImportError:
         pytest.fail("pyopencl is missing: pip install pyopencl (or '.[test]')")
     try:
-        return opencl.pocl_context()
-    except opencl.OpenCLUnavailable as exc:
+        return pocl.pocl_context()
+    except pocl.OpenCLUnavailable as exc:
         pytest.fail(f"no PoCL OpenCL platform: {exc}")
 
 
@@ -78,7 +79,7 @@ def _source_local_bytes(section: str) -> int:
 def test_runs_on_pocl_and_matches_onnxruntime(cl_context, models, model_name, target_name):
     _, preset, executable = _build(models, model_name, target_name)
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
-    (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
+    (actual,) = pocl.run_on_pocl(executable, [x], context=cl_context)
     (expected,) = run_onnx(models[model_name], {"x": x})
     assert actual.shape == expected.shape
     error = rel_error(actual, expected)
@@ -107,7 +108,7 @@ def test_launch_sizes_match_the_scheduled_tir(models):
     of the scheduled PrimFuncs, and the source is what plain tvm.compile generates with our Relax
     pipeline (TVM's for the target, our schedule rules before dlight's)."""
     mod, preset, executable = _build(models, "cnn_rank2", "mali")
-    program = executable._dwsep_gpu_program
+    program = opencl.program_of(executable)
     plain = tvm.compile(mod, target=preset.tvm_target(),
                         relax_pipeline=opencl.relax_pipeline(preset)[0])
     assert opencl.opencl_source(plain) == opencl.opencl_source(executable) == program.source
@@ -178,7 +179,7 @@ def test_cli_compiles_for_mali(tmp_path, models, cl_context):
     preset = resolve_target("mali")
     executable = tvm_compile.build(tvm_compile.import_onnx(rewritten, {"x": SHAPE}), preset)
     x = np.random.default_rng(2).standard_normal(SHAPE).astype(np.float32)
-    (actual,) = opencl.run_on_pocl(executable, [x], context=cl_context)
+    (actual,) = pocl.run_on_pocl(executable, [x], context=cl_context)
     (expected,) = run_onnx(rewritten, {"x": x})
     assert rel_error(actual, expected) < 1e-4
 
@@ -186,7 +187,7 @@ def test_cli_compiles_for_mali(tmp_path, models, cl_context):
 def test_run_on_pocl_checks_its_inputs(cl_context, models):
     _, _, executable = _build(models, "cnn", "mali")
     with pytest.raises(DwsepError, match=r"input x: expected \(1, 3, 16, 16\) float32"):
-        opencl.run_on_pocl(executable, [np.zeros((1, 3, 8, 8), np.float32)], context=cl_context)
+        pocl.run_on_pocl(executable, [np.zeros((1, 3, 8, 8), np.float32)], context=cl_context)
     with pytest.raises(DwsepError, match="launch sizes are not recoverable"):
         opencl.gpu_kernels(tvm.compile(tvm_compile.import_onnx(models["cnn"], {"x": SHAPE}),
                                        target=resolve_target("mali").tvm_target()))

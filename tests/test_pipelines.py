@@ -167,7 +167,7 @@ def test_relax_pipeline_dwsep_cpu_builds_what_build_builds():
     import tvm
 
     from dwsep_compiler import compile as tvm_compile
-    from dwsep_compiler.schedules import PASS_CONFIG
+    from dwsep_compiler.compile.cpu import PASS_CONFIG
     from dwsep_compiler.targets import resolve_target
 
     mod, model = _factorized_module()
@@ -189,7 +189,7 @@ def test_relax_pipeline_dwsep_cpu_builds_what_build_builds():
 def test_relax_pipeline_dwsep_opencl_builds_what_build_builds():
     import tvm
 
-    from dwsep_compiler import opencl
+    from dwsep_compiler.compile import opencl
     from dwsep_compiler.compile import build
     from dwsep_compiler.targets import resolve_target
 

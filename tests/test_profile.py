@@ -1,4 +1,4 @@
-"""The ARM profiler (`dwsep_compiler.profile`): the TCG plugin counts what it should, exactly, on
+"""The ARM profiler (`dwsep_compiler.device.profile`): the TCG plugin counts what it should, exactly, on
 hand-written aarch64 loops; its attribution covers a TVM library's code; a kernel left
 unscheduled on purpose comes out on top. No test asserts a count of our kernels (bench/arm.py
 measures them)."""
@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from dwsep_compiler import profile
+from dwsep_compiler.device import profile
 from dwsep_compiler.compile import build, export_library, import_onnx
 from dwsep_compiler.targets import resolve_target
 

@@ -8,8 +8,8 @@ from tvm.relax.frontend import onnx as rx_onnx
 
 from dwsep_compiler.compile import run_executable
 from dwsep_compiler.initialization.ranks import RankPolicy
-from dwsep_compiler.passes.onnx_factorize import factorize_onnx
-from dwsep_compiler.passes.relax_factorize import FactorizeConv2D, factorize_relax
+from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
+from dwsep_compiler.passes.rewrite.relax_factorize import FactorizeConv2D, factorize_relax
 
 from helpers import conv_model, rel_error, run_onnx, small_cnn
 

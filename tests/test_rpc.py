@@ -4,7 +4,7 @@ One tracker (`python -m tvm.exec.rpc_tracker`) and three servers per module, sta
 the first test that needs them and killed at the end (process groups):
 
 * `x86`: the stock `python -m tvm.exec.rpc_server` on this machine;
-* `aarch64`: `dwsep_compiler/_rpc_server.py` run by the aarch64 Python under qemu-user
+* `aarch64`: `dwsep_compiler/device/rpc_server.py` run by the aarch64 Python under qemu-user
   (`emulate.popen_python`), serving a library cross-compiled for `--target arm`;
 * `victim`: another stock server, killed while `dwsep-run` is using it.
 
@@ -30,9 +30,10 @@ import numpy as np
 import onnx
 import pytest
 
-from dwsep_compiler import compile_model, emulate
+from dwsep_compiler import compile_model
+from dwsep_compiler.device import emulate
 from dwsep_compiler.errors import DwsepError
-from dwsep_compiler.remote import executable_shapes, tracker_summary
+from dwsep_compiler.device.remote import executable_shapes, tracker_summary
 
 from helpers import rel_error, run_onnx, small_cnn
 

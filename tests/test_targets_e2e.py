@@ -34,7 +34,7 @@ def _compile(tmp_path, target):
 @pytest.mark.emulation
 @pytest.mark.parametrize("target", ARM)
 def test_arm_library_runs_on_its_core_and_matches(tmp_path, target, example_inputs):
-    from dwsep_compiler.emulate import run_aarch64
+    from dwsep_compiler.device.emulate import run_aarch64
 
     x, expected = example_inputs
     result = _compile(tmp_path, target)
@@ -47,7 +47,8 @@ def test_arm_library_runs_on_its_core_and_matches(tmp_path, target, example_inpu
 @pytest.mark.opencl
 @pytest.mark.parametrize("target", ["mali", "adreno"])
 def test_gpu_kernels_run_on_pocl_and_match(tmp_path, target, example_inputs):
-    from dwsep_compiler import opencl
+    from dwsep_compiler.compile import opencl
+    from dwsep_compiler.device import pocl
 
     x, expected = example_inputs
     result = _compile(tmp_path, target)
@@ -57,7 +58,7 @@ def test_gpu_kernels_run_on_pocl_and_match(tmp_path, target, example_inputs):
     # The kernels we execute are the ones shipped in the library.
     assert program.source.encode() in open(result.library.path, "rb").read()
     assert not opencl.check_limits(program.kernels.values(), preset.gpu_limits)
-    (out,) = opencl.run_on_pocl(program, [x])
+    (out,) = pocl.run_on_pocl(program, [x])
     assert rel_error(out, expected) < 1e-4
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from dwsep_compiler import compile as tvm_compile
 from dwsep_compiler import compile_model
-from dwsep_compiler.verify import RANDOM_INPUTS, TOLERANCE, VerificationFailed
+from dwsep_compiler.compile.verify import RANDOM_INPUTS, TOLERANCE, VerificationFailed
 
 from helpers import flip_first_kernel, small_cnn
 

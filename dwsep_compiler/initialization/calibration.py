@@ -42,8 +42,8 @@ from onnx import helper
 
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.model import MAX_IR_VERSION, ModelView, attribute, graph_inputs, same_pads
-from dwsep_compiler.passes.conditions import ConvPlan
-from dwsep_compiler.passes.onnx_factorize import ConvSite, remove_dead, apply_plans
+from dwsep_compiler.passes.rewrite.conditions import ConvPlan
+from dwsep_compiler.passes.rewrite.onnx_factorize import ConvSite, remove_dead, apply_plans
 from dwsep_compiler.initialization import allocation, distill
 from dwsep_compiler.initialization.activation import Activation
 

@@ -41,7 +41,7 @@ from onnx import numpy_helper
 
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.model import graph_inputs, view_model
-from dwsep_compiler.passes.onnx_factorize import subgraph_inputs, following_activation
+from dwsep_compiler.passes.rewrite.onnx_factorize import subgraph_inputs, following_activation
 from dwsep_compiler.initialization.calibration import DEFAULT_BATCH, CalibrationSet, pruned
 from dwsep_compiler.initialization.torch_ops import SHAPE_ONLY, model_opset, node_attributes, run_node, supported
 

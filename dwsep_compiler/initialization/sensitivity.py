@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from dwsep_compiler.initialization.calibration import CalibrationSet, Hooks
-from dwsep_compiler.passes.onnx_factorize import ConvSite
+from dwsep_compiler.passes.rewrite.onnx_factorize import ConvSite
 
 SAMPLES = 32  # calibration inputs per probe run, at most
 RANKS_PROBED = 5  # ranks of one layer whose model-output error is measured, at most

@@ -21,8 +21,8 @@ import onnx
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.macs import model_macs
 from dwsep_compiler.model import view_model
-from dwsep_compiler.passes.conditions import plan_conv
-from dwsep_compiler.passes.onnx_factorize import OnnxFactorization, conv_sites, factorize_onnx
+from dwsep_compiler.passes.rewrite.conditions import plan_conv
+from dwsep_compiler.passes.rewrite.onnx_factorize import OnnxFactorization, conv_sites, factorize_onnx
 from dwsep_compiler.initialization import allocation
 from dwsep_compiler.initialization.calibration import FITS, TEACHERS, CalibrationSet, distill_layers, rank_curves
 from dwsep_compiler.initialization.ranks import RankPolicy

@@ -15,8 +15,8 @@ import tvm
 from tvm import relax, tirx
 
 from dwsep_compiler.model import view_model
-from dwsep_compiler.passes.onnx_factorize import conv_sites
-from dwsep_compiler.passes.relax_rewrite import digest
+from dwsep_compiler.passes.rewrite.onnx_factorize import conv_sites
+from dwsep_compiler.passes.lowering.call_rewriter import digest
 from dwsep_compiler.tuning.records import TuningRecords
 from dwsep_compiler.tuning.tasks import legalized
 

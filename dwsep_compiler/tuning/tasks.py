@@ -8,7 +8,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from dwsep_compiler import schedules
+from dwsep_compiler.compile import cpu
 
 
 def workload(func: tirx.PrimFunc) -> tvm.IRModule:
@@ -52,8 +52,8 @@ def legalized(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = T
               origins: dict[str, str] | None = None) -> tvm.IRModule:
     """``mod`` after the compiler's passes up to scheduling: its PrimFuncs are what gets tuned.
     ``origins`` (if given) receives which weight each rewritten weight replaces (digests)."""
-    front, _, _ = schedules._cpu_passes(target, fuse, track_origins=origins is not None)
-    with target, tvm.transform.PassContext(opt_level=3, config=schedules.PASS_CONFIG):
+    front, _, _ = cpu.cpu_passes(target, fuse, track_origins=origins is not None)
+    with target, tvm.transform.PassContext(opt_level=3, config=cpu.PASS_CONFIG):
         out = tvm.transform.Sequential(front)(mod)
     if origins is not None:
         for step in front:

@@ -179,7 +179,7 @@ def _check_options(options: TuneOptions) -> None:
 
 def _device(options: TuneOptions, preset):
     """The RPC device and how many servers it has, or (None, 0) for this machine."""
-    from dwsep_compiler import remote
+    from dwsep_compiler.device import remote
 
     if not options.rpc_tracker:
         if preset.cross_compiled:
@@ -345,7 +345,7 @@ class Progress:
 
     def devices_gone(self) -> bool:
         """No server left under the key (the tracker asked at most every 2 s)."""
-        from dwsep_compiler import remote
+        from dwsep_compiler.device import remote
 
         now = time.monotonic()
         if now - self._gone_at[0] < 2.0:

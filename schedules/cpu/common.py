@@ -106,7 +106,7 @@ def channel_tile(pixels: int, out_channels: int, lanes: int,
                  accumulators: int) -> tuple[int, int] | None:
     """The register tile of a channel-vectorized conv (`packed.py`): ``(block, rows)``,
     ``block`` output channels (whole vectors; the weight packing of
-    `passes/relax_pack_weights.py`) by ``rows`` output pixels (dividing ``pixels``), with the
+    `passes/lowering/pack_weights.py`) by ``rows`` output pixels (dividing ``pixels``), with the
     most FMAs per load that the ``accumulators`` allow; None when no vector multiple divides
     ``out_channels``."""
     best = None
@@ -135,7 +135,7 @@ def lane_weight_block(out_channels: int, lanes: int) -> int | None:
 
 def fused_dwpw_blocks(func: tirx.PrimFunc):
     """``(sch, pad, depthwise, pointwise, epilogue)`` of a PrimFunc made by
-    `passes/relax_fuse_dwpw.py` (blocks pad_temp, depthwise, pointwise, then injective
+    `passes/lowering/fuse_dwpw.py` (blocks pad_temp, depthwise, pointwise, then injective
     epilogue blocks), else None. Shared by the CPU and the GPU fused rules."""
     if not isinstance(func, tirx.PrimFunc):
         return None

@@ -7,7 +7,7 @@ a time across the whole row, and the epilogue (bias, ReLU, add) writes each tile
 hot. Bands of output rows (`common.row_band`, where one row's padded input rows overflow L1;
 else single rows) spread over the cores, each building its padded input rows once. Knobs
 (sampled with ``tunable=True``): ``co_block``, ``vectors``, ``band_rows``. Pairs up with
-`dwsep_compiler.passes.relax_fuse_dwpw`, which makes these PrimFuncs.
+`dwsep_compiler.passes.lowering.fuse_dwpw`, which makes these PrimFuncs.
 """
 
 from __future__ import annotations

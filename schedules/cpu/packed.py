@@ -1,7 +1,7 @@
 """The channel-vectorized tile, shared by the pointwise and the standard-conv rules.
 
 Where a conv's pixels do not fill vector registers (7x7, 14x14, 28x28 or 56x56 outputs on
-AVX-512), `passes/relax_pack_weights.py` packs its weight into blocks of ``b`` output channels
+AVX-512), `passes/lowering/pack_weights.py` packs its weight into blocks of ``b`` output channels
 (``[O/b, C, b]`` for 1x1, ``[O/b, C, kh, kw, b]`` otherwise) and this tile turns the GEMM around:
 ``rows`` pixels x one channel block (whole vectors, contiguous weights), one broadcast input
 pixel per row of FMAs, accumulated in a local tile with the channels innermost and written back
@@ -38,7 +38,7 @@ def k_blocked(channels: int, channel_blocks: int, cores: int) -> bool:
 def find_packed_conv(func: tirx.PrimFunc, kernel_1x1: bool) -> ConvBlocks | None:
     """A conv with packed weights as the packing pass makes it: [pad_temp ->] conv2d_packed ->
     [injective epilogue]; ``kernel_1x1`` selects the pointwise form (one reduction axis)."""
-    from dwsep_compiler.passes.relax_pack_weights import PACKED_NAME
+    from dwsep_compiler.passes.lowering.pack_weights import PACKED_NAME
 
     return find_conv(func, names=(PACKED_NAME,), iters="SSSSR" if kernel_1x1 else "SSSSRRR")
 
@@ -46,7 +46,7 @@ def find_packed_conv(func: tirx.PrimFunc, kernel_1x1: bool) -> ConvBlocks | None
 def packed_lane_block(blocks: ConvBlocks, knobs, vectorized: int) -> int | None:
     """Read back which tile a packed conv was packed for: its weight block ``b`` where it keeps
     the pixel-vectorized tile with lane weights (FMA by lane, and the ``vectorized`` extent,
-    pixels or an output row, is whole vectors: `passes/relax_pack_weights.py` packed it with
+    pixels or an output row, is whole vectors: `passes/lowering/pack_weights.py` packed it with
     `common.lane_weight_block`), None where it takes the channel-vectorized tile."""
     block = int(blocks.sch.get(blocks.conv).reads[-1].source.shape[-1])
     if not knobs.fma_by_lane or vectorized % knobs.lanes or block % knobs.lanes:

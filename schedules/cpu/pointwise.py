@@ -11,7 +11,7 @@ Knobs (sampled with ``tunable=True``): ``co_block`` (output channels per tile) a
 convs (ShuffleNet's) are a GEMM per group: ``co_block`` divides a group's output channels.
 
 Where the pixels are not whole vectors (49 or 196 per image on AVX-512) and there are more than
-64 input channels, `passes/relax_pack_weights.py` packs the weights into blocks of output
+64 input channels, `passes/lowering/pack_weights.py` packs the weights into blocks of output
 channels and the tile turns around: ``rows`` pixels x one channel block (whole vectors, contiguous weights), one
 broadcast pixel per row of FMAs, accumulated in a local tile with the channels innermost and
 written back to NCHW transposed, through the epilogue. Knob: ``rows``.

@@ -1,6 +1,6 @@
 """Schedule rules for mobile GPUs (OpenCL: Mali, Adreno): one file per operator family.
 
-Applied before dlight's GPU rules (`dwsep_compiler.opencl`); a PrimFunc none of these claims is
+Applied before dlight's GPU rules (`dwsep_compiler.compile.opencl`); a PrimFunc none of these claims is
 scheduled by dlight."""
 
 from dwsep_compiler.schedules.gpu.depthwise import Depthwise

@@ -15,7 +15,7 @@ channels on a phone) the depthwise values are computed in registers right where 
 them instead (recomputed per channel tile: slower, but correct and within the limits).
 
 Same block detection as the CPU rule (`schedules/cpu/fused_dwpw.py`); pairs up with
-`dwsep_compiler.passes.relax_fuse_dwpw`, which `dwsep_compiler.opencl.relax_pipeline` runs for
+`dwsep_compiler.passes.lowering.fuse_dwpw`, which `dwsep_compiler.compile.opencl.relax_pipeline` runs for
 every pair. Knob (sampled with ``tunable=True``): ``co_tile`` (the work-group's shape stays
 the default's, so any decision replays).
 """

@@ -4,11 +4,11 @@
 This file is self-contained (standard library, numpy and the `apache-tvm` wheel; it never imports
 `dwsep_compiler`), so it can be copied next to a compiled library on an ARM board and run there::
 
-    python3 _device_runner.py model.so --inputs inputs.npz --output outputs.npz
-    python3 _device_runner.py model.so --random 1x3x224x224:float32 --bench 20
-    python3 _device_runner.py --features        # the CPU's Linux hwcaps (fp16? dotprod? i8mm?)
+    python3 runner.py model.so --inputs inputs.npz --output outputs.npz
+    python3 runner.py model.so --random 1x3x224x224:float32 --bench 20
+    python3 runner.py --features        # the CPU's Linux hwcaps (fp16? dotprod? i8mm?)
 
-`dwsep_compiler.emulate` runs this same script under qemu-aarch64 to check ARM artifacts on an
+`dwsep_compiler.device.emulate` runs this same script under qemu-aarch64 to check ARM artifacts on an
 x86_64 machine, so what the tests exercise is exactly what a user deploys.
 
 Inputs (`--inputs`): an .npz whose arrays are passed to the entry function positionally. Keys
@@ -333,7 +333,7 @@ def _random_inputs(specs: Sequence[str], seed: int) -> list[Any]:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="_device_runner.py",
+        prog="runner.py",
         description="Run a TVM-compiled model library with the TVM runtime only.",
     )
     parser.add_argument("library", nargs="?", help="compiled library (.so) from export_library")

@@ -7,7 +7,7 @@
  * 64-byte lines, L1 64 KB 4-way, L2 512 KB 8-way, both LRU, write-allocate, L2 inclusive of
  * what L1 misses (no prefetcher, no timing). The blocks are written to out=PATH at exit, one
  * per line: vaddr insns execs loads stores load_bytes store_bytes l1_misses l2_misses.
- * dwsep_compiler/profile.py compiles this file with the machine's gcc, maps addresses to
+ * dwsep_compiler/device/profile.py compiles this file with the machine's gcc, maps addresses to
  * libraries and symbols, and differences two runs into per-inference figures.
  *
  * The few plugin API functions used are declared here (QEMU's own header is not needed).

@@ -14,10 +14,10 @@ does)::
     apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross \\
         qemu-user-static debootstrap            # + fakeroot when the build is not run as root
 
-Command line: ``python -m dwsep_compiler.emulate --prepare`` builds (or finds) the cached root and
+Command line: ``python -m dwsep_compiler.device.emulate --prepare`` builds (or finds) the cached root and
 prints where it is and how long that took; ``--list-cpus`` and ``--features CPU`` help debugging.
 ``--rpc-server HOST:PORT [--key aarch64] [--qemu-cpu cortex-a53]`` serves TVM RPC as an emulated
-aarch64 device registered at that tracker (`_rpc_server.py` under qemu, see `popen_python`), for
+aarch64 device registered at that tracker (`rpc_server.py` under qemu, see `popen_python`), for
 ``dwsep-run --rpc-tracker HOST:PORT --rpc-key aarch64``.
 """
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from dwsep_compiler._device_runner import HWCAP2_BITS, HWCAP_BITS, decode_hwcaps
+from dwsep_compiler.device.runner import HWCAP2_BITS, HWCAP_BITS, decode_hwcaps
 from dwsep_compiler.errors import DwsepError
 
 __all__ = [
@@ -83,9 +83,9 @@ REQUIRED_APT_PACKAGES = (
 )
 
 #: The deploy script run under emulation (and on real devices).
-RUNNER_SCRIPT = Path(__file__).with_name("_device_runner.py")
+RUNNER_SCRIPT = Path(__file__).with_name("runner.py")
 #: The RPC server run under emulation (and on real devices) for `dwsep-run --rpc-tracker`.
-RPC_SERVER_SCRIPT = Path(__file__).with_name("_rpc_server.py")
+RPC_SERVER_SCRIPT = Path(__file__).with_name("rpc_server.py")
 
 #: Debian release of the arm64 userland and the Python it ships (the TVM wheels must match it).
 DEBIAN_SUITE = "bookworm"
@@ -105,7 +105,7 @@ _FEATURES_TIMEOUT_S = 120.0
 _DEBOOTSTRAP_TIMEOUT_S = 1800.0
 _PIP_TIMEOUT_S = 1800.0
 _READY = "READY.json"
-# Imports everything a `_device_runner.py` run imports, so that the build leaves their .pyc files.
+# Imports everything a `runner.py` run imports, so that the build leaves their .pyc files.
 _SMOKE_TEST = (
     "import argparse, ctypes, json, re, numpy, tvm, tvm.runtime, tvm.runtime.vm; "
     "print(tvm.__version__)"
@@ -765,7 +765,7 @@ def run_aarch64(
     """Run an aarch64 library (from `export_library`) on an emulated `qemu_cpu`; return outputs.
 
     The inputs are passed to `function` positionally; tuple results come back flattened, in
-    order. The run goes through `_device_runner.py`, the same script used on real devices.
+    order. The run goes through `runner.py`, the same script used on real devices.
     `num_threads` sets `TVM_NUM_THREADS` in the guest (1 keeps emulated runs cheap and stable;
     None leaves TVM's default). Raises `EmulationError` (a `DwsepError`) on SIGILL or any other
     failure, `DwsepError` for a missing library or host tool.
@@ -899,7 +899,7 @@ def required_hwcaps(target: dict) -> set[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dwsep_compiler.emulate",
+        prog="python -m dwsep_compiler.device.emulate",
         description="Prepare and inspect the qemu-aarch64 emulation used to test ARM builds.",
     )
     action = parser.add_mutually_exclusive_group(required=True)

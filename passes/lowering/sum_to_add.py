@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from dwsep_compiler.passes.relax_rewrite import CallRewritePass, CallRewriter, bound_value, is_op
+from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter, bound_value, is_op
 
 
 @mutator

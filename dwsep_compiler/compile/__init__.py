@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend import onnx as rx_onnx
 
-from dwsep_compiler import schedules
+from dwsep_compiler.compile import cpu
 from dwsep_compiler.errors import DwsepError, first_line
 from dwsep_compiler.targets import TargetPreset, find_cross_compiler
 
@@ -41,20 +41,20 @@ def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
     target = preset.tvm_target()
     try:
         if schedule and target.kind.name == "llvm":
-            with tvm.transform.PassContext(opt_level=3, config=schedules.PASS_CONFIG):
-                return tvm.compile(mod, target=target, relax_pipeline=schedules.cpu_pipeline(target, fuse, records))
+            with tvm.transform.PassContext(opt_level=3, config=cpu.PASS_CONFIG):
+                return tvm.compile(mod, target=target, relax_pipeline=cpu.cpu_pipeline(target, fuse, records))
         return tvm.compile(mod, target=target)
     except Exception as exc:
         raise DwsepError(f"TVM failed to build for target '{preset.name}': {first_line(exc)}") from None
 
 
-# --- GPU (OpenCL) path: owned by dwsep_compiler/opencl.py --------------------------------------
+# --- GPU (OpenCL) path: owned by dwsep_compiler/compile/opencl.py --------------------------------------
 def _build_gpu(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
     """Build with TVM's default GPU pipeline (dlight schedules), then check every kernel's
     work-group size and local memory against the preset's ``gpu_limits`` (a phone's, not the
     build machine's): `opencl.GpuLimitError` (a one-line `DwsepError`) when one does not fit.
     ``opencl.gpu_kernels(executable)`` lists the kernels afterwards."""
-    from dwsep_compiler import opencl
+    from dwsep_compiler.compile import opencl
 
     try:
         executable, _ = opencl.build(mod, preset, opencl.target_limits(preset), preset.name)

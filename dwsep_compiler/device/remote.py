@@ -1,7 +1,7 @@
 """Run a compiled library on a device through TVM RPC (what ``tvmc run --rpc-tracker`` did), or
 on this machine: ``dwsep-run`` is a thin shell over `run_library`.
 
-    from dwsep_compiler.remote import run_library
+    from dwsep_compiler.device.remote import run_library
     result = run_library("model.dwsep", tracker="10.0.0.5:9190", key="rk3399", repeat=20)
     print(result.summary())
 

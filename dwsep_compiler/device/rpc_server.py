@@ -4,7 +4,7 @@
 Self-contained (standard library and the `apache-tvm` wheel; it never imports `dwsep_compiler`),
 so it can be copied to a board and run there::
 
-    python3 _rpc_server.py --tracker 192.168.1.10:9190 --key rk3399 --host 0.0.0.0
+    python3 rpc_server.py --tracker 192.168.1.10:9190 --key rk3399 --host 0.0.0.0
 
 It does what ``python -m tvm.exec.rpc_server --tracker ... --key ...`` does, with two
 differences that matter on small devices and under qemu-user:
@@ -42,7 +42,7 @@ def _extra_runtime_library() -> str | None:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="_rpc_server.py",
+        prog="rpc_server.py",
         description="TVM RPC server registered with a tracker (in-process listener).")
     parser.add_argument("--tracker", required=True, metavar="HOST:PORT",
                         help="address of the RPC tracker")

@@ -1,14 +1,14 @@
 """Our Relax pipelines under names ``tvm.compile`` knows, for users who build with TVM directly:
 
     import tvm
-    from dwsep_compiler.schedules import PASS_CONFIG
+    from dwsep_compiler.compile.cpu import PASS_CONFIG
 
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         executable = tvm.compile(mod, target="llvm -mcpu=cortex-a76 -mtriple=aarch64-linux-gnu",
                                  relax_pipeline="dwsep_cpu")
 
 ``dwsep_cpu``: the CPU pipeline `dwsep_compiler.compile.build` runs (our lowering passes and
-schedule rules, `schedules.cpu_pipeline`); ``dwsep_opencl``: the OpenCL one
+schedule rules, `dwsep_compiler.compile.cpu.cpu_pipeline`); ``dwsep_opencl``: the OpenCL one
 (`opencl.relax_pipeline`). Both read the target ``tvm.compile`` sets. The PassContext above
 is what `build` uses for the TIR half (loop partitioning); without it the kernels compute the
 same with slightly different loop code.
@@ -41,14 +41,14 @@ def _current_target(name: str, kind: str):
 
 
 def dwsep_cpu(fuse: bool | str = True, records=None):
-    """``schedules.cpu_pipeline`` for the target of the enclosing ``tvm.compile``."""
+    """``compile.cpu.cpu_pipeline`` for the target of the enclosing ``tvm.compile``."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0, name="dwsep_cpu")
     def pipeline(mod, _ctx):
-        from dwsep_compiler import schedules
+        from dwsep_compiler.compile import cpu
 
-        return schedules.cpu_pipeline(_current_target("dwsep_cpu", "llvm"), fuse, records)(mod)
+        return cpu.cpu_pipeline(_current_target("dwsep_cpu", "llvm"), fuse, records)(mod)
 
     return pipeline
 
@@ -59,7 +59,7 @@ def dwsep_opencl(fuse: bool = True):
 
     @tvm.transform.module_pass(opt_level=0, name="dwsep_opencl")
     def pipeline(mod, _ctx):
-        from dwsep_compiler import opencl
+        from dwsep_compiler.compile import opencl
 
         lowering, _ = opencl.relax_pipeline(_current_target("dwsep_opencl", "opencl"), None, fuse)
         return lowering(mod)

@@ -22,7 +22,7 @@ import tvm
 from tvm import relax, topi
 from tvm.relax.expr_functor import mutator
 
-from dwsep_compiler.passes.relax_rewrite import CallRewritePass, CallRewriter, constant_value, is_op
+from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter, constant_value, is_op
 
 
 def as_conv_weight(weight: np.ndarray) -> np.ndarray:

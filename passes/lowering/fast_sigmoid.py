@@ -16,7 +16,7 @@ import tvm
 from tvm import te, topi
 from tvm.relax.expr_functor import mutator
 
-from dwsep_compiler.passes.relax_rewrite import CallRewritePass, CallRewriter
+from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter
 
 
 def fast_sigmoid(x: te.Tensor) -> te.Tensor:

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dwsep_compiler import emulate
+from dwsep_compiler.device import emulate
 from dwsep_compiler.errors import DwsepError, first_line
 
 PLUGIN_SOURCE = Path(__file__).with_name("profile_plugin.c")
@@ -401,7 +401,7 @@ def profile_artifact(path: str | os.PathLike, cpu: str | None = None, memory: bo
     from ``model.onnx`` as the compiler legalizes it for that target."""
     import onnx
 
-    from dwsep_compiler.remote import find_artifact, load_inputs, random_inputs
+    from dwsep_compiler.device.remote import find_artifact, load_inputs, random_inputs
     from dwsep_compiler.targets import PRESETS
 
     artifact = find_artifact(path)

@@ -5,7 +5,7 @@ statistics becomes ``conv2d(x, W') + b'`` (`initialization.lowrank.fold_batch_no
 function the ONNX pass folds with), computed in numpy: no kernel is built to fold it. TVM's
 `FoldBatchnormToConv2D` only matches ``batch_norm(conv2d(x, W))`` with a literal constant ``W``;
 the ONNX frontend emits ``batch_norm(add(conv2d(x, W), reshape(b)))`` for convs with a bias, and
-some exporters store constant-filled weights as ``broadcast_to`` (`relax_rewrite.constant_value`
+some exporters store constant-filled weights as ``broadcast_to`` (`call_rewriter.constant_value`
 sees through both).
 
 Two users: `relax_factorize` folds first so that `FactorizeConv2D` sees the same kernels as the
@@ -25,8 +25,8 @@ from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.initialization.lowrank import fold_batch_norm
 
-from dwsep_compiler.passes.relax_fuse_dwpw import is_conv, layout_ok
-from dwsep_compiler.passes.relax_rewrite import CallRewritePass, CallRewriter, bound_value, constant_value, is_op
+from dwsep_compiler.passes.lowering.fuse_dwpw import is_conv, layout_ok
+from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter, bound_value, constant_value, is_op
 
 
 @mutator

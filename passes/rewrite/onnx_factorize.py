@@ -23,7 +23,7 @@ from dwsep_compiler.initialization import lowrank
 from dwsep_compiler.model import ModelView, attribute, graph_inputs, view_model
 from dwsep_compiler.report import LayerReport
 
-from dwsep_compiler.passes.conditions import ConvPlan, ConvSpec, plan_conv
+from dwsep_compiler.passes.rewrite.conditions import ConvPlan, ConvSpec, plan_conv
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 

@@ -36,8 +36,8 @@ from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.schedules.cpu.common import channel_tile, lane_weight_block
 
-from dwsep_compiler.passes.relax_fuse_dwpw import is_conv, layout_ok
-from dwsep_compiler.passes.relax_rewrite import CallRewritePass, CallRewriter, constant_value
+from dwsep_compiler.passes.lowering.fuse_dwpw import is_conv, layout_ok
+from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter, constant_value
 
 PACKED_NAME = "conv2d_packed"  # the PrimFunc's compute block (`schedules.cpu.packed`)
 

@@ -23,8 +23,8 @@ from tvm.relax.transform import function_pass
 from dwsep_compiler.initialization.ranks import RankPolicy
 from dwsep_compiler.report import LayerReport
 
-from dwsep_compiler.passes.conditions import ConvSpec, plan_conv
-from dwsep_compiler.passes.relax_fold_bn import FoldBatchNormIntoConv2D
+from dwsep_compiler.passes.rewrite.conditions import ConvSpec, plan_conv
+from dwsep_compiler.passes.lowering.fold_bn import FoldBatchNormIntoConv2D
 
 
 @function_pass(opt_level=0)

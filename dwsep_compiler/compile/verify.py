@@ -3,7 +3,7 @@
 A library that computes something else than the model it was built from must not ship, so a
 mismatch fails the build (`VerificationFailed`, exit 1) instead of being printed and forgotten.
 Where it runs: host builds in this process; aarch64 CPU builds under qemu-user on the preset's
-core when the emulation root exists (``python -m dwsep_compiler.emulate --prepare``; it is never
+core when the emulation root exists (``python -m dwsep_compiler.device.emulate --prepare``; it is never
 built implicitly); OpenCL builds by launching their kernels on the local OpenCL device (PoCL)
 when there is one. The report's ``verification`` says what ran, on which inputs, or why nothing
 could run.
@@ -113,18 +113,18 @@ def relative_error(actual, expected) -> float:
 def _runner(executable, library_path, preset: TargetPreset):
     """``(run(samples) -> outputs per sample, where)``, or ``(None, why not)``."""
     if preset.is_gpu:
-        from dwsep_compiler import opencl
+        from dwsep_compiler.device import pocl
 
         try:
-            context = opencl.pocl_context()
+            context = pocl.pocl_context()
         except DwsepError as exc:
             return None, f"no local OpenCL device ({exc})"
         device = context.devices[0].name.strip()
 
         def on_opencl(samples):
             try:
-                return [opencl.run_on_pocl(executable, inputs, context) for inputs in samples]
-            except opencl.UnsupportedOnPocl as exc:
+                return [pocl.run_on_pocl(executable, inputs, context) for inputs in samples]
+            except pocl.UnsupportedOnPocl as exc:
                 raise _CannotRun(f"cannot replay the build on {device}: {exc}") from None
 
         return on_opencl, f"OpenCL device {device}"
@@ -133,13 +133,13 @@ def _runner(executable, library_path, preset: TargetPreset):
 
         return (lambda samples: [run_executable(executable, inputs) for inputs in samples]), \
             "this machine's CPU"
-    from dwsep_compiler import emulate
+    from dwsep_compiler.device import emulate
 
     if library_path is None or not library_path.endswith(".so"):
         return None, "the aarch64 library is not linked here (no cross compiler)"
     runtime = emulate.find_aarch64_runtime()
     if runtime is None:
-        return None, ("no aarch64 emulation root (python -m dwsep_compiler.emulate --prepare "
+        return None, ("no aarch64 emulation root (python -m dwsep_compiler.device.emulate --prepare "
                       "sets one up)")
     qemu_cpu = preset.qemu_cpu or emulate.DEFAULT_QEMU_CPU
     try:

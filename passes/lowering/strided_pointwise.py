@@ -17,8 +17,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
-from dwsep_compiler.passes.relax_fuse_dwpw import is_conv, layout_ok
-from dwsep_compiler.passes.relax_rewrite import CallRewritePass, CallRewriter
+from dwsep_compiler.passes.lowering.fuse_dwpw import is_conv, layout_ok
+from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter
 
 
 def _strided_pointwise(call) -> tuple[int, int] | None:
