@@ -449,7 +449,7 @@ def scheduled_kernels(mod, target) -> tuple[list[dict], dict]:
     bytes; plus the schedule_module mapping."""
     import tvm
 
-    from dwsep_compiler.schedules import schedule_module
+    from dwsep_compiler.compile.cpu import schedule_module
 
     scheduled, applied = schedule_module(mod, target)
     counts = call_counts(scheduled)

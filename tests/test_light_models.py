@@ -15,7 +15,7 @@ import pytest
 import tvm
 
 from dwsep_compiler import zoo
-from dwsep_compiler.compile import cpu as cpu_pipeline
+from dwsep_compiler.compile import cpu as cpu_build
 from dwsep_compiler.compile import build, export_library, import_onnx, run_executable
 from dwsep_compiler.initialization.ranks import RankPolicy
 from dwsep_compiler.model import load_model, resolve_input_shapes
@@ -167,9 +167,9 @@ def _schedules(model, shapes, family: str) -> tuple[dict, dict]:
         target = (resolve_target("arm").tvm_target() if family == "neon"
                   else tvm.target.Target(X86[family]))
         failures: dict = {}
-        funcs, applied = cpu_pipeline.schedule_module(mod, target, failures=failures)
+        funcs, applied = cpu_build.schedule_module(mod, target, failures=failures)
         assert failures == {}, failures
-        assert cpu_pipeline.unscheduled_prim_funcs(funcs) == []
+        assert cpu_build.unscheduled_prim_funcs(funcs) == []
     return applied, {gv.name_hint: f for gv, f in funcs.functions_items()
                      if isinstance(f, tvm.tirx.PrimFunc)}
 

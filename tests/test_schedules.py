@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from dwsep_compiler.compile import cpu as cpu_pipeline
+from dwsep_compiler.compile import cpu as cpu_build
 from dwsep_compiler.compile import build, import_onnx, run_executable
 from dwsep_compiler.initialization.ranks import RankPolicy
 from dwsep_compiler.model import load_model, resolve_input_shapes
@@ -64,7 +64,7 @@ def test_rules_match_onnxruntime_on_awkward_shapes(case, variant):
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     mod = import_onnx(model, {"x": shape})
     fuse = "always" if variant == "fused" else False
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target(), fuse=fuse)
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target(), fuse=fuse)
     expected_rules = {"fused": {"FusedDepthwisePointwise"}, "dw+pw": {"Depthwise", "Pointwise"},
                       "standard": {"Conv2D"}}[variant]
     assert expected_rules <= set(applied.values()), applied
@@ -96,7 +96,7 @@ def test_grouped_convs_run_on_the_conv_rules_and_match_onnxruntime(case):
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     mod = import_onnx(model, {"x": shape})
     for target in TARGETS.values():  # AVX2, AVX-512 and NEON tiles
-        _, applied = cpu_pipeline.schedule_module(mod, target)
+        _, applied = cpu_build.schedule_module(mod, target)
         pointwise = kernel == (1, 1) and strides == (1, 1)
         assert ("Pointwise" if pointwise else "Conv2D") in applied.values(), applied
     out = run_widths(mod, [x])[0]
@@ -110,10 +110,10 @@ def test_rules_apply_for_every_cpu_family(target):
     model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank, force=True)).model
     for fuse, expected in [("always", {"FusedDepthwisePointwise"}),
                            (False, {"Depthwise", "Pointwise"})]:
-        mod, applied = cpu_pipeline.schedule_module(import_onnx(model, {"x": shape}),
+        mod, applied = cpu_build.schedule_module(import_onnx(model, {"x": shape}),
                                                  TARGETS[target], fuse=fuse)
         assert expected <= set(applied.values()), applied
-        assert cpu_pipeline.unscheduled_prim_funcs(mod) == []
+        assert cpu_build.unscheduled_prim_funcs(mod) == []
 
 
 @pytest.mark.parametrize("name", ["vgg19", "resnet50", "inception_v1"])
@@ -125,10 +125,10 @@ def test_no_prim_func_is_left_unscheduled(name):
     model = factorize_onnx(model, shapes, RankPolicy(rank=1)).model
     for target in (HOST.tvm_target(), TARGETS["arm-neon"]):
         failures = {}  # a rule that raised falls through to the next: a bug, silent otherwise
-        mod, applied = cpu_pipeline.schedule_module(import_onnx(model, shapes), target,
+        mod, applied = cpu_build.schedule_module(import_onnx(model, shapes), target,
                                                  failures=failures)
         assert failures == {}, failures
-        assert cpu_pipeline.unscheduled_prim_funcs(mod) == [], name
+        assert cpu_build.unscheduled_prim_funcs(mod) == [], name
         if name == "vgg19":  # its 224x224 layers are large enough to fuse
             assert "FusedDepthwisePointwise" in applied.values()
         assert "Pointwise" in applied.values() and "Depthwise" in applied.values()
@@ -143,7 +143,7 @@ def test_the_default_pipeline_really_is_unscheduled():
     target = HOST.tvm_target()
     with target:
         legal = tvm.transform.Sequential(cpu_generic.legalize_passes(target))(mod)
-    assert cpu_pipeline.unscheduled_prim_funcs(legal)
+    assert cpu_build.unscheduled_prim_funcs(legal)
 
 
 def test_epilogue_and_batch_norm_fused_into_the_tile():
@@ -151,7 +151,7 @@ def test_epilogue_and_batch_norm_fused_into_the_tile():
     model, shape, rank = _model(CASES[0], batch_norm=True)
     model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank)).model
     for fuse, rule in [("always", "FusedDepthwisePointwise"), (False, "Pointwise")]:
-        mod, applied = cpu_pipeline.schedule_module(import_onnx(model, {"x": shape}),
+        mod, applied = cpu_build.schedule_module(import_onnx(model, {"x": shape}),
                                                  HOST.tvm_target(), fuse=fuse)
         fused = [name for name, r in applied.items() if r == rule]
         assert any("relu" in name and "add" in name for name in fused), applied
@@ -216,7 +216,7 @@ def test_softmax_is_scheduled_stage_by_stage_and_exact():
                        [helper.make_tensor_value_info("x", 1, list(shape))],
                        [helper.make_tensor_value_info("y", 1, list(shape))], [])
     mod = import_onnx(model, {"x": shape})
-    scheduled, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     assert applied == {"softmax": "Fallback"}, applied
     # Stage by stage: the max reduction runs once per row, not once per output element.
     sch = tvm.s_tir.Schedule(scheduled["softmax"])
@@ -241,7 +241,7 @@ def test_strided_pointwise_becomes_slice_then_gemm(strides, hw):
     rewrite = StridedPointwiseToSlice()
     rewrite(mod)
     assert rewrite.rewritten == 1
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     assert "Pointwise" in applied.values() and "Conv2D" not in applied.values(), applied
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     out = run_widths(mod, [x])[0]
@@ -290,7 +290,7 @@ def test_transposed_convs_become_convs_over_the_dilated_input(case):
     rewrite = ConvTransposeToConv()
     rewrite(mod)
     assert rewrite.rewritten == int(group == 1)
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     transposed = [name for name in applied if "conv2d_transpose" in name]
     assert (transposed == []) == (group == 1), applied
     if group == 1:
@@ -334,7 +334,7 @@ def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
     rewrite = FastSigmoid()
     rewrite(mod)
     assert rewrite.rewritten == 2
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     assert any(rule == "Pointwise" and "sigmoid" in name for name, rule in applied.items()), applied
     x = (rng.standard_normal(shape) * 30).astype(np.float32)  # saturates both ends
     x.flat[:4] = [-100.0, 100.0, 0.0, -87.0]
@@ -390,7 +390,7 @@ def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
     rewrite(mod)
     packs = (hw[0] * hw[1]) % knobs.lanes != 0 and cin > MAX_UNPACKED_POINTWISE_CHANNELS
     assert rewrite.rewritten == int(packs)
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     packed = [name for name, rule in applied.items() if "conv2d_packed" in name]
     assert len(packed) == int(packs) and all(applied[n] == "Pointwise" for n in packed), applied
     if packs:  # the epilogue is in the same kernel
@@ -450,7 +450,7 @@ def test_neon_pointwise_reads_weights_from_vector_lanes_and_matches_onnxruntime(
                            .shape.dim[1:]])) for conv in convs]
     model, shapes = _side_by_side(parts)
     mod = import_onnx(model, shapes)
-    scheduled, applied = cpu_pipeline.schedule_module(mod, TARGETS["arm-neon"])
+    scheduled, applied = cpu_build.schedule_module(mod, TARGETS["arm-neon"])
     kernels = {name: rule for name, rule in applied.items() if "conv2d" in name}
     assert sorted(kernels.values()) == ["Conv2D"] * 2 + ["Pointwise"] * 4, applied
     packed = [name for name in kernels if "conv2d_packed" in name]
@@ -549,7 +549,7 @@ def test_batch_norm_folds_into_the_conv_or_decomposes(kind):
     fold = FoldBatchNormIntoConv2D()
     fold(mod)
     assert fold.rewritten == (0 if kind == "bn-on-input" else 1)
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     assert not any("batch_norm" in name for name in applied), applied
     if kind != "bn-on-input":
         conv = [n for n in applied if "conv2d" in n]
@@ -587,7 +587,7 @@ def test_onnx_sum_becomes_adds_fused_into_the_conv():
     rewrite = SumToAdd()
     rewrite(mod)
     assert rewrite.rewritten == 2
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     assert not any("stack" in name or "sum" in name for name in applied), applied
     assert len(applied) == 1 and "relu" in next(iter(applied)), applied
     x = rng.standard_normal(shape).astype(np.float32)
@@ -607,7 +607,7 @@ def test_pointwise_tail_tile_matches_onnxruntime(cin, cout, hw, residual):
 
     model, shape = _pointwise_model(np.random.default_rng(cout), cin, cout, hw, 1, residual)
     mod = import_onnx(model, {"x": shape})
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     assert set(applied.values()) == {"Pointwise"}, applied
     lanes = cpu_knobs(HOST.tvm_target()).lanes
     if (hw[0] * hw[1]) % lanes == 0:  # whole vectors: three per row, maybe with a tail
@@ -647,7 +647,7 @@ def test_standard_conv_without_whole_row_vectors_runs_on_packed_weights(case):
     rewrite = PackConvWeights(knobs.lanes, knobs.accumulators)
     rewrite(mod)
     assert rewrite.rewritten == 1
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     packed = [name for name in applied if "conv2d_packed" in name]
     assert len(packed) == 1 and applied[packed[0]] == "Conv2D" and "relu" in packed[0], applied
     weight = np.random.default_rng(0).standard_normal((case[1], case[0], *case[2]))
@@ -771,7 +771,7 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     model = make_model(nodes, [helper.make_tensor_value_info("x", 1, [rows, k])],
                        [helper.make_tensor_value_info("y", 1, [rows, n])], [w, b])
     mod = import_onnx(model, {"x": (rows, k)})
-    scheduled, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     dense = [name for name, rule in applied.items() if rule == "Dense"]
     assert len(dense) == 1 and "relu" in dense[0], applied
     script = scheduled[dense[0]].script()
@@ -805,7 +805,7 @@ def test_fused_kernel_builds_padded_rows_per_band_where_they_overflow_l1(cin, hw
     model, shape, rank = _model((cin, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), hw, 1))
     model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank, force=True)).model
     mod = import_onnx(model, {"x": shape})
-    scheduled, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target(), fuse="always")
+    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target(), fuse="always")
     fused = [name for name, rule in applied.items() if rule == "FusedDepthwisePointwise"]
     assert len(fused) == 1, applied
     parallel = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)",
@@ -827,7 +827,7 @@ def test_fused_kernel_keeps_each_depthwise_sum_in_a_register_across_the_taps():
     model, shape, rank = _model((16, 16, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), (8, 64), 1))
     model = factorize_onnx(model, {"x": shape}, RankPolicy(rank=rank, force=True)).model
     mod = import_onnx(model, {"x": shape})
-    scheduled, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target(), fuse="always")
+    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target(), fuse="always")
     fused = [name for name, rule in applied.items() if rule == "FusedDepthwisePointwise"]
     assert len(fused) == 1, applied
     script = scheduled[fused[0]].script()
@@ -851,7 +851,7 @@ def test_pointwise_stages_input_rows_that_alias_in_l1(hw, staged):
     (3136 B apart, 64 offsets) are read in place. The output matches onnxruntime either way."""
     model, shape = _pointwise_model(np.random.default_rng(5), 48, 128, hw)
     mod = import_onnx(model, {"x": shape})
-    scheduled, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     name = next(name for name, rule in applied.items() if rule == "Pointwise")
     script = scheduled[name].script()
     assert ("_global = T.sblock_alloc_buffer" in script) == staged, script
@@ -936,7 +936,7 @@ def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
     graph.output.append(helper.make_tensor_value_info("pooled", 1, None))
     shape = (2, 5, *hw)
     mod = import_onnx(conv, {"x": shape})
-    scheduled, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     pools = [name for name, rule in applied.items() if "pool" in name]
     assert pools and all(applied[name] == "Pool" for name in pools), applied
     script = scheduled[pools[0]].script()
@@ -1003,7 +1003,7 @@ def test_neon_rules_match_onnxruntime_on_the_same_odd_shapes_under_qemu(preset, 
         fuse = "always" if label == "fuse=always" else False
         model, shapes = _side_by_side(parts)
         mod = import_onnx(model, shapes)
-        _, applied = cpu_pipeline.schedule_module(mod, target.tvm_target(), fuse=fuse)
+        _, applied = cpu_build.schedule_module(mod, target.tvm_target(), fuse=fuse)
         expected_rules = ({"FusedDepthwisePointwise"} if fuse else
                           {"Conv2D", "Depthwise", "Pointwise"})
         assert expected_rules <= set(applied.values()), applied
@@ -1034,7 +1034,7 @@ def test_a_rule_that_raises_falls_through_and_is_recorded(monkeypatch):
     model, shape, rank = _model(CASES[0])
     mod = import_onnx(model, {"x": shape})
     failures = {}
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target(), failures=failures)
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target(), failures=failures)
     assert failures and all(m == "Broken: RuntimeError: planted" for m in failures.values())
     assert set(failures) == set(applied) and "Conv2D" in applied.values(), (failures, applied)
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
@@ -1064,7 +1064,7 @@ def test_inference_dropout_is_removed_and_the_pool_before_it_gets_its_rule():
     drop = DropDropout()
     drop(mod)
     assert drop.rewritten == 1
-    _, applied = cpu_pipeline.schedule_module(mod, HOST.tvm_target())
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     assert not any("dropout" in name for name in applied), applied
     assert {rule for name, rule in applied.items() if "pool" in name} == {"Reduction"}, applied
     x = rng.standard_normal((1, 16, 7, 7)).astype(np.float32)

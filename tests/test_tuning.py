@@ -26,7 +26,7 @@ from dwsep_compiler import compile_model
 from dwsep_compiler.compile import import_onnx
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.model import load_model, resolve_input_shapes
-from dwsep_compiler.schedules import schedule_module
+from dwsep_compiler.compile.cpu import schedule_module
 from dwsep_compiler.targets import resolve_target
 from dwsep_compiler.tuning import TuningRecords
 from dwsep_compiler.tuning.tasks import extract_tasks

@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend import onnx as rx_onnx
 
-from dwsep_compiler.compile import cpu
+from dwsep_compiler.compile import cpu as cpu_build
 from dwsep_compiler.errors import DwsepError, first_line
 from dwsep_compiler.targets import TargetPreset, find_cross_compiler
 
@@ -41,8 +41,8 @@ def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
     target = preset.tvm_target()
     try:
         if schedule and target.kind.name == "llvm":
-            with tvm.transform.PassContext(opt_level=3, config=cpu.PASS_CONFIG):
-                return tvm.compile(mod, target=target, relax_pipeline=cpu.cpu_pipeline(target, fuse, records))
+            with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
+                return tvm.compile(mod, target=target, relax_pipeline=cpu_build.relax_pipeline(target, fuse, records))
         return tvm.compile(mod, target=target)
     except Exception as exc:
         raise DwsepError(f"TVM failed to build for target '{preset.name}': {first_line(exc)}") from None

@@ -1,39 +1,39 @@
-"""Schedule rules: for each (operator family, target family), how its PrimFunc runs fast.
+"""The CPU compile pipeline: what ``tvm.compile`` runs for an ``llvm`` target (x86, ARM).
 
-Rules have TVM dlight's shape, ``apply(func, target, tunable) -> Schedule | None``: with
-``tunable=False`` they pick knobs from the target (vector width, registers, cores); None means
-"not mine". `cpu_pipeline` is TVM's CPU pipeline with the rules of `schedules.cpu` applied
-between legalization and lowering; `schedule_module` stops after scheduling (for tests, the
-benchmark and tuning).
+TVM's ``cpu_generic`` pipeline with our lowering passes (`dwsep_compiler.passes.lowering`) in
+front of legalization and our schedule rules (`dwsep_compiler.schedules.cpu`) between
+legalization and lowering. `relax_pipeline` is what ``tvm.compile`` takes; `schedule_module`
+stops after scheduling (tests, the benchmark and tuning); `stages` gives the three parts to the
+tuner, which needs the PrimFuncs exactly as the compiler schedules them.
 """
 
 from __future__ import annotations
 
 import tvm
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+from dwsep_compiler.passes.lowering.conv_transpose import ConvTransposeToConv
+from dwsep_compiler.passes.lowering.drop_dropout import DropDropout
+from dwsep_compiler.passes.lowering.fast_sigmoid import FastSigmoid
+from dwsep_compiler.passes.lowering.fold_bn import FoldBatchNormIntoConv2D
+from dwsep_compiler.passes.lowering.fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
+from dwsep_compiler.passes.lowering.pack_weights import PackConvWeights
+from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
+from dwsep_compiler.passes.lowering.sum_to_add import SumToAdd
+from dwsep_compiler.schedules import cpu as cpu_rules
+from dwsep_compiler.schedules.apply import ApplyScheduleRules
+from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 # Split loops whose extent the tile does not divide into a clean body and a tail.
 PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
 
 
-def cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None,
-                track_origins: bool = False):
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    from dwsep_compiler.schedules import cpu
-    from dwsep_compiler.schedules.apply import ApplyScheduleRules
-
-    from dwsep_compiler.passes.lowering.fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
-    from dwsep_compiler.passes.lowering.conv_transpose import ConvTransposeToConv
-    from dwsep_compiler.passes.lowering.drop_dropout import DropDropout
-    from dwsep_compiler.passes.lowering.fast_sigmoid import FastSigmoid
-    from dwsep_compiler.passes.lowering.fold_bn import FoldBatchNormIntoConv2D
-    from dwsep_compiler.passes.lowering.pack_weights import PackConvWeights
-    from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
-    from dwsep_compiler.passes.lowering.sum_to_add import SumToAdd
-
-    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-
-    schedule = ApplyScheduleRules(cpu.rules(), records)
+def stages(target: tvm.target.Target, fuse: bool | str = True, records=None,
+           track_origins: bool = False):
+    """``(front, schedule, back)``: the passes up to legalization, the rule application, and
+    TVM's lowering after it. ``track_origins``: the weight-rewriting passes record which
+    original weight each new one replaces (tuning keys records by it)."""
+    schedule = ApplyScheduleRules(cpu_rules.rules(), records)
     knobs = cpu_knobs(target)
     front = (cpu_generic.library_dispatch_passes(target)
              + [DropDropout(),
@@ -47,13 +47,13 @@ def cpu_passes(target: tvm.target.Target, fuse: bool | str = True, records=None,
     return front, schedule, back
 
 
-def cpu_pipeline(target: tvm.target.Target, fuse: bool | str = True, records=None):
+def relax_pipeline(target: tvm.target.Target, fuse: bool | str = True, records=None):
     """The Relax pipeline ``tvm.compile`` runs for a CPU target, with our schedules.
 
     ``fuse``: depthwise -> pointwise pairs with large outputs become one fused kernel
     (``"always"``: every pair; False: never). ``records``: tuning records to apply
     (`dwsep_compiler.tuning.TuningRecords`); PrimFuncs without one get the rules' defaults."""
-    front, schedule, back = cpu_passes(target, fuse, records)
+    front, schedule, back = stages(target, fuse, records)
 
     @tvm.transform.module_pass(opt_level=0, name="DwsepCPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -68,7 +68,7 @@ def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | s
     """Legalize ``mod`` and apply the CPU rules (or ``records``); returns
     ``(module, {PrimFunc: rule name})``. ``failures``, if given, receives the errors of rules
     that raised (PrimFunc name -> "Rule: error"; the next rule scheduled the PrimFunc)."""
-    front, schedule, _ = cpu_passes(target, fuse, records)
+    front, schedule, _ = stages(target, fuse, records)
     with target, tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         out = tvm.transform.Sequential(front + [schedule])(mod)
     if failures is not None:

@@ -8,7 +8,7 @@
                                  relax_pipeline="dwsep_cpu")
 
 ``dwsep_cpu``: the CPU pipeline `dwsep_compiler.compile.build` runs (our lowering passes and
-schedule rules, `dwsep_compiler.compile.cpu.cpu_pipeline`); ``dwsep_opencl``: the OpenCL one
+schedule rules, `dwsep_compiler.compile.cpu.relax_pipeline`); ``dwsep_opencl``: the OpenCL one
 (`opencl.relax_pipeline`). Both read the target ``tvm.compile`` sets. The PassContext above
 is what `build` uses for the TIR half (loop partitioning); without it the kernels compute the
 same with slightly different loop code.
@@ -41,14 +41,14 @@ def _current_target(name: str, kind: str):
 
 
 def dwsep_cpu(fuse: bool | str = True, records=None):
-    """``compile.cpu.cpu_pipeline`` for the target of the enclosing ``tvm.compile``."""
+    """``compile.cpu.relax_pipeline`` for the target of the enclosing ``tvm.compile``."""
     import tvm
 
     @tvm.transform.module_pass(opt_level=0, name="dwsep_cpu")
     def pipeline(mod, _ctx):
         from dwsep_compiler.compile import cpu
 
-        return cpu.cpu_pipeline(_current_target("dwsep_cpu", "llvm"), fuse, records)(mod)
+        return cpu.relax_pipeline(_current_target("dwsep_cpu", "llvm"), fuse, records)(mod)
 
     return pipeline
 

@@ -34,9 +34,9 @@ EVALUATOR = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=40,
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
     """Build one candidate as the compiler builds the model (the same PassContext)."""
-    from dwsep_compiler.compile import cpu
+    from dwsep_compiler.compile import cpu as cpu_build
 
-    with tvm.transform.PassContext(opt_level=3, config=cpu.PASS_CONFIG):
+    with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
         return tvm.tirx.build(mod, target=target)
 
 

@@ -8,7 +8,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from dwsep_compiler.compile import cpu
+from dwsep_compiler.compile import cpu as cpu_build
 
 
 def workload(func: tirx.PrimFunc) -> tvm.IRModule:
@@ -21,10 +21,10 @@ def workload(func: tirx.PrimFunc) -> tvm.IRModule:
 
 def claim(func: tirx.PrimFunc, target: tvm.target.Target):
     """``(rule, untuned schedule)`` of the rule the compiler would use for ``func``, or None."""
-    from dwsep_compiler.schedules import cpu
+    from dwsep_compiler.schedules import cpu as cpu_rules
     from dwsep_compiler.schedules.apply import first_rule
 
-    return first_rule(cpu.rules(), func, target)
+    return first_rule(cpu_rules.rules(), func, target)
 
 
 def is_tunable(rule) -> bool:
@@ -52,8 +52,8 @@ def legalized(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = T
               origins: dict[str, str] | None = None) -> tvm.IRModule:
     """``mod`` after the compiler's passes up to scheduling: its PrimFuncs are what gets tuned.
     ``origins`` (if given) receives which weight each rewritten weight replaces (digests)."""
-    front, _, _ = cpu.cpu_passes(target, fuse, track_origins=origins is not None)
-    with target, tvm.transform.PassContext(opt_level=3, config=cpu.PASS_CONFIG):
+    front, _, _ = cpu_build.stages(target, fuse, track_origins=origins is not None)
+    with target, tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
         out = tvm.transform.Sequential(front)(mod)
     if origins is not None:
         for step in front:
