@@ -421,7 +421,7 @@ def test_neon_pointwise_reads_weights_from_vector_lanes_and_matches_onnxruntime(
     from dwsep_compiler.device.emulate import run_aarch64
     from dwsep_compiler.passes.lowering.pack_weights import (MAX_UNPACKED_POINTWISE_CHANNELS,
                                                           PackConvWeights)
-    from dwsep_compiler.schedules.cpu.common import lane_weight_block
+    from dwsep_compiler.schedules.cpu.tiling import lane_weight_block
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
     assert [lane_weight_block(c, 4) for c in (128, 20, 16, 18)] == [8, 4, 8, None]
@@ -757,7 +757,7 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     run in parallel."""
     from onnx import helper, numpy_helper
 
-    from dwsep_compiler.schedules.cpu.common import largest_divisor
+    from dwsep_compiler.schedules.analysis import largest_divisor
     from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 

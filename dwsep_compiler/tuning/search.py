@@ -1,6 +1,6 @@
 """How MetaSchedule walks a rule's space: every point once, nearest the best measured first.
 
-A rule's space is a handful of categorical knobs (`schedules.cpu.common.knob`), a few dozen
+A rule's space is a handful of categorical knobs (`schedules.analysis.knob`), a few dozen
 points in all. MetaSchedule's evolutionary search is built for the generic space of millions:
 it samples at random, has no mutator for categorical knobs, and does not know which points the
 records already hold, so a resumed run measured the same points again (measured: all 35 trials

@@ -1,6 +1,6 @@
 """A task's search space: its schedule rule applied with ``tunable=True``.
 
-The rule samples its knobs (`schedules.cpu.common.knob`: ``sample_categorical``); MetaSchedule
+The rule samples its knobs (`schedules.analysis.knob`: ``sample_categorical``); MetaSchedule
 replays the rule's trace with other decisions. No generic schedule rules, postprocessors or
 mutators are added: the space is exactly the rule's, and small (tens of points per task), which
 `search.SpaceWalk` walks point by point.

@@ -16,6 +16,8 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from dwsep_compiler.passes import names
+
 _OUT_EWISE_FUSABLE = 4  # relay/relax OpPatternKind::kOutEWiseFusable
 
 # Fusion pays where the depthwise output is large. Measured on a 2-core AVX2 machine with the
@@ -34,7 +36,7 @@ def depthwise_pointwise_compute(x, w_dw, w_pw, strides, padding, dilation):
     r = mr // channels
     (sh, sw), (dh, dw) = strides, dilation
     top, left, bottom, right = padding
-    padded = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    padded = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], name=names.PAD)
     out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
     out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
     ry = te.reduce_axis((tvm.tirx.IntImm("int64", 0), tvm.tirx.IntImm("int64", kh)), name="ry")
@@ -45,12 +47,12 @@ def depthwise_pointwise_compute(x, w_dw, w_pw, strides, padding, dilation):
         lambda b, c, y, xx: te.sum(
             padded[b, c // r, y * sh + ry * dh, xx * sw + rx * dw] * w_dw[c, 0, ry, rx],
             axis=[ry, rx]),
-        name="depthwise")
+        name=names.FUSED_DEPTHWISE)
     rc = te.reduce_axis((i64(0), i64(mr)), name="rc")
     return te.compute(
         (batch, out_channels, i64(out_h), i64(out_w)),
         lambda b, n, y, xx: te.sum(depthwise[b, rc, y, xx] * w_pw[n, rc, 0, 0], axis=rc),
-        name="pointwise")
+        name=names.FUSED_POINTWISE)
 
 
 @mutator
@@ -87,7 +89,7 @@ class _Fuser(PyExprMutator):
             [int(d) for d in attrs.dilation])
         func = (te.create_prim_func([xt, wdt, wpt, out]).without_attr("global_symbol")
                 .with_attr("op_pattern", _OUT_EWISE_FUSABLE))
-        gvar = self.builder_.add_func(func, "fused_depthwise_pointwise")
+        gvar = self.builder_.add_func(func, names.FUSED_DWPW)
         self.fused += 1
         return relax.call_tir(gvar, [x, w_dw, w_pw],
                               relax.TensorType([int(d) for d in out.shape], "float32"))

@@ -7,7 +7,7 @@ pixel count per image is not a multiple of the target's lanes; larger kernels: t
 is not, e.g. ResNet-50's and VGG's 56, 28, 14 and 7 on AVX-512)
 becomes a call of ``conv2d_packed``: the same computation, its weight repacked into blocks of
 ``b`` output channels that are whole vectors, ``[O / b, C, b]`` for 1x1 and
-``[O / b, C, kh, kw, b]`` otherwise (`schedules.cpu.common.channel_tile` picks ``b`` and the pixel
+``[O / b, C, kh, kw, b]`` otherwise (`schedules.cpu.tiling.channel_tile` picks ``b`` and the pixel
 tile). `schedules/cpu/packed.py` keeps a ``pixels x b`` tile of outputs in registers, one
 broadcast input pixel per row of FMAs, and writes the tile back to NCHW transposed; the block
 makes each tile's weights one contiguous run (the plain ``[C, O]`` transpose measured 1.7x
@@ -17,7 +17,7 @@ pointwise 2.5x faster, 2048x7x7 -> 512 2.8x, 14x14 pointwise layers 1.2x.
 
 On targets whose FMAs take their scalar from a vector lane (NEON), the convs whose pixels
 (pointwise) or output rows *are* whole vectors are packed too, with ``b`` from
-`schedules.cpu.common.lane_weight_block`: the pixel-vectorized tiles of
+`schedules.cpu.tiling.lane_weight_block`: the pixel-vectorized tiles of
 `schedules/cpu/pointwise.py` and `conv2d.py` stay and load each reduction step's ``b``
 weights as vectors.
 
@@ -34,12 +34,12 @@ import tvm
 from tvm import relax, te, topi
 from tvm.relax.expr_functor import mutator
 
-from dwsep_compiler.schedules.cpu.common import channel_tile, lane_weight_block
+from dwsep_compiler.passes import names
+from dwsep_compiler.schedules.cpu.tiling import channel_tile, lane_weight_block
 
 from dwsep_compiler.passes.lowering.fuse_dwpw import is_conv, layout_ok
 from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter, constant_value
 
-PACKED_NAME = "conv2d_packed"  # the PrimFunc's compute block (`schedules.cpu.packed`)
 
 # Pointwise convs with at most this many input channels stay pixel-vectorized (partial
 # vectors): the packed tile writes its outputs back to NCHW transposed, a cost the reduction
@@ -60,7 +60,7 @@ def packed_pointwise(x: te.Tensor, w: te.Tensor) -> te.Tensor:
     return te.compute(
         (batch, blocks * block, height, width),
         lambda n, o, y, z: te.sum(x[n, rc, y, z] * w[o // block, rc, o % block], axis=rc),
-        name=PACKED_NAME)
+        name=names.PACKED_CONV)
 
 
 def packed_conv(x: te.Tensor, w: te.Tensor, strides, padding, dilation) -> te.Tensor:
@@ -72,7 +72,7 @@ def packed_conv(x: te.Tensor, w: te.Tensor, strides, padding, dilation) -> te.Te
     top, left, bottom, right = padding
     out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
     out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
-    padded = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    padded = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], name=names.PAD)
     rc = te.reduce_axis((0, channels), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
@@ -81,7 +81,7 @@ def packed_conv(x: te.Tensor, w: te.Tensor, strides, padding, dilation) -> te.Te
         lambda n, o, y, z: te.sum(
             padded[n, rc, y * sh + ry * dh, z * sw + rx * dw]
             * w[o // block, rc, ry, rx, o % block], axis=[rc, ry, rx]),
-        name=PACKED_NAME)
+        name=names.PACKED_CONV)
 
 
 def pack_weight(weight: np.ndarray, block: int) -> np.ndarray:
@@ -140,11 +140,11 @@ class _Rewriter(CallRewriter):
         self.rewritten += 1
         if pointwise:
             return self.builder_.call_te(packed_pointwise, x, packed,
-                                         primfunc_name_hint=PACKED_NAME)
+                                         primfunc_name_hint=names.PACKED_CONV)
         return self.builder_.call_te(
             packed_conv, x, packed, [int(s) for s in attrs.strides],
             [int(p) for p in attrs.padding], [int(d) for d in attrs.dilation],
-            primfunc_name_hint=PACKED_NAME)
+            primfunc_name_hint=names.PACKED_CONV)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackConvWeights")

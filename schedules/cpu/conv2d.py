@@ -21,8 +21,15 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import (copy_padded_input, divisors, extents, find_conv, group_out_channels,
-                     inline_epilogue, knob, largest_divisor, vector_tile)
+from dwsep_compiler.schedules.analysis import (divisors,
+                                                extents,
+                                                find_conv,
+                                                group_out_channels,
+                                                inline_epilogue,
+                                                knob,
+                                                largest_divisor)
+
+from dwsep_compiler.schedules.cpu.tiling import copy_padded_input, vector_tile
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv, packed_lane_block,
                      schedule_channel_tile)
@@ -33,7 +40,7 @@ class Conv2D(ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         knobs = cpu_knobs(target)
-        blocks = find_conv(func, names=("conv2d_nchw", "group_conv2d_nchw"))
+        blocks = find_conv(func)
         block = None  # output channels per packed weight block (lane weights)
         if blocks is None:
             packed = find_packed_conv(func, kernel_1x1=False)

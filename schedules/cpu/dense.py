@@ -15,7 +15,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import iter_kinds, largest_divisor
+from dwsep_compiler.schedules.analysis import iter_kinds, largest_divisor
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 _MAX_ROWS = 16  # batch rows handled by this rule; bigger matmuls belong to a GEMM rule

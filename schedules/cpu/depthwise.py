@@ -20,8 +20,13 @@ from tvm.sym.pattern import detect_linear_equation
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import (build_padded_rows, divisors, extents, find_depthwise, inline_epilogue, knob,
-                     row_band, vector_tile)
+from dwsep_compiler.schedules.analysis import (divisors,
+                                                extents,
+                                                find_depthwise,
+                                                inline_epilogue,
+                                                knob)
+
+from dwsep_compiler.schedules.cpu.tiling import build_padded_rows, row_band, vector_tile
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 

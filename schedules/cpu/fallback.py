@@ -11,7 +11,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import iter_kinds
+from dwsep_compiler.schedules.analysis import iter_kinds
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 _MIN_PARALLEL_WORK = 4096  # iterations below which threads cost more than they give

@@ -16,7 +16,9 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import divisors, fused_dwpw_blocks, knob, largest_divisor, row_band, vector_tile
+from dwsep_compiler.schedules.analysis import divisors, fused_dwpw_blocks, knob, largest_divisor
+
+from dwsep_compiler.schedules.cpu.tiling import row_band, vector_tile
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, cpu_knobs
 
 

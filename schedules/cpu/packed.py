@@ -16,8 +16,15 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import (ConvBlocks, channel_tile, copy_padded_input, divisors, extents, find_conv,
-                     inline_epilogue, knob, largest_divisor)
+from dwsep_compiler.passes import names
+from dwsep_compiler.schedules.analysis import (ConvBlocks,
+                                               divisors,
+                                               extents,
+                                               find_conv,
+                                               inline_epilogue,
+                                               knob,
+                                               largest_divisor)
+from dwsep_compiler.schedules.cpu.tiling import channel_tile, copy_padded_input
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 # Input channels per K block. In-model, interleaved (2-core AVX-512): ResNet-50 rank 1 0.93x the
@@ -38,9 +45,7 @@ def k_blocked(channels: int, channel_blocks: int, cores: int) -> bool:
 def find_packed_conv(func: tirx.PrimFunc, kernel_1x1: bool) -> ConvBlocks | None:
     """A conv with packed weights as the packing pass makes it: [pad_temp ->] conv2d_packed ->
     [injective epilogue]; ``kernel_1x1`` selects the pointwise form (one reduction axis)."""
-    from dwsep_compiler.passes.lowering.pack_weights import PACKED_NAME
-
-    return find_conv(func, names=(PACKED_NAME,), iters="SSSSR" if kernel_1x1 else "SSSSRRR")
+    return find_conv(func, conv_names=(names.PACKED_CONV,), iters="SSSSR" if kernel_1x1 else "SSSSRRR")
 
 
 def packed_lane_block(blocks: ConvBlocks, knobs, vectorized: int) -> int | None:

@@ -37,8 +37,16 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import (divisors, extents, find_pointwise, group_out_channels, in_channels,
-                     inline_epilogue, knob, largest_divisor, vector_tile)
+from dwsep_compiler.schedules.analysis import (divisors,
+                                                extents,
+                                                find_pointwise,
+                                                group_out_channels,
+                                                in_channels,
+                                                inline_epilogue,
+                                                knob,
+                                                largest_divisor)
+
+from dwsep_compiler.schedules.cpu.tiling import vector_tile
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
 from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv, packed_lane_block,
                      schedule_channel_tile)

@@ -17,7 +17,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import iter_kinds, extents
+from dwsep_compiler.schedules.analysis import extents, iter_kinds
 
 _POOL_BLOCKS = ("pool_max", "pool_sum")
 _MAX_UNROLLED_TAPS = 16  # windows up to 4x4 unrolled (3x3 and 2x2 in practice)

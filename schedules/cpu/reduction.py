@@ -14,7 +14,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import iter_kinds
+from dwsep_compiler.schedules.analysis import iter_kinds
 
 
 class Reduction(ScheduleRule):

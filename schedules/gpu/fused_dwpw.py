@@ -26,7 +26,7 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.cpu.common import divisors, fused_dwpw_blocks, knob, largest_divisor
+from dwsep_compiler.schedules.analysis import divisors, fused_dwpw_blocks, knob, largest_divisor
 from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu
 
 MAX_STRIP = 32  # output pixels per work-group (a divisor of the row width)

@@ -1,0 +1,112 @@
+"""CPU register and cache tiles: channel blocks for packed weights, padded input rows, row bands,
+vector tiles. Used by the CPU rules only (the GPU rules tile for work-groups instead)."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+from dwsep_compiler.schedules.analysis import largest_divisor
+
+def channel_tile(pixels: int, out_channels: int, lanes: int,
+                 accumulators: int) -> tuple[int, int] | None:
+    """The register tile of a channel-vectorized conv (`packed.py`): ``(block, rows)``,
+    ``block`` output channels (whole vectors; the weight packing of
+    `passes/lowering/pack_weights.py`) by ``rows`` output pixels (dividing ``pixels``), with the
+    most FMAs per load that the ``accumulators`` allow; None when no vector multiple divides
+    ``out_channels``."""
+    best = None
+    for vectors in ((4, 2, 1) if lanes <= 4 else (2, 1)):
+        block = vectors * lanes
+        if out_channels % block:
+            continue
+        rows = largest_divisor(pixels, max(1, accumulators // vectors))
+        intensity = vectors * rows / (vectors + rows)
+        if best is None or intensity > best[0]:
+            best = (intensity, block, rows)
+    return None if best is None else best[1:]
+
+
+def lane_weight_block(out_channels: int, lanes: int) -> int | None:
+    """The packing block ``b`` (output channels) of a conv whose pixel-vectorized tile takes
+    its weights from vector lanes (FMA by lane, NEON; pointwise and standard convs): two
+    vectors of weights per reduction step (8 rows x 3 pixel vectors fill 24 accumulators,
+    2 + 3 loads per 24 FMAs), one where two do not divide the channels; None where no whole
+    vector does."""
+    for block in (2 * lanes, lanes):
+        if out_channels % block == 0:
+            return block
+    return None
+
+
+def copy_padded_input(sch: s_tir.Schedule, pad, lanes: int) -> None:
+    """Materialize the padded input once: a parallel copy, vectorized along W."""
+    loops = sch.get_loops(pad)
+    sch.parallel(sch.fuse(*loops[:2]))
+    sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+
+
+def build_padded_rows(sch: s_tir.Schedule, pad, under, lanes: int, tunable: bool) -> None:
+    """Build a kernel's padded input rows (``pad`` computed at loop ``under``) with whole-vector
+    copies where the rows are whole vectors: zeros over the region, then the in-bound rows
+    copied without a condition. A copy that tests the pad condition per element (or that
+    ends in a partial vector) is scalarized by LLVM: element by element, as long as the
+    conv itself at 112x112 (VGG-19 rank 1: 64x112x112 0.26 -> 0.17 ms; rank 2 0.37 -> 0.28 ms;
+    AVX-512). Where the rows are not whole vectors (56, 28, 14 on AVX-512) the conditional
+    copy measured faster (1.05-1.09x).
+
+    Not in ``tunable`` spaces: TVM 0.27 cannot print a trace with ``decompose_padding`` (its
+    printer takes the loop as a LoopRV and is given its name), and MetaSchedule prints every
+    design space. Tuning still measures the untuned schedule first, as each task's baseline
+    record, so a search that finds nothing faster keeps it."""
+    width = int(sch.get(pad).reads[0].source.shape[-1])
+    if not tunable and width % lanes == 0 and width >= 2 * lanes:
+        loops = sch.get_loops(pad)
+        below = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(under)))
+        try:
+            sch.decompose_padding(pad, loops[below + 1])  # ``pad`` is now the in-bound copy
+        except s_tir.ScheduleError:
+            # TVM's pattern match fails on some bands (one output row per band: the rows are
+            # indexed by the fused parallel loop alone); the schedule is left unchanged.
+            pass
+    sch.vectorize(sch.split(sch.get_loops(pad)[-1], [None, lanes])[1])
+
+
+# Output rows per band for the kernels that build padded input rows per band (depthwise, fused
+# DW+PW). Measured in-model (2-core AVX-512, VGG-19 and ResNet-50 rank 1) against whole planes:
+# depthwise 256x56x56 and 512x14x14 3x3 0.78x the time, 128x56x56 0.83x, ResNet-50's 3-channel
+# 7x7 stride-2 stem 0.92x (its 3 planes no longer leave a core idle), 64x112x112 and 256x28x28
+# 1.1-1.15x (VGG-19 in all: 0.84 ms less); the fused 64x224x224 DW+PW 0.85-0.9x against one row.
+BAND_ROWS = 8
+
+
+def row_band(height: int) -> int | None:
+    """Rows per band: the largest divisor of ``height`` <= BAND_ROWS, or None where that is
+    BAND_ROWS / 2 or less (17, 13 rows): bands of one or two rows would build each padded
+    row up to three times."""
+    band = largest_divisor(height, BAND_ROWS)
+    return band if 2 * band > BAND_ROWS else None
+
+
+def vector_tile(extent: int, lanes: int, max_vectors: int) -> tuple[int, int]:
+    """A tile of ``extent`` that divides it: ``(tile, vector)`` with ``tile = k * vector``.
+
+    Whole vectors when ``lanes`` divides the extent. Otherwise partial registers (e.g. 7 of 8
+    lanes for 14x14 = 196 pixels, 7 of 16 for 7x7 = 49), up to ``max_vectors`` of them, which
+    the micro-kernels pair with more channel rows: an odd vector wider than a register is split
+    by LLVM into registers plus shuffles (a 49-wide vector: 360 inserts/permutes per tile,
+    ResNet-50's 512x7x7 -> 2048 pointwise 15.6 ms against 1.1 ms with 7-wide vectors,
+    AVX-512) or a masked tail (14-wide on AVX2: 4x slower). Only when few lanes divide the
+    extent (a prime, say) is one odd vector of up to two registers used. These tiles never
+    carry a predicate inside the vector (that serializes the kernel); a rule may still tile
+    whole vectors with a tail that loop partitioning cleans (`pointwise.py` at 28x28).
+    """
+    if extent % lanes == 0:
+        vectors = largest_divisor(extent // lanes, max_vectors)
+        return vectors * lanes, lanes
+    width = largest_divisor(extent, lanes)
+    if width < max(2, lanes // 4):
+        width = largest_divisor(extent, 2 * lanes)
+        return width, width
+    # Several partial registers per row where the extent allows: 14x14 = 196 pixels on AVX-512
+    # as 2 x 14 lanes (with 8 channel rows) measured 25-35% faster than 1 x 14 (with 16).
+    return width * largest_divisor(extent // width, max_vectors), width
