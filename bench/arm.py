@@ -35,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from dwsep_compiler import zoo  # noqa: E402
-from dwsep_compiler.device import emulate, profile  # noqa: E402
+from dwsep_compiler.device import aarch64_root, profile  # noqa: E402
 from dwsep_compiler.compile import build, export_library, import_onnx  # noqa: E402
 from dwsep_compiler.macs import model_macs  # noqa: E402
 from dwsep_compiler.model import resolve_input_shapes, view_model  # noqa: E402
@@ -165,8 +165,8 @@ def main() -> None:
                         help="also trace loads/stores and the cache model (several times slower)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
-    runtime = emulate.ensure_aarch64_runtime()
-    ort_dir = emulate.ensure_aarch64_onnxruntime()
+    runtime = aarch64_root.ensure_aarch64_runtime()
+    ort_dir = aarch64_root.ensure_aarch64_onnxruntime()
     work = tempfile.mkdtemp(prefix="dwsep-arm-")
     rows = []
     started = time.time()

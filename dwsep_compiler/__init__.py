@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-from dwsep_compiler.compile import relax_pipelines
+from dwsep_compiler import relax_pipelines
 
 __version__ = "0.1.0"
 

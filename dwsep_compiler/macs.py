@@ -13,6 +13,10 @@ import onnx
 from dwsep_compiler.model import ModelView, attribute
 
 
+# Every count takes (batch,) out_channels, in_channels, kernel, [out_spatial] in this order, the
+# order of an OIHW weight's dimensions; a factorized count takes its rank by keyword.
+
+
 def conv_macs(batch: int, out_channels: int, in_channels_per_group: int,
               kernel: tuple[int, ...], out_spatial: tuple[int, ...]) -> int:
     return batch * out_channels * in_channels_per_group * math.prod(kernel) * math.prod(out_spatial)
@@ -23,20 +27,20 @@ def conv_params(out_channels: int, in_channels_per_group: int, kernel: tuple[int
     return out_channels * in_channels_per_group * math.prod(kernel) + (out_channels if bias else 0)
 
 
-def factorized_macs(batch: int, in_channels: int, out_channels: int, kernel: tuple[int, ...],
-                    rank: int, out_spatial: tuple[int, ...]) -> int:
+def factorized_macs(batch: int, out_channels: int, in_channels: int, kernel: tuple[int, ...],
+                    out_spatial: tuple[int, ...], *, rank: int) -> int:
     """Depthwise (M*r filters of kh*kw) plus pointwise (N x M*r): r*(kh*kw + N)*M per pixel."""
     taps = math.prod(kernel)
     return batch * rank * (taps + out_channels) * in_channels * math.prod(out_spatial)
 
 
-def factorized_params(in_channels: int, out_channels: int, kernel: tuple[int, ...], rank: int,
-                      bias: bool) -> int:
+def factorized_params(out_channels: int, in_channels: int, kernel: tuple[int, ...], bias: bool,
+                      *, rank: int) -> int:
     taps = math.prod(kernel)
     return in_channels * rank * taps + out_channels * in_channels * rank + (out_channels if bias else 0)
 
 
-def reduces_macs(out_channels: int, kernel: tuple[int, ...], rank: int) -> bool:
+def reduces_macs(out_channels: int, kernel: tuple[int, ...], *, rank: int) -> bool:
     """True when r*(kh*kw + N) < N*kh*kw, i.e. the rewrite cuts multiply-accumulates."""
     taps = math.prod(kernel)
     return rank * (taps + out_channels) < out_channels * taps

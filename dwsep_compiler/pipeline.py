@@ -21,7 +21,7 @@ from dwsep_compiler import interrupt
 from dwsep_compiler.compile import verify as verification
 from dwsep_compiler.errors import DwsepError, first_line
 from dwsep_compiler.initialization.calibration import load_calibration
-from dwsep_compiler.initialization.stage import KEEP_ORIGINAL, Initializer, check_options
+from dwsep_compiler.initialization.stage import KEEP_ORIGINAL, FactorizeOptions, Initializer
 from dwsep_compiler.macs import model_macs
 from dwsep_compiler.model import model_from, resolve_input_shapes, save_model, view_model
 from dwsep_compiler.report import Report, format_table
@@ -49,6 +49,22 @@ class CompileResult:
         return format_table(self.report)
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """What `compile_model` does after the factorization: build (``compile``), link
+    (``cross_compiler``), verify, tune or apply tuning records."""
+
+    compile: bool = True
+    cross_compiler: str | None = None
+    verify: bool = True
+    tune: object = None  # tuning.TuneOptions
+    tuning_records: str | None = None
+
+    @property
+    def tuned(self) -> bool:
+        return self.compile and (self.tune is not None or bool(self.tuning_records))
+
+
 def default_output_dir(model_path: str) -> str:
     stem = os.path.splitext(os.path.basename(model_path))[0]
     return os.path.join(os.getcwd(), f"{stem}.dwsep")
@@ -65,7 +81,6 @@ class _Stage:
     calib: object
     init: Initializer
     result: object  # OnnxFactorization
-    rank: object
 
     @property
     def label(self) -> str:
@@ -80,14 +95,14 @@ class _Stage:
             model_macs_after=model_macs(view_model(result.model, self.shapes)),
             input_shapes={name: [int(d) for d in shape] for name, shape in self.shapes.items()})
         report.rank_allocation = self.init.allocation_info
-        if self.rank == "full":
+        if self.init.options.rank == "full":
             report.notes.append(
                 "rank=full: the exact rewrite (every eligible conv at full rank); it does not "
                 "cut MACs, it adds them: use it to check the rewrite, not to speed a model up")
         if self.init.policy.off:
             report.notes.append("--no-factorize: the model is compiled as given")
         elif calib is None:
-            if self.rank != "full":  # exact at full rank: nothing for calibration to recover
+            if self.init.options.rank != "full":  # exact at full rank: nothing for calibration to recover
                 report.notes.append(
                     "WARNING: no calibration data: the factors are the data-free SVD of each "
                     "kernel, which can destroy a trained model's accuracy at ranks that save "
@@ -113,23 +128,16 @@ def _quantized_ops(model: onnx.ModelProto) -> list[str]:
     return sorted({node.op_type for node in model.graph.node if node.op_type in QDQ_OPS})
 
 
-def _factorize_stage(model, log, *, rank, energy, macs_ratio, max_error, calibration,
-                     ignored_scope, force, input_shapes, teacher, fit, sensitivity,
-                     finetune_steps, finetune_lr, factorize_convs=True) -> _Stage:
-    policy = check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
-                           max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
-                           finetune_lr=finetune_lr, calibration=calibration, fit=fit,
-                           sensitivity=sensitivity, factorize=factorize_convs)
+def _factorize_stage(model, options: FactorizeOptions, log) -> _Stage:
+    """Read ``model`` (copied), its shapes and calibration data; choose the ranks, rewrite and
+    initialize."""
+    options.policy()  # bad options fail before the model is read
     proto, path = model_from(model)
-    shapes = resolve_input_shapes(proto, input_shapes)
-    calib = load_calibration(calibration, proto, shapes) if calibration is not None else None
-    if isinstance(ignored_scope, str):
-        ignored_scope = (ignored_scope,)
-    init = Initializer(proto, shapes, policy, tuple(ignored_scope), calib,
-                       macs_ratio=macs_ratio, max_error=max_error, teacher=teacher,
-                       finetune_steps=finetune_steps, finetune_lr=finetune_lr, fit=fit,
-                       sensitivity=sensitivity, source=path or "the model given", log=log)
-    return _Stage(proto, path, shapes, calib, init, init.factorize(init.initial_ranks()), rank)
+    shapes = resolve_input_shapes(proto, options.input_shapes)
+    calib = (load_calibration(options.calibration, proto, shapes)
+             if options.calibration is not None else None)
+    init = Initializer(proto, shapes, options, calib, source=path or "the model given", log=log)
+    return _Stage(proto, path, shapes, calib, init, init.factorize(init.initial_ranks()))
 
 
 def factorize(model, *, rank: int | str | None = None, energy: float | None = None,
@@ -149,12 +157,12 @@ def factorize(model, *, rank: int | str | None = None, energy: float | None = No
     expression matched against whole names. The rank options, ``teacher``, ``fit``,
     ``sensitivity`` and the fine-tuning are those of `compile_model`. A model where nothing
     could be rewritten comes back unchanged, each conv's reason in the report."""
-    stage = _factorize_stage(model, log or (lambda message: None), rank=rank, energy=energy,
-                             macs_ratio=macs_ratio, max_error=max_error,
-                             calibration=calibration, ignored_scope=ignored_scope, force=force,
-                             input_shapes=input_shapes, teacher=teacher, fit=fit,
-                             sensitivity=sensitivity, finetune_steps=finetune_steps,
-                             finetune_lr=finetune_lr)
+    options = FactorizeOptions(rank=rank, energy=energy, macs_ratio=macs_ratio,
+                               max_error=max_error, calibration=calibration,
+                               ignored_scope=ignored_scope, force=force, input_shapes=input_shapes,
+                               teacher=teacher, fit=fit, sensitivity=sensitivity,
+                               finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+    stage = _factorize_stage(model, options, log or (lambda message: None))
     return stage.result.model, stage.report(target=None)
 
 
@@ -231,12 +239,16 @@ def compile_model(
     """
     log = log or (lambda message: None)
     preset = target if isinstance(target, TargetPreset) else resolve_target(target)
-    check_options(rank=rank, energy=energy, force=force, macs_ratio=macs_ratio,
-                  max_error=max_error, teacher=teacher, finetune_steps=finetune_steps,
-                  finetune_lr=finetune_lr, calibration=calibration, fit=fit,
-                  sensitivity=sensitivity, factorize=factorize_convs)
-    tuned = compile and (tune is not None or bool(tuning_records))
-    if tuned:
+    options = FactorizeOptions(rank=rank, energy=energy, macs_ratio=macs_ratio,
+                               max_error=max_error, calibration=calibration,
+                               ignored_scope=ignored_scope, force=force, input_shapes=input_shapes,
+                               teacher=teacher, fit=fit, sensitivity=sensitivity,
+                               finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                               factorize=factorize_convs)
+    build = BuildOptions(compile=compile, cross_compiler=cross_compiler, verify=verify,
+                         tune=tune, tuning_records=tuning_records)
+    options.policy()
+    if build.tuned:
         from dwsep_compiler import tuning as tuning_stage
 
         tuning_stage.check(tune, tuning_records, preset)
@@ -246,34 +258,32 @@ def compile_model(
     for stale in interrupt.remove_stale(os.path.dirname(output_dir)):
         log(f"removed {stale}: left by an earlier run that was killed")
 
-    stage = _factorize_stage(model, log, rank=rank, energy=energy, macs_ratio=macs_ratio,
-                             max_error=max_error, calibration=calibration,
-                             ignored_scope=ignored_scope, force=force,
-                             input_shapes=input_shapes, teacher=teacher, fit=fit,
-                             sensitivity=sensitivity, finetune_steps=finetune_steps,
-                             finetune_lr=finetune_lr, factorize_convs=factorize_convs)
-    shapes, calib, init = stage.shapes, stage.calib, stage.init
+    stage = _factorize_stage(model, options, log)
     records = tuning = mod = None
-    if tuned and (any(layer.factorized for layer in stage.result.layers) or not factorize_convs):
-        records, tuning, mod, slower = _tune_and_gate(tuning_stage, stage.model, stage.result,
-                                                      shapes, preset, tune, tuning_records, log,
-                                                      gate=factorize_convs)
-        if slower:
-            log(f"keeping the original conv of {len(slower)} layer(s) the device runs faster "
-                f"than DW+PW: {', '.join(sorted(slower))}")
-            kept = {layer.name: (layer.rank if layer.factorized and layer.name not in slower
-                                 else KEEP_ORIGINAL) for layer in stage.result.layers}
-            latencies = {layer.name: (layer.latency_ms, layer.original_latency_ms)
-                         for layer in stage.result.layers}
-            stage.result = init.factorize(kept)
-            tuning_stage.gating.mark_kept(stage.result.layers, slower, latencies)
-            mod = None
-    result = stage.result
+    if build.tuned and (any(layer.factorized for layer in stage.result.layers)
+                        or not factorize_convs):
+        records, tuning, mod = _tune_and_gate(stage, preset, build, log)
     report = stage.report(preset.name)
     if tuning is not None:
         report.tuning = tuning
     nothing = factorize_convs and not report.factorized_layers
+    library = _write_outputs(stage, report, preset, build, output_dir, records, mod,
+                             compiled=build.compile and not nothing, log=log)
+    out = CompileResult(output_dir, os.path.join(output_dir, MODEL_NAME), report, library)
+    if nothing:
+        reasons = sorted({layer.reason for layer in report.layers})
+        raise NoEligibleConvs(
+            f"no eligible convolutions ({len(report.layers)} convs, skipped: "
+            f"{', '.join(reasons)}); wrote the unchanged model to {out.model_path}")
+    return out
 
+
+def _write_outputs(stage: _Stage, report: Report, preset: TargetPreset, build: BuildOptions,
+                   output_dir: str, records, mod, compiled: bool, log) -> tvm_compile.Library | None:
+    """Save the model, build, export and verify the library (``compiled``), write the report:
+    all in a staging directory that replaces ``output_dir`` only once complete. Returns the
+    library as it is in ``output_dir``."""
+    result = stage.result
     staging = tempfile.mkdtemp(prefix=".dwsep-", dir=os.path.dirname(output_dir))
     interrupt.mark_temporary(staging)
     umask = os.umask(0)
@@ -285,20 +295,21 @@ def compile_model(
         quantized = bool(_quantized_ops(result.model))
         reference = _load_in_onnxruntime(model_out, quantized=quantized)
         library = None
-        if compile and not nothing:
+        if compiled:
             log(f"compiling for {preset.name} with TVM ...")
             if mod is None:
-                mod = tvm_compile.import_onnx(result.model, shapes)
+                mod = tvm_compile.import_onnx(result.model, stage.shapes)
             executable = tvm_compile.build(mod, preset, records=records)
-            library = tvm_compile.export_library(executable, preset, staging, cross_compiler)
+            library = tvm_compile.export_library(executable, preset, staging,
+                                                 build.cross_compiler)
             report.artifacts["library"] = os.path.join(output_dir, os.path.basename(library.path))
             if library.note:
                 report.notes.append(library.note)
-            if verify:
+            if build.verify:
                 log("verifying the library against onnxruntime ...")
                 report.verification = verification.verify(
                     executable, library.path if library.linked else None, preset, reference,
-                    result.model, shapes, calib,
+                    result.model, stage.shapes, stage.calib,
                     tolerance=(verification.QUANTIZED_TOLERANCE if quantized
                                else verification.TOLERANCE))
         report.artifacts["model"] = os.path.join(output_dir, MODEL_NAME)
@@ -310,41 +321,48 @@ def compile_model(
         shutil.rmtree(staging, ignore_errors=True)
         interrupt.release(staging)
         raise
-
-    out = CompileResult(output_dir, os.path.join(output_dir, MODEL_NAME), report)
-    if library is not None:
-        out.library = tvm_compile.Library(
-            os.path.join(output_dir, os.path.basename(library.path)), library.linked, library.note)
-    if nothing:
-        reasons = sorted({layer.reason for layer in report.layers})
-        raise NoEligibleConvs(
-            f"no eligible convolutions ({len(report.layers)} convs, skipped: "
-            f"{', '.join(reasons)}); wrote the unchanged model to {out.model_path}")
-    return out
+    if library is None:
+        return None
+    return tvm_compile.Library(os.path.join(output_dir, os.path.basename(library.path)),
+                               library.linked, library.note)
 
 
-def _tune_and_gate(tuning_stage, model, result, shapes, preset, tune, tuning_records, log,
-                   gate: bool = True):
-    """Tune (when asked), then measure each factorized layer against its original conv
-    (``gate=False``: the model is compiled as given; only it is tuned, nothing is gated).
+def _tune_and_gate(stage: _Stage, preset: TargetPreset, build: BuildOptions, log):
+    """Tune (``build.tune``) or read records (``build.tuning_records``), then measure each
+    factorized layer against its original conv and keep the original where DW+PW is not faster
+    (with the factorization off: only the model as given is tuned, nothing is gated).
 
-    Returns ``(records, report info, factorized Relax module, {layer: (dwpw_ms, original_ms)}
-    of the layers whose DW+PW is not faster)``; sets each layer's latencies."""
+    Returns ``(records, report info, the Relax module to build or None)``; sets each layer's
+    latencies; ``stage.result`` is the rewrite with the gated layers kept."""
+    from dwsep_compiler import tuning as tuning_stage
+
+    gate = stage.init.options.factorize
+    result, shapes = stage.result, stage.shapes
     factorized = tvm_compile.import_onnx(result.model, shapes)
-    original = tvm_compile.import_onnx(model, shapes) if gate else None
+    original = tvm_compile.import_onnx(stage.model, shapes) if gate else None
     info: dict = {}
-    if tune is not None:
+    if build.tune is not None:
         summary = tuning_stage.tune_module([factorized, original] if gate else [factorized],
-                                           preset, tune, log=log)
+                                           preset, build.tune, log=log)
         info = summary.as_dict()
-        records = tuning_stage.TuningRecords(tune.records)
+        records = tuning_stage.TuningRecords(build.tune.records)
     else:
-        records = tuning_stage.TuningRecords(tuning_records, create=False)
+        records = tuning_stage.TuningRecords(build.tuning_records, create=False)
     info["records"] = os.path.abspath(records.directory)
     slower = (tuning_stage.gating.gate(original, factorized, result, shapes,
                                        preset.tvm_target(), records) if gate else set())
     info["gated_layers"] = sorted(slower)
-    return records, info, factorized, slower
+    if not slower:
+        return records, info, factorized
+    log(f"keeping the original conv of {len(slower)} layer(s) the device runs faster "
+        f"than DW+PW: {', '.join(sorted(slower))}")
+    kept = {layer.name: (layer.rank if layer.factorized and layer.name not in slower
+                         else KEEP_ORIGINAL) for layer in result.layers}
+    latencies = {layer.name: (layer.latency_ms, layer.original_latency_ms)
+                 for layer in result.layers}
+    stage.result = stage.init.factorize(kept)
+    tuning_stage.gating.mark_kept(stage.result.layers, slower, latencies)
+    return records, info, None
 
 
 def _check_output_dir(output_dir: str, model_path: str | None) -> None:

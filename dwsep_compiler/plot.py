@@ -33,7 +33,8 @@ def macs_fraction(layer, rank: int) -> float:
     """The factorized layer's MACs at ``rank`` over the original conv's (per pixel: the ratio
     does not depend on the map size)."""
     kernel = tuple(layer.kernel)
-    return (macs.factorized_macs(1, layer.in_channels, layer.out_channels, kernel, rank, (1, 1))
+    return (macs.factorized_macs(1, layer.out_channels, layer.in_channels, kernel, (1, 1),
+                                 rank=rank)
             / macs.conv_macs(1, layer.out_channels, layer.in_channels, kernel, (1, 1)))
 
 

@@ -122,7 +122,7 @@ def _emulate(args) -> int:
     """``--emulate``: the outputs under qemu, or with ``--profile`` the per-kernel counts."""
     import json
 
-    from dwsep_compiler.device import emulate, profile
+    from dwsep_compiler.device import emulate, profile, qemu
     from dwsep_compiler.device.remote import find_artifact, load_inputs, random_inputs
 
     if args.profile:
@@ -144,7 +144,7 @@ def _emulate(args) -> int:
     from dwsep_compiler.targets import PRESETS
 
     preset = PRESETS.get(artifact.target or "")
-    cpu = args.cpu or (preset.qemu_cpu if preset else None) or emulate.DEFAULT_QEMU_CPU
+    cpu = args.cpu or (preset.qemu_cpu if preset else None) or qemu.DEFAULT_QEMU_CPU
     outputs = emulate.run_aarch64(artifact.library, ordered, qemu_cpu=cpu)
     names = artifact.output_names or [f"output_{i}" for i in range(len(outputs))]
     print(f"ran {artifact.library} under qemu-aarch64 ({cpu})")

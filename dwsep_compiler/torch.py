@@ -48,7 +48,7 @@ def factorize_(module: nn.Module, example_inputs, *, rank: int | str | None = No
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) \
         else (example_inputs,)
     module.eval()
-    exported = _export(module, inputs)
+    exported = export_onnx(module, inputs)
     convs = _conv_modules(module, exported)
     paths = {name: path for name, (path, _) in convs.items()}
     foreign = [node.name for node in exported.graph.node
@@ -78,7 +78,10 @@ def factorize_(module: nn.Module, example_inputs, *, rank: int | str | None = No
     return report
 
 
-def _export(module: nn.Module, inputs: tuple) -> onnx.ModelProto:
+def export_onnx(module: nn.Module, inputs: tuple) -> onnx.ModelProto:
+    """The ONNX graph `factorize_` works on: the TorchScript export in eval mode with a dynamic
+    batch and no constant folding (so that each conv's weight keeps its state-dict name, which
+    is how a factorized ONNX conv finds its module again)."""
     names = _input_names(module, len(inputs))
     buffer = io.BytesIO()
     try:

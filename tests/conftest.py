@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+
+from helpers import small_cnn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Caches the tests own (aarch64 root and wheels, PoCL kernels): git-ignored, reused across runs.
@@ -23,11 +28,18 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def runtime():
     """The aarch64 Python root qemu runs libraries in (built once into $DWSEP_CACHE_DIR)."""
-    from dwsep_compiler.device import emulate
+    from dwsep_compiler.device import aarch64_root
     from dwsep_compiler.errors import DwsepError
 
     try:
-        return emulate.ensure_aarch64_runtime()
+        return aarch64_root.ensure_aarch64_runtime()
     except DwsepError as exc:
         pytest.fail(f"aarch64 emulation unavailable: {exc} (tests/run.sh installs the tools)",
                     pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "cnn.onnx"
+    onnx.save(small_cnn(np.random.default_rng(0)), path)
+    return path

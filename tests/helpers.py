@@ -157,3 +157,18 @@ def flip_first_kernel(model: onnx.ModelProto) -> onnx.ModelProto:
                 numpy_helper.from_array(value[:, :, ::-1].copy(), tensor.name))
             return bad
     raise AssertionError("no spatial kernel to flip")
+
+
+def run_widths(mod, inputs, fuse=True):
+    """Build ``mod`` for every x86 vector width this machine runs (AVX-512 and AVX2 here) and
+    run each; returns the first width's outputs after checking the others compute the same
+    (within fp32 reordering), so every width is held to the test's onnxruntime comparison."""
+    from dwsep_compiler.compile import build, run_executable
+
+    results = {name: run_executable(build(mod, preset, fuse=fuse), inputs)
+               for name, preset in HOST_WIDTHS.items()}
+    first, *others = results.values()
+    for name, outs in results.items():
+        for a, b in zip(outs, first):
+            assert rel_error(a, b) < 1e-5, f"{name} differs from {next(iter(results))}"
+    return first

@@ -308,14 +308,14 @@ def _torch_cnn(seed=0):
 
 
 def test_torch_factorize_equals_the_onnx_pass_and_its_export_compiles(tmp_path):
-    from dwsep_compiler.torch import _export, factorize_
+    from dwsep_compiler.torch import export_onnx, factorize_
 
     images = torch.rand(32, 3, 16, 16)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, torch.zeros(32)), batch_size=8)
     model = _torch_cnn()
     example = images[:1]
-    reference, expected_report = factorize(_export(model, (example,)), macs_ratio=0.8,
+    reference, expected_report = factorize(export_onnx(model, (example,)), macs_ratio=0.8,
                                            calibration=loader)
     report = factorize_(model, example, macs_ratio=0.8, calibration=loader)
     assert "block.down" in {layer.name for layer in report.factorized_layers}

@@ -133,17 +133,17 @@ def _runner(executable, library_path, preset: TargetPreset):
 
         return (lambda samples: [run_executable(executable, inputs) for inputs in samples]), \
             "this machine's CPU"
-    from dwsep_compiler.device import emulate
+    from dwsep_compiler.device import aarch64_root, emulate, qemu
 
     if library_path is None or not library_path.endswith(".so"):
         return None, "the aarch64 library is not linked here (no cross compiler)"
-    runtime = emulate.find_aarch64_runtime()
+    runtime = aarch64_root.find_aarch64_runtime()
     if runtime is None:
         return None, ("no aarch64 emulation root (python -m dwsep_compiler.device.emulate --prepare "
                       "sets one up)")
-    qemu_cpu = preset.qemu_cpu or emulate.DEFAULT_QEMU_CPU
+    qemu_cpu = preset.qemu_cpu or qemu.DEFAULT_QEMU_CPU
     try:
-        emulate.find_qemu()
+        qemu.find_qemu()
     except DwsepError as exc:
         return None, first_line(exc)
 

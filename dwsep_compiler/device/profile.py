@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dwsep_compiler.device import emulate
+from dwsep_compiler.device import aarch64_root, emulate, qemu
 from dwsep_compiler.errors import DwsepError, first_line
 
 PLUGIN_SOURCE = Path(__file__).with_name("profile_plugin.c")
@@ -202,7 +202,7 @@ def plugin_library(cache_dir: str | os.PathLike | None = None) -> Path:
     """The compiled plugin, built with gcc into the cache on first use (keyed by its source)."""
     source = PLUGIN_SOURCE.read_bytes()
     key = hashlib.sha256(source).hexdigest()[:16]
-    base = Path(cache_dir) if cache_dir else emulate.default_cache_dir()
+    base = Path(cache_dir) if cache_dir else aarch64_root.default_cache_dir()
     path = base / "profiler" / f"plugin-{key}.so"
     if path.is_file():
         return path
@@ -331,7 +331,7 @@ def _exists(program: str) -> bool:
 # --- profiling a library --------------------------------------------------------------------
 
 def profile_library(library: str | os.PathLike, inputs: Sequence[np.ndarray],
-                    qemu_cpu: str = emulate.DEFAULT_QEMU_CPU, runtime=None,
+                    qemu_cpu: str = qemu.DEFAULT_QEMU_CPU, runtime=None,
                     memory: bool = True, runs: int = DEFAULT_RUNS,
                     macs: int | None = None, kernel_macs: dict[str, int] | None = None
                     ) -> Profile:
@@ -369,7 +369,7 @@ def profile_command(command, qemu_cpu: str, runtime=None, memory: bool = True,
     instructions first."""
     if runs < 2:
         raise DwsepError("profiling needs at least 2 runs (their difference is counted)")
-    runtime = runtime or emulate.ensure_aarch64_runtime()
+    runtime = runtime or aarch64_root.ensure_aarch64_runtime()
     qemu = plugin_qemu()
     counted = []
     with tempfile.TemporaryDirectory(prefix="dwsep-profile-") as tmp:
@@ -411,7 +411,7 @@ def profile_artifact(path: str | os.PathLike, cpu: str | None = None, memory: bo
     preset = PRESETS.get(artifact.target or "")
     if preset is not None and preset.is_gpu:
         raise DwsepError(f"{artifact.library} is an OpenCL build: only CPU code is profiled")
-    cpu = cpu or (preset.qemu_cpu if preset is not None else None) or emulate.DEFAULT_QEMU_CPU
+    cpu = cpu or (preset.qemu_cpu if preset is not None else None) or qemu.DEFAULT_QEMU_CPU
     specs = artifact.inputs or []
     arrays = load_inputs(inputs) if inputs else random_inputs(specs, seed)
     missing = [s.name for s in specs if s.name not in arrays]

@@ -400,7 +400,8 @@ def registered_keys(summary: dict) -> dict[str, int]:
 
 def request_session(tracker: str | tuple[str, int], key: str,
                     timeout: float = DEFAULT_SESSION_TIMEOUT_S, priority: int = 1):
-    """A `tvm.rpc.RPCSession` with a server registered at `tracker` under `key`.
+    """``(session, where)``: a `tvm.rpc.RPCSession` with a server registered at `tracker` under
+    `key`, and the server's address for messages.
 
     Waits at most `timeout` seconds for the tracker to grant one (every server under the key may
     be busy, or none registered yet); then raises a `RemoteError` saying which it was."""
@@ -443,8 +444,7 @@ def request_session(tracker: str | tuple[str, int], key: str,
     except Exception as exc:
         raise RemoteError(f"cannot connect to the RPC server at {url}:{port} (key '{key}', from "
                           f"tracker {where}): {first_line(exc, last=True)}") from None
-    session._dwsep_where = f"{url}:{port} (key {key})"
-    return session
+    return session, f"{url}:{port} (key {key})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,8 +519,7 @@ def run_library(
         if not key:
             raise RemoteError("an RPC run needs a key (--rpc-key)")
         log(f"requesting a session for key '{key}' ...")
-        session = request_session(tracker, key, session_timeout)
-        where = session._dwsep_where
+        session, where = request_session(tracker, key, session_timeout)
     else:
         machine = _normalize_arch(platform.machine())
         if artifact.arch != machine:
@@ -553,8 +552,8 @@ def run_library(
                               f"{'OpenCL' if device == 'opencl' else device} or a driver)")
     with stage("starting the Relax VM"):
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-        arity = int(vm._get_function_arity("main"))
-        names = [str(vm._get_function_param_name("main", i)) for i in range(arity)]
+        arity = int(vm.module["get_function_arity"]("main"))
+        names = [str(vm.module["get_function_param_name"]("main", i)) for i in range(arity)]
         try:
             exec_shapes = executable_shapes(str(lib["as_text"]()))
         except Exception:  # an older runtime without as_text: model.onnx shapes only

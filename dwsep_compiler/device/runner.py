@@ -230,9 +230,9 @@ def parse_random_spec(spec: str) -> tuple[tuple[int, ...], str]:
 def _param_names(vm: Any, function: str) -> list[str] | None:
     """The entry function's parameter names, where this TVM version exposes them."""
     try:
-        arity = int(vm._get_function_arity(function))
-        return [str(vm._get_function_param_name(function, i)) for i in range(arity)]
-    except Exception:  # private API; positional order is the fallback
+        arity = int(vm.module["get_function_arity"](function))
+        return [str(vm.module["get_function_param_name"](function, i)) for i in range(arity)]
+    except Exception:  # a VM function older runtimes may lack; positional order is the fallback
         return None
 
 

@@ -45,7 +45,7 @@ class RankCurve:
 def useful_ranks(out_channels: int, kernel: tuple[int, ...]) -> list[int]:
     """The ranks at which the rewrite cuts MACs (``r * (taps + N) < N * taps``)."""
     ranks, r = [], 1
-    while mac_count.reduces_macs(out_channels, kernel, r):
+    while mac_count.reduces_macs(out_channels, kernel, rank=r):
         ranks.append(r)
         r += 1
     return ranks
@@ -57,7 +57,7 @@ def svd_curve(name: str, weight, batch: int, out_spatial: tuple[int, ...]) -> Ra
     kernel = tuple(kernel)
     svd = lowrank.channel_svd(weight)
     before = mac_count.conv_macs(batch, n, m, kernel, out_spatial)
-    points = [(r, mac_count.factorized_macs(batch, m, n, kernel, r, out_spatial),
+    points = [(r, mac_count.factorized_macs(batch, n, m, kernel, out_spatial, rank=r),
                lowrank.relative_error(svd, r)) for r in useful_ranks(n, kernel)]
     return RankCurve.build(name, before, points)
 

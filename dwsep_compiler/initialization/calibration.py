@@ -460,8 +460,8 @@ def _conv_macs(spec) -> int:
 
 def _factorized_macs(spec, rank: int) -> int:
     from dwsep_compiler import macs
-    return macs.factorized_macs(spec.batch, spec.weight_shape[1], spec.weight_shape[0],
-                                tuple(spec.weight_shape[2:]), rank, spec.out_spatial)
+    return macs.factorized_macs(spec.batch, spec.weight_shape[0], spec.weight_shape[1],
+                                tuple(spec.weight_shape[2:]), spec.out_spatial, rank=rank)
 
 
 # ------------------------------------------------------------------------------ distillation

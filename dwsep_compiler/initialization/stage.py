@@ -1,6 +1,6 @@
 """The initialization stage of `compile_model`: ranks, the rewrite, and the factors' values.
 
-`check_options` validates the rank and calibration options before any work is done. An
+`FactorizeOptions.policy` checks the rank and calibration options before any work is done. An
 `Initializer` chooses the ranks once (``--rank``/``--energy`` per layer from its singular values;
 ``--macs-ratio``/``--max-error`` across layers from error-vs-rank curves), then each
 `Initializer.factorize` rewrites the ONNX model and sets every factorized layer's weights: the
@@ -35,44 +35,68 @@ FINETUNE_NEEDS_TORCH = ("--finetune-steps needs PyTorch: pip install 'dwsep-comp
                         "(torch==2.13.0)")
 
 
-def check_options(rank=None, energy=None, force: bool = False, macs_ratio=None, max_error=None,
-                  teacher: str = "original", finetune_steps: int = 0, finetune_lr: float = 1e-4,
-                  calibration=None, fit: str = "post-activation",
-                  sensitivity: str = "model-output", factorize: bool = True) -> RankPolicy:
-    """The per-layer rank policy, after checking that the options make sense together.
-    ``factorize=False``: the policy that rewrites nothing (calibration data then only feeds
-    the verification)."""
-    chosen = [flag for flag, value in (("rank", rank), ("energy", energy),
-                                       ("macs_ratio", macs_ratio), ("max_error", max_error))
-              if value is not None]
-    if not factorize:
-        given = chosen + [flag for flag, value in (("force", force),
-                                                   ("finetune_steps", finetune_steps))
-                          if value]
-        if given:
-            raise DwsepError(f"the factorization is off (--no-factorize): {', '.join(given)} "
-                             "would not be used")
-        return RankPolicy(off=True)
-    if len(chosen) > 1:
-        raise DwsepError(f"give at most one of rank, energy, macs_ratio, max_error "
-                         f"(got {', '.join(chosen)})")
-    if macs_ratio is not None and not 0.0 < macs_ratio <= 1.0:
-        raise DwsepError(f"macs_ratio must be in (0, 1], got {macs_ratio}")
-    if max_error is not None and not max_error > 0.0:
-        raise DwsepError(f"max_error must be > 0, got {max_error}")
-    if teacher not in TEACHERS:
-        raise DwsepError(f"teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
-    if fit not in FITS:
-        raise DwsepError(f"fit must be one of {', '.join(FITS)}, not {fit!r}")
-    if sensitivity not in SENSITIVITIES:
-        raise DwsepError(f"sensitivity must be one of {', '.join(SENSITIVITIES)}, "
-                         f"not {sensitivity!r}")
-    _check_finetune(finetune_steps, finetune_lr, calibration)
-    try:
-        # The exact rewrite never cuts MACs: asking for it is asking to rewrite anyway.
-        return RankPolicy(rank=rank, energy=energy, force=force or rank == "full")
-    except ValueError as exc:
-        raise DwsepError(str(exc)) from None
+@dataclass(frozen=True)
+class FactorizeOptions:
+    """What to rewrite and how to initialize it: the options `factorize`, `compile_model`, the
+    CLI and the integrations share, as one value the stages pass along (see `compile_model` for
+    each one's meaning)."""
+
+    rank: int | str | None = None
+    energy: float | None = None
+    macs_ratio: float | None = None
+    max_error: float | None = None
+    calibration: object = None  # a path or an iterable of feeds (`load_calibration`)
+    ignored_scope: tuple[str, ...] = ()
+    force: bool = False
+    input_shapes: dict | None = None
+    teacher: str = "original"
+    fit: str = "post-activation"
+    sensitivity: str = "model-output"
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4
+    factorize: bool = True  # False: --no-factorize, compile the model as given
+
+    def __post_init__(self):
+        if isinstance(self.ignored_scope, str):
+            object.__setattr__(self, "ignored_scope", (self.ignored_scope,))
+        else:
+            object.__setattr__(self, "ignored_scope", tuple(self.ignored_scope))
+
+    def policy(self) -> RankPolicy:
+        """The per-layer rank policy, after checking that the options make sense together
+        (`DwsepError` otherwise). With ``factorize=False``: the policy that rewrites nothing
+        (calibration data then only feeds the verification)."""
+        chosen = [flag for flag, value in (("rank", self.rank), ("energy", self.energy),
+                                           ("macs_ratio", self.macs_ratio),
+                                           ("max_error", self.max_error))
+                  if value is not None]
+        if not self.factorize:
+            given = chosen + [flag for flag, value in (("force", self.force),
+                                                       ("finetune_steps", self.finetune_steps))
+                              if value]
+            if given:
+                raise DwsepError(f"the factorization is off (--no-factorize): "
+                                 f"{', '.join(given)} would not be used")
+            return RankPolicy(off=True)
+        if len(chosen) > 1:
+            raise DwsepError(f"give at most one of rank, energy, macs_ratio, max_error "
+                             f"(got {', '.join(chosen)})")
+        if self.macs_ratio is not None and not 0.0 < self.macs_ratio <= 1.0:
+            raise DwsepError(f"macs_ratio must be in (0, 1], got {self.macs_ratio}")
+        if self.max_error is not None and not self.max_error > 0.0:
+            raise DwsepError(f"max_error must be > 0, got {self.max_error}")
+        for name, value, allowed in (("teacher", self.teacher, TEACHERS),
+                                     ("fit", self.fit, FITS),
+                                     ("sensitivity", self.sensitivity, SENSITIVITIES)):
+            if value not in allowed:
+                raise DwsepError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        _check_finetune(self.finetune_steps, self.finetune_lr, self.calibration)
+        try:
+            # The exact rewrite never cuts MACs: asking for it is asking to rewrite anyway.
+            return RankPolicy(rank=self.rank, energy=self.energy,
+                              force=self.force or self.rank == "full")
+        except ValueError as exc:
+            raise DwsepError(str(exc)) from None
 
 
 def _check_finetune(steps: int, lr: float, calibration) -> None:
@@ -95,38 +119,32 @@ def _check_finetune(steps: int, lr: float, calibration) -> None:
 class Initializer:
     """Rewrites ``model`` and initializes its factors; one instance per `compile_model` call.
 
-    ``policy`` gives each layer its rank unless ``macs_ratio``/``max_error`` allocate ranks across
+    ``options.policy()`` gives each layer its rank unless ``macs_ratio``/``max_error`` allocate ranks across
     layers (done once, here). ``calib``: the calibration set (None: data-free SVD)."""
 
     model: onnx.ModelProto
     shapes: dict[str, tuple[int, ...]]
-    policy: RankPolicy
-    skip: frozenset = frozenset()
+    options: FactorizeOptions
     calib: CalibrationSet | None = None
-    macs_ratio: float | None = None
-    max_error: float | None = None
-    teacher: str = "original"
-    finetune_steps: int = 0
-    finetune_lr: float = 1e-4
-    fit: str = "post-activation"
-    sensitivity: str = "model-output"
     source: str = "the input model"  # for messages
     log: Callable[[str], None] = field(default=lambda message: None)
 
     def __post_init__(self):
         self.started = time.perf_counter()
-        if self.skip:  # names the convs only when asked: the view costs a shape inference
-            self.skip = resolve_scope(self.skip, [site.name for site in conv_sites(
+        self.policy = self.options.policy()
+        self.skip = frozenset()
+        if self.options.ignored_scope:  # names the convs only when asked: a shape inference
+            self.skip = resolve_scope(self.options.ignored_scope, [site.name for site in conv_sites(
                 view_model(self.model, self.shapes))])
         self.policy_text = self.policy.describe()
         self.ranks: dict[str, int | None] | None = None
         self.allocation_info: dict | None = None
         self.distilled: dict = {}
         self.finetune_info: dict | None = None
-        if self.macs_ratio is not None or self.max_error is not None:
+        if self.options.macs_ratio is not None or self.options.max_error is not None:
             self.ranks, self.policy_text, self.allocation_info = allocate_ranks(
-                self.model, self.shapes, self.skip, self.calib, self.macs_ratio,
-                self.max_error, self.log, sensitivity=self.sensitivity)
+                self.model, self.shapes, self.skip, self.calib, self.options.macs_ratio,
+                self.options.max_error, self.log, sensitivity=self.options.sensitivity)
 
     def initial_ranks(self) -> dict[str, int] | None:
         """The allocated ranks as `factorize` takes them (None: every layer by the policy)."""
@@ -146,22 +164,22 @@ class Initializer:
             if self.ranks is not None and self.ranks.get(layer.name, 0) is None:
                 layer.rank = None
                 layer.detail = ("kept: no MAC-saving rank is within --max-error"
-                                if self.max_error is not None else
+                                if self.options.max_error is not None else
                                 "kept: the --macs-ratio allocation found this layer's error "
                                 "costlier than its MACs")
-        if self.finetune_steps and any(layer.factorized for layer in result.layers):
+        if self.options.finetune_steps and any(layer.factorized for layer in result.layers):
             from dwsep_compiler.initialization.finetune import finetune  # torch: imported only when asked for
 
             result.model, self.finetune_info = finetune(
-                self.model, result.model, result.layers, self.calib, self.finetune_steps,
-                self.finetune_lr, log=self.log)
+                self.model, result.model, result.layers, self.calib, self.options.finetune_steps,
+                self.options.finetune_lr, log=self.log)
         return result
 
     def _distill(self, view, sites, plans):
         self.log(f"distilling {sum(p.report.factorized for p in plans)} layers on "
                  f"{self.calib.used_samples} calibration samples ...")
-        out = distill_layers(self.model, view, sites, plans, self.calib, teacher=self.teacher,
-                             fit=self.fit, log=self.log)
+        out = distill_layers(self.model, view, sites, plans, self.calib, teacher=self.options.teacher,
+                             fit=self.options.fit, log=self.log)
         self.distilled.update(out.info)
         return out.sites, out.plans
 
@@ -170,7 +188,7 @@ class Initializer:
         if self.calib is None:
             return None
         out = {"source": self.calib.source, "samples": self.calib.used_samples,
-               "teacher": self.teacher, **self.distilled,
+               "teacher": self.options.teacher, **self.distilled,
                "distill_time_s": self.distilled.get("time_s"),
                "time_s": round(time.perf_counter() - self.started, 3)}
         if self.finetune_info:

@@ -138,16 +138,16 @@ def plan_conv(spec: ConvSpec, policy: RankPolicy, skip: set[str] | frozenset = f
         return skipped(SkipReason.KEPT_BY_ALLOCATION)
     svd = lowrank.channel_svd(spec.weight)
     chosen = policy.choose(svd) if rank is None else min(rank, svd.max_rank)
-    if not policy.force and not macs.reduces_macs(n, kernel, chosen):
+    if not policy.force and not macs.reduces_macs(n, kernel, rank=chosen):
         return skipped(SkipReason.NO_MAC_REDUCTION, chosen, lowrank.relative_error(svd, chosen))
     depthwise, pointwise = lowrank.factorize_kernel(spec.weight, chosen, svd)
     report = LayerReport(
         name=spec.name, status="factorized", reason=None, in_channels=m_per_group,
         out_channels=n, kernel=list(kernel), stride=list(spec.strides), rank=chosen,
         macs_before=macs_before,
-        macs_after=macs.factorized_macs(spec.batch, m_per_group, n, kernel, chosen,
-                                        spec.out_spatial),
+        macs_after=macs.factorized_macs(spec.batch, n, m_per_group, kernel, spec.out_spatial,
+                                        rank=chosen),
         params_before=params_before,
-        params_after=macs.factorized_params(m_per_group, n, kernel, chosen, spec.has_bias),
+        params_after=macs.factorized_params(n, m_per_group, kernel, spec.has_bias, rank=chosen),
         weight_rel_error=lowrank.relative_error(svd, chosen))
     return ConvPlan(report, depthwise, pointwise)

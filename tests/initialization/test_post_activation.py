@@ -99,7 +99,7 @@ def test_distillation_reports_the_post_activation_fit(tmp_path):
     ReLU, and the refit's post-activation error is never above the linear fit's."""
     import os
 
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "fashion_mnist")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fashion_mnist")
     result = compile_model(os.path.join(example, "fashion_cnn.onnx"), compile=False,
                            output_dir=str(tmp_path / "o"), rank=2,
                            calibration=os.path.join(example, "calibration.npz"))

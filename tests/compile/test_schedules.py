@@ -14,23 +14,12 @@ from dwsep_compiler.model import load_model, resolve_input_shapes
 from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 from dwsep_compiler.targets import resolve_target
 
-from helpers import (HOST_WIDTHS, conv_model, light_model_path, rel_error, run_onnx,
+from helpers import (conv_model, light_model_path, rel_error, run_onnx, run_widths,
                      small_cnn)
 
 HOST = resolve_target("host")
 
 
-def run_widths(mod, inputs, fuse=True):
-    """Build ``mod`` for every x86 vector width this machine runs (AVX-512 and AVX2 here) and
-    run each; returns the first width's outputs after checking the others compute the same
-    (within fp32 reordering), so every width is held to the test's onnxruntime comparison."""
-    results = {name: run_executable(build(mod, preset, fuse=fuse), inputs)
-               for name, preset in HOST_WIDTHS.items()}
-    first, *others = results.values()
-    for name, outs in results.items():
-        for a, b in zip(outs, first):
-            assert rel_error(a, b) < 1e-5, f"{name} differs from {next(iter(results))}"
-    return first
 TARGETS = {
     "x86-avx2": tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}),
     "x86-avx512": tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"}),
@@ -228,121 +217,6 @@ def test_softmax_is_scheduled_stage_by_stage_and_exact():
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
-@pytest.mark.parametrize("strides,hw", [((2, 2), (14, 14)), ((2, 1), (15, 9)), ((3, 2), (7, 11))])
-def test_strided_pointwise_becomes_slice_then_gemm(strides, hw):
-    """A strided 1x1 conv (ResNet's projections) is rewritten to a strided slice and a stride-1
-    pointwise conv that the Pointwise rule schedules; the output matches onnxruntime."""
-    from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
-
-    model = conv_model(np.random.default_rng(hw[0]), in_channels=24, out_channels=40,
-                       kernel=(1, 1), strides=strides, pads=(0, 0, 0, 0), input_hw=hw)
-    shape = (1, 24, *hw)
-    mod = import_onnx(model, {"x": shape})
-    rewrite = StridedPointwiseToSlice()
-    rewrite(mod)
-    assert rewrite.rewritten == 1
-    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    assert "Pointwise" in applied.values() and "Conv2D" not in applied.values(), applied
-    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    out = run_widths(mod, [x])[0]
-    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
-
-
-# (in, out, kernel, strides, pads, output_padding, dilations, group, hw): a decoder's 4x4 / 2,
-# a 3x3 / 2 with output padding, asymmetric pads on odd sizes, a dilated stride-1 one, a 1x1;
-# grouped ones stay transposed convs.
-CONV_TRANSPOSE_CASES = [
-    (16, 8, (4, 4), (2, 2), (1, 1, 1, 1), (0, 0), (1, 1), 1, (14, 14)),
-    (12, 20, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), (1, 1), 1, (9, 7)),
-    (5, 7, (3, 2), (3, 2), (0, 1, 2, 0), (0, 1), (1, 1), 1, (6, 11)),
-    (8, 8, (3, 3), (1, 1), (1, 1, 1, 1), (0, 0), (2, 2), 1, (10, 10)),
-    (6, 10, (1, 1), (2, 2), (0, 0, 0, 0), (1, 1), (1, 1), 1, (5, 5)),
-    (8, 8, (4, 4), (2, 2), (1, 1, 1, 1), (0, 0), (1, 1), 2, (8, 8)),
-]
-
-
-@pytest.mark.parametrize("case", CONV_TRANSPOSE_CASES,
-                         ids=lambda c: f"{c[0]}x{c[1]}k{c[2][0]}x{c[2][1]}s{c[3][0]}g{c[7]}")
-def test_transposed_convs_become_convs_over_the_dilated_input(case):
-    """ConvTranspose (decoders, upsampling): a stride dilation of the input and a stride-1 conv
-    with the flipped kernel, which the conv rules schedule (TVM's legalized transposed conv only
-    took the generic fallback: a small decoder 819 ms against onnxruntime's 10); outputs match
-    onnxruntime, grouped ones included (left as they are)."""
-    from onnx import helper, numpy_helper
-
-    from dwsep_compiler.passes.lowering.conv_transpose import ConvTransposeToConv
-    from helpers import make_model
-
-    cin, cout, kernel, strides, pads, output_padding, dilations, group, hw = case
-    rng = np.random.default_rng(cin * cout)
-    w = numpy_helper.from_array(
-        rng.standard_normal((cin, cout // group, *kernel)).astype(np.float32), "W")
-    b = numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B")
-    model = make_model(
-        [helper.make_node("ConvTranspose", ["x", "W", "B"], ["c"], kernel_shape=list(kernel),
-                          strides=list(strides), pads=list(pads), dilations=list(dilations),
-                          output_padding=list(output_padding), group=group),
-         helper.make_node("Relu", ["c"], ["y"])],
-        [helper.make_tensor_value_info("x", 1, [1, cin, *hw])],
-        [helper.make_tensor_value_info("y", 1, None)], [w, b])
-    shape = (1, cin, *hw)
-    mod = import_onnx(model, {"x": shape})
-    rewrite = ConvTransposeToConv()
-    rewrite(mod)
-    assert rewrite.rewritten == int(group == 1)
-    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    transposed = [name for name in applied if "conv2d_transpose" in name]
-    assert (transposed == []) == (group == 1), applied
-    if group == 1:
-        assert {"Conv2D", "Pointwise"} & set(applied.values()), applied
-    x = rng.standard_normal(shape).astype(np.float32)
-    out = run_widths(mod, [x])[0]
-    expected = run_onnx(model, {"x": x})[0]
-    assert out.shape == expected.shape
-    assert rel_error(out, expected) < 1e-5
-
-
-def test_padded_or_3x3_strided_convs_are_not_rewritten():
-    from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
-
-    for kernel, pads in [((1, 1), (1, 1, 1, 1)), ((3, 3), (0, 0, 0, 0))]:
-        model = conv_model(np.random.default_rng(0), kernel=kernel, strides=(2, 2), pads=pads)
-        rewrite = StridedPointwiseToSlice()
-        rewrite(import_onnx(model, {"x": (1, 8, 12, 12)}))
-        assert rewrite.rewritten == 0, (kernel, pads)
-
-
-def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
-    """Sigmoid (here in a pointwise conv's SiLU epilogue) is rewritten to 1 / (1 + fast_exp(-x))
-    before legalization, fuses into the conv, and stays within 1e-5 of onnxruntime over
-    float32's range, saturation included."""
-    from onnx import helper, numpy_helper
-
-    from dwsep_compiler.passes.lowering.fast_sigmoid import FastSigmoid
-    from helpers import make_model
-
-    rng = np.random.default_rng(5)
-    w = numpy_helper.from_array(rng.standard_normal((24, 12, 1, 1)).astype(np.float32), "W")
-    model = make_model(
-        [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Sigmoid", ["c"], ["s"]),
-         helper.make_node("Mul", ["c", "s"], ["y"]), helper.make_node("Sigmoid", ["x"], ["z"])],
-        [helper.make_tensor_value_info("x", 1, [1, 12, 10, 9])],
-        [helper.make_tensor_value_info("y", 1, [1, 24, 10, 9]),
-         helper.make_tensor_value_info("z", 1, [1, 12, 10, 9])], [w])
-    shape = (1, 12, 10, 9)
-    mod = import_onnx(model, {"x": shape})
-    rewrite = FastSigmoid()
-    rewrite(mod)
-    assert rewrite.rewritten == 2
-    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    assert any(rule == "Pointwise" and "sigmoid" in name for name, rule in applied.items()), applied
-    x = (rng.standard_normal(shape) * 30).astype(np.float32)  # saturates both ends
-    x.flat[:4] = [-100.0, 100.0, 0.0, -87.0]
-    outs = run_widths(mod, [x])
-    for out, expected in zip(outs, run_onnx(model, {"x": x})):
-        assert rel_error(out, expected) < 1e-5
-
-
 def _pointwise_model(rng, cin, cout, hw, batch=1, residual=False):
     """1x1 Conv (+ bias) [+ residual Add of the input] + Relu."""
     from onnx import helper, numpy_helper
@@ -515,84 +389,6 @@ def test_packed_pointwise_tunable_rows_and_gating_digests():
     wanted = gating.digest(numpy_helper.to_array(onnx_weight))
     calls = gating.kernel_calls(import_onnx(model, {"x": shape}), target)
     assert any(wanted in held for _, held in calls), "the packed kernel is not found by weight"
-
-
-@pytest.mark.parametrize("kind", ["3x3", "1x1-packed", "depthwise", "bn-on-input"])
-def test_batch_norm_folds_into_the_conv_or_decomposes(kind):
-    """Conv + bias + BatchNormalization + ReLU: the batch norm is folded into the conv's weights
-    and bias (one kernel: conv, add, relu); a batch norm on the graph input is decomposed into
-    elementwise ops; no batch_norm kernel is left and the output matches onnxruntime."""
-    from onnx import helper, numpy_helper
-
-    from dwsep_compiler.passes.lowering.fold_bn import FoldBatchNormIntoConv2D
-    from dwsep_compiler.tuning import gating
-    from helpers import make_model
-
-    rng = np.random.default_rng(7)
-    hw, cin, cout = (7, 7), (96 if kind == "1x1-packed" else 8), 32
-    if kind == "bn-on-input":
-        stats = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
-                 [("g", rng.uniform(0.5, 1.5, cin)), ("b", rng.standard_normal(cin)),
-                  ("m", rng.standard_normal(cin)), ("v", rng.uniform(0.5, 1.5, cin))]]
-        model = make_model([helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"],
-                                             ["y"], epsilon=1e-3)],
-                           [helper.make_tensor_value_info("x", 1, [1, cin, *hw])],
-                           [helper.make_tensor_value_info("y", 1, [1, cin, *hw])], stats)
-    else:
-        kernel, group, cout = {"3x3": ((3, 3), 1, 16), "1x1-packed": ((1, 1), 1, 32),
-                               "depthwise": ((3, 3), cin, cin)}[kind]
-        pads = (1, 1, 1, 1) if kernel == (3, 3) else (0, 0, 0, 0)
-        model = conv_model(rng, in_channels=cin, out_channels=cout, kernel=kernel, pads=pads,
-                           input_hw=hw, batch_norm=True, group=group)
-    shape = (1, cin, *hw)
-    mod = import_onnx(model, {"x": shape})
-    fold = FoldBatchNormIntoConv2D()
-    fold(mod)
-    assert fold.rewritten == (0 if kind == "bn-on-input" else 1)
-    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    assert not any("batch_norm" in name for name in applied), applied
-    if kind != "bn-on-input":
-        conv = [n for n in applied if "conv2d" in n]
-        assert len(conv) == 1 and "relu" in conv[0], applied
-        assert kind != "1x1-packed" or "conv2d_packed" in conv[0], applied
-        # The tuning gate still finds the conv's kernel by its ONNX weight (folded, packed).
-        weight = {t.name: t for t in model.graph.initializer}["W"]
-        wanted = gating.digest(numpy_helper.to_array(weight))
-        assert any(wanted in held for _, held in gating.kernel_calls(mod, HOST.tvm_target()))
-    x = rng.standard_normal(shape).astype(np.float32)
-    out = run_widths(mod, [x])[0]
-    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
-
-
-def test_onnx_sum_becomes_adds_fused_into_the_conv():
-    """ONNX Sum (a residual add, here with a broadcast third input): imported as stack + sum,
-    rewritten into adds that fuse with the ReLU into the conv's kernel; matches onnxruntime."""
-    from onnx import helper, numpy_helper
-
-    from dwsep_compiler.passes.lowering.sum_to_add import SumToAdd
-    from helpers import make_model
-
-    rng = np.random.default_rng(8)
-    w = numpy_helper.from_array(rng.standard_normal((12, 12, 3, 3)).astype(np.float32), "W")
-    c = numpy_helper.from_array(rng.standard_normal((12, 1, 1)).astype(np.float32), "C")
-    model = make_model(
-        [helper.make_node("Conv", ["x", "W"], ["conv"], pads=[1, 1, 1, 1]),
-         helper.make_node("Sum", ["conv", "x"], ["s2"]),
-         helper.make_node("Sum", ["s2", "C", "x"], ["s3"]),
-         helper.make_node("Relu", ["s3"], ["y"])],
-        [helper.make_tensor_value_info("x", 1, [1, 12, 9, 11])],
-        [helper.make_tensor_value_info("y", 1, [1, 12, 9, 11])], [w, c])
-    shape = (1, 12, 9, 11)
-    mod = import_onnx(model, {"x": shape})
-    rewrite = SumToAdd()
-    rewrite(mod)
-    assert rewrite.rewritten == 2
-    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    assert not any("stack" in name or "sum" in name for name in applied), applied
-    assert len(applied) == 1 and "relu" in next(iter(applied)), applied
-    x = rng.standard_normal(shape).astype(np.float32)
-    out = run_widths(mod, [x])[0]
-    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
 @pytest.mark.parametrize("cin,cout,hw,residual",
@@ -1042,31 +838,3 @@ def test_a_rule_that_raises_falls_through_and_is_recorded(monkeypatch):
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
-def test_inference_dropout_is_removed_and_the_pool_before_it_gets_its_rule():
-    """Inception's head: a global average pool then Dropout (imported as a copy plus a mask).
-    The dropout is the identity at inference: removed, so the pool is one reduction the
-    reduction rule takes (the fallback took the pool + dropout kernel); matches onnxruntime."""
-    from onnx import helper, numpy_helper
-
-    from dwsep_compiler.passes.lowering.drop_dropout import DropDropout
-    from helpers import make_model
-
-    rng = np.random.default_rng(11)
-    w = numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "W")
-    model = make_model(
-        [helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[7, 7]),
-         helper.make_node("Dropout", ["p"], ["d"], ratio=0.4),
-         helper.make_node("Flatten", ["d"], ["f"]),
-         helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)],
-        [helper.make_tensor_value_info("x", 1, [1, 16, 7, 7])],
-        [helper.make_tensor_value_info("y", 1, [1, 10])], [w], opset=11)
-    mod = import_onnx(model, {"x": (1, 16, 7, 7)})
-    drop = DropDropout()
-    drop(mod)
-    assert drop.rewritten == 1
-    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    assert not any("dropout" in name for name in applied), applied
-    assert {rule for name, rule in applied.items() if "pool" in name} == {"Reduction"}, applied
-    x = rng.standard_normal((1, 16, 7, 7)).astype(np.float32)
-    out = run_widths(mod, [x])[0]
-    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5

@@ -15,7 +15,7 @@ from dwsep_compiler.targets import PRESETS, resolve_target
 
 from helpers import rel_error, run_onnx, small_cnn
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "fashion_mnist",
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fashion_mnist",
                        "fashion_cnn.onnx")
 ARM = [name for name, preset in PRESETS.items() if preset.cross_compiled and not preset.is_gpu]
 

@@ -18,7 +18,7 @@ from helpers import conv_model, make_model, run_onnx, small_cnn, with_outputs
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="PyTorch (the finetune extra) is not installed")
-EXAMPLE_DIR = os.path.join(os.path.dirname(__file__), "..", "examples", "fashion_mnist")
+EXAMPLE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fashion_mnist")
 EXAMPLE = os.path.join(EXAMPLE_DIR, "fashion_cnn.onnx")
 CALIBRATION = os.path.join(EXAMPLE_DIR, "calibration.npz")
 

@@ -25,7 +25,7 @@ from helpers import flip_first_kernel, small_cnn
 # The CLI in a child Python with the planted bug (argv after the script).
 PLANTED_CLI = f"""
 import sys
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 from helpers import flip_first_kernel
 from dwsep_compiler import cli
 from dwsep_compiler import compile as tvm_compile

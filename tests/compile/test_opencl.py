@@ -18,51 +18,15 @@ from dwsep_compiler import compile as tvm_compile
 from dwsep_compiler.compile import opencl
 from dwsep_compiler.device import pocl
 from dwsep_compiler.errors import DwsepError
-from dwsep_compiler.initialization.ranks import RankPolicy
-from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 from dwsep_compiler.targets import resolve_target
 
-from helpers import rel_error, run_onnx, small_cnn
+from gpu_builds import PHONE, SHAPE, gpu_build
+from helpers import rel_error, run_onnx
 
 pytestmark = pytest.mark.opencl
 
-SHAPE = (1, 3, 16, 16)
-PHONE = {"max_threads_per_block": 256, "max_shared_memory_per_block": 16 * 1024}
 _CTYPE_BYTES = {"float": 4, "half": 2, "double": 8, "int": 4, "uint": 4, "char": 1, "uchar": 1,
                 "short": 2, "ushort": 2, "long": 8, "ulong": 8}
-
-
-@pytest.fixture(scope="module")
-def cl_context():
-    try:
-        import pyopencl  # noqa: F401
-    except ImportError:
-        pytest.fail("pyopencl is missing: pip install pyopencl (or '.[test]')")
-    try:
-        return pocl.pocl_context()
-    except pocl.OpenCLUnavailable as exc:
-        pytest.fail(f"no PoCL OpenCL platform: {exc}")
-
-
-@pytest.fixture(scope="module")
-def models():
-    plain = small_cnn(np.random.default_rng(0))
-    factorized = factorize_onnx(plain, {"x": SHAPE}, RankPolicy(rank=2))
-    assert [layer.status for layer in factorized.layers][:2] == ["factorized", "factorized"]
-    return {"cnn": plain, "cnn_rank2": factorized.model}
-
-
-_BUILDS: dict = {}
-
-
-def _build(models, model_name, target_name):
-    """compile.build for the preset (the product's GPU path), cached across tests."""
-    key = (model_name, target_name)
-    if key not in _BUILDS:
-        preset = resolve_target(target_name)
-        mod = tvm_compile.import_onnx(models[model_name], {"x": SHAPE})
-        _BUILDS[key] = (mod, preset, tvm_compile.build(mod, preset))
-    return _BUILDS[key]
 
 
 def _source_local_bytes(section: str) -> int:
@@ -77,7 +41,7 @@ def _source_local_bytes(section: str) -> int:
 @pytest.mark.parametrize("target_name", ["mali", "adreno"])
 @pytest.mark.parametrize("model_name", ["cnn", "cnn_rank2"])
 def test_runs_on_pocl_and_matches_onnxruntime(cl_context, models, model_name, target_name):
-    _, preset, executable = _build(models, model_name, target_name)
+    _, preset, executable = gpu_build(models, model_name, target_name)
     x = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
     (actual,) = pocl.run_on_pocl(executable, [x], context=cl_context)
     (expected,) = run_onnx(models[model_name], {"x": x})
@@ -89,7 +53,7 @@ def test_runs_on_pocl_and_matches_onnxruntime(cl_context, models, model_name, ta
 @pytest.mark.parametrize("target_name", ["mali", "adreno"])
 @pytest.mark.parametrize("model_name", ["cnn", "cnn_rank2"])
 def test_every_kernel_fits_a_phone(models, model_name, target_name):
-    _, preset, executable = _build(models, model_name, target_name)
+    _, preset, executable = gpu_build(models, model_name, target_name)
     kernels = opencl.gpu_kernels(executable)
     table = opencl.format_kernels(kernels)
     assert kernels and any(k.name.startswith(("conv2d", "fused_conv2d")) for k in kernels), table
@@ -107,7 +71,7 @@ def test_launch_sizes_match_the_scheduled_tir(models):
     """The launch sizes (read from the host code's kernel calls) agree with the thread bindings
     of the scheduled PrimFuncs, and the source is what plain tvm.compile generates with our Relax
     pipeline (TVM's for the target, our schedule rules before dlight's)."""
-    mod, preset, executable = _build(models, "cnn_rank2", "mali")
+    mod, preset, executable = gpu_build(models, "cnn_rank2", "mali")
     program = opencl.program_of(executable)
     plain = tvm.compile(mod, target=preset.tvm_target(),
                         relax_pipeline=opencl.relax_pipeline(preset)[0])
@@ -134,7 +98,7 @@ def test_launch_sizes_match_the_scheduled_tir(models):
 
 
 def test_check_limits_flags_kernels_over_the_limit(models):
-    _, preset, executable = _build(models, "cnn", "mali")
+    _, preset, executable = gpu_build(models, "cnn", "mali")
     kernels = opencl.gpu_kernels(executable)
     most_threads = max(k.threads_per_group for k in kernels)
     most_local = max(k.local_memory_bytes for k in kernels)
@@ -185,7 +149,7 @@ def test_cli_compiles_for_mali(tmp_path, models, cl_context):
 
 
 def test_run_on_pocl_checks_its_inputs(cl_context, models):
-    _, _, executable = _build(models, "cnn", "mali")
+    _, _, executable = gpu_build(models, "cnn", "mali")
     with pytest.raises(DwsepError, match=r"input x: expected \(1, 3, 16, 16\) float32"):
         pocl.run_on_pocl(executable, [np.zeros((1, 3, 8, 8), np.float32)], context=cl_context)
     with pytest.raises(DwsepError, match="launch sizes are not recoverable"):

@@ -22,7 +22,7 @@ from dwsep_compiler.schedules.gpu import Depthwise, FusedDepthwisePointwise, Poi
 from dwsep_compiler.targets import resolve_target
 
 from helpers import make_model, rel_error, run_onnx
-from test_opencl import PHONE, SHAPE, _build, cl_context, models  # noqa: F401 (fixtures)
+from gpu_builds import PHONE, SHAPE, gpu_build
 
 pytestmark = pytest.mark.opencl
 
@@ -115,7 +115,7 @@ def _conv_schedules(program) -> dict[str, str]:
 
 @pytest.mark.parametrize("target_name", TARGETS)
 def test_factorized_cnn_convs_are_ours_and_match_onnxruntime(cl_context, models, target_name):
-    _, _, executable = _build(models, "cnn_rank2", target_name)
+    _, _, executable = gpu_build(models, "cnn_rank2", target_name)
     program = opencl.program_of(executable)
     convs = _conv_schedules(program)
     # every conv ours: its two DW -> PW pairs fused, the 1x1 and the 3x3 depthwise on their own
@@ -148,7 +148,7 @@ def test_odd_shapes_match_onnxruntime(cl_context, name, target_name):
 
 @pytest.mark.parametrize("target_name", TARGETS)
 def test_every_kernel_fits_a_phone(models, target_name):
-    programs = [opencl.program_of(_build(models, "cnn_rank2", target_name)[2])]
+    programs = [opencl.program_of(gpu_build(models, "cnn_rank2", target_name)[2])]
     programs += [_odd_build(name, target_name)[3] for name in ODD_SHAPES]
     for program in programs:
         kernels = list(program.kernels.values())
@@ -217,7 +217,7 @@ def test_tunable_points_run_on_pocl(cl_context, name):
 
 def test_rules_refuse_what_is_not_theirs(models):
     """Standard 3x3 convs are dlight's; the rules decline CPU targets and each other's convs."""
-    _, _, executable = _build(models, "cnn", "mali")
+    _, _, executable = gpu_build(models, "cnn", "mali")
     convs = _conv_schedules(opencl.program_of(executable))
     assert sorted(convs.values()) == ["Depthwise", "Pointwise", "dlight", "dlight"], convs
     _, _, mod, _ = _odd_build("pw_16_residual", "mali")

@@ -32,8 +32,8 @@ from dwsep_compiler.tuning import TuningRecords
 from dwsep_compiler.tuning.tasks import extract_tasks
 
 from helpers import rel_error, run_onnx, small_cnn
-from test_rpc import (HOST, RpcEnv, _aarch64_server, _start, _stock_server, cnn,  # noqa: F401
-                      dwsep_run, free_port)  # (cnn: a fixture)
+from rpc_env import (HOST, RpcEnv, aarch64_server, dwsep_run, free_port, start_background,
+                     stock_server)
 
 RECORD_FILE = "database_tuning_record.json"
 
@@ -236,7 +236,7 @@ def farm(tmp_path_factory, runtime):  # noqa: F811
     """A tracker; two x86 servers under key "farm"; one under "victim"; aarch64 under qemu."""
     env = RpcEnv(tmp_path_factory.mktemp("tune-rpc-logs"))
     try:
-        env.processes["tracker"] = _start(
+        env.processes["tracker"] = start_background(
             "tracker", [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", HOST, "--port",
                         str(env.port), "--port-end", str(env.port + 1)], env.logs)
         deadline = time.monotonic() + 150
@@ -249,12 +249,12 @@ def farm(tmp_path_factory, runtime):  # noqa: F811
             except DwsepError:
                 assert time.monotonic() < deadline, env.processes["tracker"].tail()
                 time.sleep(0.3)
-        env.processes["aarch64"] = _aarch64_server(env, runtime)
+        env.processes["aarch64"] = aarch64_server(env, runtime)
         for name in ("farm-1", "farm-2"):
-            server = _stock_server(env, "farm")
+            server = stock_server(env, "farm")
             server.name = name
             env.processes[name] = server
-        env.processes["victim"] = _stock_server(env, "victim")
+        env.processes["victim"] = stock_server(env, "victim")
         yield env
     finally:
         env.stop()

@@ -354,7 +354,7 @@ def test_end_to_end_macs_ratio_beats_svd_only(trained, tmp_path):
     assert any("no calibration" in note for note in svd_result.report.notes)
 
 
-EXAMPLE_DIR = os.path.join(os.path.dirname(__file__), "..", "examples", "fashion_mnist")
+EXAMPLE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "fashion_mnist")
 EXAMPLE = os.path.join(EXAMPLE_DIR, "fashion_cnn.onnx")
 EXAMPLE_CALIBRATION = os.path.join(EXAMPLE_DIR, "calibration.npz")
 

@@ -21,20 +21,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dwsep_compiler.device import emulate
+from dwsep_compiler.device import aarch64_root, emulate, qemu
 from dwsep_compiler.device.runner import order_inputs, parse_random_spec
-from dwsep_compiler.device.emulate import (
-    HWCAP2_BITS,
-    HWCAP_BITS,
-    EmulationError,
-    cpu_features,
-    decode_hwcaps,
-    ensure_aarch64_runtime,
-    qemu_cpu_models,
-    required_hwcaps,
-    run_aarch64,
-    run_python,
-)
+from dwsep_compiler.device.aarch64_root import ensure_aarch64_runtime
+from dwsep_compiler.device.emulate import cpu_features, required_hwcaps, run_aarch64, run_python
+from dwsep_compiler.device.qemu import EmulationError, qemu_cpu_models
+from dwsep_compiler.device.runner import HWCAP2_BITS, HWCAP_BITS, decode_hwcaps
 from dwsep_compiler.errors import DwsepError
 
 from helpers import make_model, rel_error, run_onnx
@@ -334,17 +326,18 @@ def test_required_hwcaps_from_mattr_and_mcpu():
 
 
 def test_missing_qemu_is_named(monkeypatch, tmp_path):
-    monkeypatch.setattr(emulate, "_which", lambda name: None)
+    monkeypatch.setattr(qemu, "which", lambda name: None)
+    monkeypatch.setattr(aarch64_root, "which", lambda name: None)
     with pytest.raises(DwsepError, match="^qemu-aarch64-static not found: apt-get install "
                                          "qemu-user-static$"):
-        emulate.find_qemu()
+        qemu.find_qemu()
     with pytest.raises(DwsepError, match="qemu-aarch64-static not found"):
         ensure_aarch64_runtime(tmp_path)
 
 
 def test_missing_debootstrap_is_named(monkeypatch, tmp_path):
-    real_which = emulate._which
-    monkeypatch.setattr(emulate, "_which",
+    real_which = qemu.which
+    monkeypatch.setattr(aarch64_root, "which",
                         lambda name: None if name == "debootstrap" else real_which(name))
     with pytest.raises(DwsepError, match="^debootstrap not found: apt-get install debootstrap$"):
         ensure_aarch64_runtime(tmp_path)
@@ -354,13 +347,13 @@ def test_a_half_built_runtime_is_never_used(monkeypatch, tmp_path):
     """Leftovers of a killed build (a .build-* directory, or a runtime directory without its
     READY marker) look complete otherwise: they must be rebuilt, never used, and a failed build
     must leave nothing behind."""
-    final = emulate._runtime_dir(tmp_path)
+    final = aarch64_root.runtime_dir(tmp_path)
     killed = final.parent / f".build-{final.name}-killed"
     for directory in (final, killed):
         (directory / "root" / "usr" / "bin").mkdir(parents=True)
         (directory / "root" / "usr" / "bin" / "python3.11").write_bytes(b"")
         (directory / "site" / "tvm").mkdir(parents=True)
-    assert emulate._runtime_at(final) is None
+    assert aarch64_root.runtime_at(final) is None
 
     attempts = []
 
@@ -376,12 +369,12 @@ def test_a_half_built_runtime_is_never_used(monkeypatch, tmp_path):
         ensure_aarch64_runtime(tmp_path)
     assert len(attempts) == 1 and not attempts[0].exists()
     assert not list(final.parent.glob(".build-*"))
-    assert emulate._runtime_at(final) is None
+    assert aarch64_root.runtime_at(final) is None
 
     (final / "READY.json").write_text("{}")
-    assert emulate._runtime_at(final) == emulate.Aarch64Runtime(
+    assert aarch64_root.runtime_at(final) == qemu.Aarch64Runtime(
         root=final / "root", site=final / "site", python=final / "root/usr/bin/python3.11")
-    assert ensure_aarch64_runtime(tmp_path) == emulate._runtime_at(final)  # no build now
+    assert ensure_aarch64_runtime(tmp_path) == aarch64_root.runtime_at(final)  # no build now
     assert len(attempts) == 1
 
 
@@ -401,16 +394,16 @@ def test_debian_mirror_from_apt_sources(tmp_path, monkeypatch):
     )
     (tmp_path / "sources.list.d" / "old.list.disabled").write_text(
         "deb http://wrong.example/debian bookworm main\n")
-    assert emulate.debian_mirror(tmp_path) == "http://mirror.example/debian"
+    assert aarch64_root.debian_mirror(tmp_path) == "http://mirror.example/debian"
     (tmp_path / "sources.list").write_text(
         "# deb http://commented.example/debian bookworm main\n"
         "deb [arch=amd64 signed-by=/k.gpg] http://first.example/debian bookworm main\n"
     )
-    assert emulate.debian_mirror(tmp_path) == "http://first.example/debian"
+    assert aarch64_root.debian_mirror(tmp_path) == "http://first.example/debian"
     monkeypatch.setenv("DWSEP_DEBIAN_MIRROR", "http://override.example/debian/")
-    assert emulate.debian_mirror(tmp_path) == "http://override.example/debian"
+    assert aarch64_root.debian_mirror(tmp_path) == "http://override.example/debian"
     monkeypatch.delenv("DWSEP_DEBIAN_MIRROR")
-    assert emulate.debian_mirror(tmp_path / "nowhere") == emulate.DEFAULT_MIRROR
+    assert aarch64_root.debian_mirror(tmp_path / "nowhere") == aarch64_root.DEFAULT_MIRROR
 
 
 def test_runner_input_order_and_random_specs():
