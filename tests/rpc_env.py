@@ -16,7 +16,7 @@ import pytest
 
 from dwsep_compiler.device import emulate, qemu
 from dwsep_compiler.errors import DwsepError
-from dwsep_compiler.device.remote import tracker_summary
+from dwsep_compiler.device.tracker import tracker_summary
 
 
 

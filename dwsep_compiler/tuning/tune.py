@@ -4,8 +4,9 @@ Order of work, so that an interrupted run is never wasted:
 1. every task without a record on this target gets its untuned schedule measured and recorded
    (the baseline: the tuned schedule is never slower than it, and latency gating always has a
    number per layer);
-2. MetaSchedule's evolutionary search over the rules' spaces, with the trial budget left after
-   what the records already hold (a rerun resumes instead of starting over).
+2. MetaSchedule's task scheduler over the rules' spaces with `search.SpaceWalk` as its search
+   strategy (every point once, nearest the best measured first), with the trial budget left
+   after what the records already hold (a rerun resumes instead of starting over).
 Each measurement is appended to the records as it arrives.
 """
 
@@ -179,7 +180,7 @@ def _check_options(options: TuneOptions) -> None:
 
 def _device(options: TuneOptions, preset):
     """The RPC device and how many servers it has, or (None, 0) for this machine."""
-    from dwsep_compiler.device import remote
+    from dwsep_compiler.device import tracker
 
     if not options.rpc_tracker:
         if preset.cross_compiled:
@@ -187,9 +188,9 @@ def _device(options: TuneOptions, preset):
                              "--rpc-tracker HOST:PORT and --rpc-key KEY")
         return None, 0
     try:
-        address = remote.parse_address(options.rpc_tracker)
-        keys = remote.registered_keys(remote.tracker_summary(address))
-    except remote.RemoteError as exc:
+        address = tracker.parse_address(options.rpc_tracker)
+        keys = tracker.registered_keys(tracker.tracker_summary(address))
+    except tracker.RemoteError as exc:
         raise DwsepError(str(exc)) from None
     device = measure.RpcDevice(address, options.rpc_key)
     if not keys.get(options.rpc_key):
@@ -345,15 +346,15 @@ class Progress:
 
     def devices_gone(self) -> bool:
         """No server left under the key (the tracker asked at most every 2 s)."""
-        from dwsep_compiler.device import remote
+        from dwsep_compiler.device import tracker
 
         now = time.monotonic()
         if now - self._gone_at[0] < 2.0:
             return self._gone_at[1]
         try:
-            keys = remote.registered_keys(remote.tracker_summary(self.device.tracker, 5.0))
+            keys = tracker.registered_keys(tracker.tracker_summary(self.device.tracker, 5.0))
             gone = not keys.get(self.device.key)
-        except remote.RemoteError:
+        except tracker.RemoteError:
             gone = True
         self._gone_at = (time.monotonic(), gone)
         return gone

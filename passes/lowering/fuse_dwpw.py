@@ -20,10 +20,10 @@ from dwsep_compiler.passes import names
 
 _OUT_EWISE_FUSABLE = 4  # relay/relax OpPatternKind::kOutEWiseFusable
 
-# Fusion pays where the depthwise output is large. Measured on a 2-core AVX2 machine with the
-# schedules of this version (fused vs depthwise + pointwise kernels): 1.55x faster at 160x160,
-# 1.3x at 224x224, even at 112x112, 2x slower at 56x56 and 28x28 (where the separate pointwise
-# GEMM's flat pixel tiles beat the fused kernel's row tiles).
+# Fusion pays where the depthwise output is large: the separate pointwise GEMM's flat pixel
+# tiles beat the fused kernel's row tiles on small maps (on a 2-core AVX2 machine, fused vs
+# separate kernels: 1.55x faster at 160x160, 1.3x at 224x224, even at 112x112, 2x slower at
+# 56x56 and 28x28; re-measure with bench/speed.py when the schedules change).
 MIN_FUSED_PIXELS = 128 * 128
 
 

@@ -29,7 +29,8 @@ import pytest
 
 from dwsep_compiler import compile_model
 from dwsep_compiler.errors import DwsepError
-from dwsep_compiler.device.remote import executable_shapes, tracker_summary
+from dwsep_compiler.device.remote import executable_shapes
+from dwsep_compiler.device.tracker import tracker_summary
 
 from helpers import rel_error, run_onnx
 from rpc_env import (HOST, RUN_TIMEOUT_S, START_TIMEOUT_S, RpcEnv, aarch64_server,

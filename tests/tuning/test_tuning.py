@@ -242,7 +242,7 @@ def farm(tmp_path_factory, runtime):  # noqa: F811
         deadline = time.monotonic() + 150
         while True:
             try:
-                from dwsep_compiler.device.remote import tracker_summary
+                from dwsep_compiler.device.tracker import tracker_summary
 
                 tracker_summary(env.tracker, timeout=5)
                 break
@@ -261,7 +261,7 @@ def farm(tmp_path_factory, runtime):  # noqa: F811
 
 
 def _wait_servers(env: RpcEnv, key: str, count: int, timeout: float = 150) -> None:
-    from dwsep_compiler.device.remote import tracker_summary
+    from dwsep_compiler.device.tracker import tracker_summary
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
