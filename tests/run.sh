@@ -25,7 +25,9 @@ fi
 
 # finetune: torch==2.13.0 (a CPU build that pip takes from local disk on this project's machines);
 # pipelines, olive, plot: onnx-ir, onnxscript, NNCF, Olive, matplotlib (tests/test_pipelines.py)
-python3 -m pip install -q -e '.[test,finetune,pipelines,olive,plot]'
+# strict editable mode: a tree of links under build/ that static tools resolve (new modules
+# need this line again)
+python3 -m pip install -q -e '.[test,finetune,pipelines,olive,plot]' --config-settings editable_mode=strict
 # Real OCR and detector models (ddddocr's files only: --no-deps keeps OpenCV out; nothing of
 # ddddocr is imported) and the renderer and font of bench/ddddocr_ocr.py.
 python3 -m pip install -q --no-deps ddddocr==1.6.1 captcha==0.7.1
