@@ -5,7 +5,7 @@ The end-to-end stage trains through the whole graph when every operator is here:
 detection exports (LSTM and GRU in every direction with sequence lengths and initial states,
 Resize, Pad, Slice, Split, reductions, comparisons, Where, Cast, Expand, Tile, Softmax and
 LogSoftmax, MatMul, Gather, ...). Each follows the ONNX spec's semantics for the attributes real
-exporters use and is checked against onnxruntime (tests/test_torch_ops.py). `OPS` maps an op
+exporters use and is checked against onnxruntime (tests/initialization/test_torch_ops.py). `OPS` maps an op
 type to ``run(inputs, attributes, opset) -> outputs`` (inputs: tensors, or None for absent
 optional inputs); an attribute combination outside that raises `DwsepError`, which
 `finetune.runnable_prefix` turns into a cut at that node, as for an op missing from `OPS`.
