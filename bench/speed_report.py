@@ -6,6 +6,13 @@ from __future__ import annotations
 
 from kernels import FACTORIZED_KINDS
 
+VARIANTS = ("ort_orig", "ort_fact", "tvm_default", "ours_fact", "ours_orig")
+VARIANT_TITLES = {
+    "ort_orig": "ORT orig", "ort_fact": "ORT fact", "tvm_default": "TVM default",
+    "ours_fact": "ours fact", "ours_orig": "ours orig",
+}
+
+
 
 def _ms(stat: dict | None) -> str:
     if not stat:
@@ -143,12 +150,3 @@ def markdown(report: dict) -> str:
 def main_table(text: str) -> str:
     """The markdown up to the spread section (what the terminal shows)."""
     return text.split("\n## Spread")[0]
-
-
-VARIANTS = ("ort_orig", "ort_fact", "tvm_default", "ours_fact", "ours_orig")
-
-
-VARIANT_TITLES = {
-    "ort_orig": "ORT orig", "ort_fact": "ORT fact", "tvm_default": "TVM default",
-    "ours_fact": "ours fact", "ours_orig": "ours orig",
-}
