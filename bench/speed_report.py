@@ -3,7 +3,6 @@ the per-kernel tables."""
 
 from __future__ import annotations
 
-
 from kernels import FACTORIZED_KINDS
 
 VARIANTS = ("ort_orig", "ort_fact", "tvm_default", "ours_fact", "ours_orig")
@@ -11,7 +10,6 @@ VARIANT_TITLES = {
     "ort_orig": "ORT orig", "ort_fact": "ORT fact", "tvm_default": "TVM default",
     "ours_fact": "ours fact", "ours_orig": "ours orig",
 }
-
 
 
 def _ms(stat: dict | None) -> str:
