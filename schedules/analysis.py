@@ -123,6 +123,15 @@ def fused_dwpw_blocks(func: tirx.PrimFunc):
     return sch, pad, dw, pw, epilogue
 
 
+def output_dtype(func: tirx.PrimFunc) -> str:
+    """The element type a PrimFunc writes (its last parameter is the output buffer, as Relax
+    legalizes and our passes build them): what its vectors hold."""
+    if not isinstance(func, tirx.PrimFunc) or not func.params:
+        return "float32"
+    dtype = getattr(func.params[-1].ty, "dtype", None)  # a buffer parameter's BufferType
+    return str(dtype) if dtype is not None else "float32"
+
+
 def extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
 

@@ -20,9 +20,16 @@ from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRe
 
 
 def fast_sigmoid(x: te.Tensor) -> te.Tensor:
-    e = topi.fast_exp(topi.negative(x))
-    one = tvm.tirx.const(1, x.dtype)
-    return te.compute(x.shape, lambda *i: one / (one + e(*i)), name="fast_sigmoid")
+    """``1 / (1 + fast_exp(-x))``, computed in float32 (a float16 input is widened and the
+    result narrowed: TOPI's exponential is a float32 polynomial, and fp16's exp overflows at
+    11), vectorized like any elementwise op."""
+    wide = x if x.dtype == "float32" else topi.cast(x, "float32")
+    e = topi.fast_exp(topi.negative(wide))
+    one = tvm.tirx.const(1, "float32")
+    if x.dtype == "float32":
+        return te.compute(x.shape, lambda *i: one / (one + e(*i)), name="fast_sigmoid")
+    return te.compute(x.shape, lambda *i: (one / (one + e(*i))).astype(x.dtype),
+                      name="fast_sigmoid")
 
 
 @mutator
@@ -30,7 +37,7 @@ class _Rewriter(CallRewriter):
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.sigmoid"
-                and str(call.ty.dtype) == "float32"):
+                and str(call.ty.dtype) in ("float32", "float16")):
             self.rewritten += 1
             return self.builder_.call_te(fast_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
         return call
@@ -38,6 +45,7 @@ class _Rewriter(CallRewriter):
 
 @tvm.transform.module_pass(opt_level=0, name="FastSigmoid")
 class FastSigmoid(CallRewritePass):
-    """Rewrite every float32 ``R.sigmoid`` into a vectorizable one (``rewritten`` counts them)."""
+    """Rewrite every float32 or float16 ``R.sigmoid`` into a vectorizable one (``rewritten``
+    counts them)."""
 
     rewriter = _Rewriter

@@ -72,8 +72,9 @@ class _Fuser(PyExprMutator):
             return call
         x, w_dw = dw_call.args
         attrs = dw_call.attrs
-        if not _depthwise_ok(dw_call, x, w_dw):
+        if not _depthwise_ok(dw_call, x, w_dw) or str(w_pw.ty.dtype) != str(x.ty.dtype):
             return call
+        dtype = str(x.ty.dtype)
         x_shape = [int(d) for d in x.ty.shape]
         out_shape = [int(d) for d in call.ty.shape]
         if out_shape[2] * out_shape[3] < self.min_pixels:
@@ -81,9 +82,9 @@ class _Fuser(PyExprMutator):
         padding = [int(p) for p in attrs.padding]
         if len(padding) == 2:
             padding = padding * 2
-        xt = te.placeholder(_i64(x_shape), "float32", name="x")
-        wdt = te.placeholder(_i64(w_dw.ty.shape), "float32", name="w_dw")
-        wpt = te.placeholder(_i64(w_pw.ty.shape), "float32", name="w_pw")
+        xt = te.placeholder(_i64(x_shape), dtype, name="x")
+        wdt = te.placeholder(_i64(w_dw.ty.shape), dtype, name="w_dw")
+        wpt = te.placeholder(_i64(w_pw.ty.shape), dtype, name="w_pw")
         out = depthwise_pointwise_compute(
             xt, wdt, wpt, [int(s) for s in attrs.strides], padding,
             [int(d) for d in attrs.dilation])
@@ -92,7 +93,7 @@ class _Fuser(PyExprMutator):
         gvar = self.builder_.add_func(func, names.FUSED_DWPW)
         self.fused += 1
         return relax.call_tir(gvar, [x, w_dw, w_pw],
-                              relax.TensorType([int(d) for d in out.shape], "float32"))
+                              relax.TensorType([int(d) for d in out.shape], dtype))
 
 
 def _i64(shape) -> list:
@@ -114,9 +115,15 @@ def _is_const(expr) -> bool:
     return isinstance(expr, tvm.ir.expr.Constant)
 
 
+# The element types the CPU lowering passes rewrite (float16: --precision fp16 on ARMv8.2).
+FLOAT_DTYPES = ("float32", "float16")
+
+
 def layout_ok(attrs) -> bool:
+    """NCHW data, OIHW kernel, and an output of the input's float type."""
     return (attrs.data_layout == "NCHW" and attrs.kernel_layout == "OIHW"
-            and attrs.out_layout in ("", "NCHW") and str(attrs.out_dtype) in ("", "None", "float32"))
+            and attrs.out_layout in ("", "NCHW")
+            and str(attrs.out_dtype) in ("", "None", *FLOAT_DTYPES))
 
 
 def _pointwise_ok(call, w_pw) -> bool:
@@ -124,15 +131,15 @@ def _pointwise_ok(call, w_pw) -> bool:
     shape = [int(d) for d in w_pw.ty.shape] if _is_const(w_pw) else None
     return (shape is not None and shape[2:] == [1, 1] and int(attrs.groups) == 1
             and layout_ok(attrs) and all(int(s) == 1 for s in attrs.strides)
-            and all(int(p) == 0 for p in attrs.padding) and str(w_pw.ty.dtype) == "float32")
+            and all(int(p) == 0 for p in attrs.padding) and str(w_pw.ty.dtype) in FLOAT_DTYPES)
 
 
 def _depthwise_ok(call, x, w_dw) -> bool:
     attrs = call.attrs
-    if not (_is_const(w_dw) and layout_ok(attrs)) or str(w_dw.ty.dtype) != "float32":
+    if not (_is_const(w_dw) and layout_ok(attrs)) or str(w_dw.ty.dtype) not in FLOAT_DTYPES:
         return False
     x_shape = getattr(x.ty, "shape", None)
-    if x_shape is None or len(x_shape) != 4 or str(x.ty.dtype) != "float32":
+    if x_shape is None or len(x_shape) != 4 or str(x.ty.dtype) != str(w_dw.ty.dtype):
         return False
     try:
         channels = int(x_shape[1])

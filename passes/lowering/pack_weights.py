@@ -1,7 +1,7 @@
 """Convs whose output rows are not whole vectors: output channels in the vectors, weights
 packed into channel blocks at compile time.
 
-A float32 NCHW ``conv2d`` with a constant OIHW weight and groups = 1 whose pixels do not fill
+A float32 (or float16) NCHW ``conv2d`` with a constant OIHW weight and groups = 1 whose pixels do not fill
 vector registers (1x1 with more than `MAX_UNPACKED_POINTWISE_CHANNELS` input channels: the
 pixel count per image is not a multiple of the target's lanes; larger kernels: the output row
 is not, e.g. ResNet-50's and VGG's 56, 28, 14 and 7 on AVX-512)
@@ -35,11 +35,10 @@ from tvm import relax, te, topi
 from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.passes import names
+from dwsep_compiler.passes.lowering.call_rewriter import (CallRewritePass, CallRewriter,
+                                                          constant_value)
+from dwsep_compiler.passes.lowering.fuse_dwpw import FLOAT_DTYPES, is_conv, layout_ok
 from dwsep_compiler.schedules.cpu.tiling import channel_tile, lane_weight_block
-
-from dwsep_compiler.passes.lowering.fuse_dwpw import is_conv, layout_ok
-from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter, constant_value
-
 
 # Pointwise convs with at most this many input channels stay pixel-vectorized (partial
 # vectors): the packed tile writes its outputs back to NCHW transposed, a cost the reduction
@@ -115,28 +114,30 @@ class _Rewriter(CallRewriter):
             w_shape = [int(d) for d in w.ty.shape]
         except (AttributeError, TypeError, ValueError):  # symbolic shapes: leave them alone
             return call
+        dtype = str(call.ty.dtype)
         if (weight is None or len(x_shape) != 4 or int(attrs.groups) != 1
-                or not layout_ok(attrs) or str(call.ty.dtype) != "float32"
-                or str(x.ty.dtype) != "float32" or weight.dtype != np.float32):
+                or not layout_ok(attrs) or dtype not in FLOAT_DTYPES
+                or str(x.ty.dtype) != dtype or weight.dtype != np.dtype(dtype)):
             return call
+        lanes = self.lanes * 4 // weight.dtype.itemsize  # float16: twice the float32 lanes
         _, _, out_h, out_w = (int(d) for d in call.ty.shape)
         pointwise = (w_shape[2:] == [1, 1] and all(int(p) == 0 for p in attrs.padding)
                      and all(int(s) == 1 for s in attrs.strides))
         # The pixel-vectorized kernels vectorize the pixels (pointwise) or an output row.
-        if (out_h * out_w if pointwise else out_w) % self.lanes == 0:
-            block = lane_weight_block(w_shape[0], self.lanes) if self.fma_by_lane else None
+        if (out_h * out_w if pointwise else out_w) % lanes == 0:
+            block = lane_weight_block(w_shape[0], lanes) if self.fma_by_lane else None
             if block is None:
                 return call
         elif pointwise and w_shape[1] <= MAX_UNPACKED_POINTWISE_CHANNELS:
             return call
         else:
-            tile = channel_tile(out_h * out_w, w_shape[0], self.lanes, self.accumulators)
+            tile = channel_tile(out_h * out_w, w_shape[0], lanes, self.accumulators)
             if tile is None:
                 return call
             block, _ = tile
         packed = pack_weight(weight, block)
         self.replaced(packed, weight)
-        packed = relax.const(packed, "float32")
+        packed = relax.const(packed, dtype)
         self.rewritten += 1
         if pointwise:
             return self.builder_.call_te(packed_pointwise, x, packed,
@@ -150,8 +151,9 @@ class _Rewriter(CallRewriter):
 @tvm.transform.module_pass(opt_level=0, name="PackConvWeights")
 class PackConvWeights(CallRewritePass):
     """Rewrite the conv2d calls whose pixels (pointwise) or output rows are not whole vectors of
-    ``lanes`` into `packed_pointwise` / `packed_conv` calls with packed constant weights
-    (``rewritten`` counts them). With ``fma_by_lane`` (NEON) the convs whose pixels or rows are
+    ``lanes`` (float32 lanes of a vector register; float16 convs get twice as many) into
+    `packed_pointwise` / `packed_conv` calls with packed constant weights (``rewritten`` counts
+    them). With ``fma_by_lane`` (NEON) the convs whose pixels or rows are
     whole vectors are packed too, in blocks of `lane_weight_block` channels: the
     pixel-vectorized tiles then load each reduction step's weights for their rows as vectors."""
 

@@ -21,25 +21,19 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors,
-                                                extents,
-                                                find_conv,
-                                                group_out_channels,
-                                                inline_epilogue,
-                                                knob,
-                                                largest_divisor)
-
-from dwsep_compiler.schedules.cpu.tiling import copy_padded_input, vector_tile
+from dwsep_compiler.schedules.analysis import (divisors, extents, find_conv, group_out_channels,
+                                               inline_epilogue, knob, largest_divisor, output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv, packed_lane_block,
-                     schedule_channel_tile)
+from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv,
+                                                 packed_lane_block, schedule_channel_tile)
+from dwsep_compiler.schedules.cpu.tiling import copy_padded_input, vector_tile
 
 
 class Conv2D(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        knobs = cpu_knobs(target)
+        knobs = cpu_knobs(target, output_dtype(func))
         blocks = find_conv(func)
         block = None  # output channels per packed weight block (lane weights)
         if blocks is None:

@@ -15,7 +15,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import iter_kinds, largest_divisor
+from dwsep_compiler.schedules.analysis import iter_kinds, largest_divisor, output_dtype
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 _MAX_ROWS = 16  # batch rows handled by this rule; bigger matmuls belong to a GEMM rule
@@ -52,7 +52,7 @@ class Dense(ScheduleRule):
         epilogue = blocks[start + 1:]
         kept = [b for b in epilogue[:-1] if not _try_inline(sch, b)] + epilogue[-1:]
         last = kept[0] if len(kept) == 1 else None
-        knobs = cpu_knobs(target)
+        knobs = cpu_knobs(target, output_dtype(func))
         # Vectors of the widest power of two <= lanes that divides the columns: 1000 classes
         # on AVX-512 take 8-wide vectors (a 250-wide one, split by LLVM into registers and
         # masked parts, streamed VGG's last layer at a quarter of the bandwidth).

@@ -16,18 +16,14 @@ Knobs (sampled with ``tunable=True``): ``vectors`` per row tile, ``band_rows``.
 from __future__ import annotations
 
 from tvm import tirx
-from tvm.sym.pattern import detect_linear_equation
 from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.sym.pattern import detect_linear_equation
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors,
-                                                extents,
-                                                find_depthwise,
-                                                inline_epilogue,
-                                                knob)
-
-from dwsep_compiler.schedules.cpu.tiling import build_padded_rows, row_band, vector_tile
+from dwsep_compiler.schedules.analysis import (divisors, extents, find_depthwise, inline_epilogue,
+                                               knob, output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+from dwsep_compiler.schedules.cpu.tiling import build_padded_rows, row_band, vector_tile
 
 
 class Depthwise(ScheduleRule):
@@ -40,7 +36,7 @@ class Depthwise(ScheduleRule):
         blocks, multiplier = found
         sch = blocks.sch
         w = extents(sch, blocks.conv)[3]
-        knobs = cpu_knobs(target)
+        knobs = cpu_knobs(target, output_dtype(func))
         tile, vector = vector_tile(w, knobs.lanes, max_vectors=4)
         vectors = knob(sch, tunable, tile // vector, divisors(w // vector, 8))
         h = extents(sch, blocks.conv)[2]

@@ -11,7 +11,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import iter_kinds
+from dwsep_compiler.schedules.analysis import iter_kinds, output_dtype
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 _MIN_PARALLEL_WORK = 4096  # iterations below which threads cost more than they give
@@ -22,7 +22,7 @@ class Fallback(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        knobs = cpu_knobs(target)
+        knobs = cpu_knobs(target, output_dtype(func))
         root = sch.get_sblock("root")
         blocks = list(sch.get_child_blocks(root))
         for block in blocks[:-1]:

@@ -16,10 +16,10 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import divisors, fused_dwpw_blocks, knob, largest_divisor
-
-from dwsep_compiler.schedules.cpu.tiling import row_band, vector_tile
+from dwsep_compiler.schedules.analysis import (divisors, fused_dwpw_blocks, knob, largest_divisor,
+                                               output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, cpu_knobs
+from dwsep_compiler.schedules.cpu.tiling import row_band, vector_tile
 
 
 class FusedDepthwisePointwise(ScheduleRule):
@@ -34,7 +34,7 @@ class FusedDepthwisePointwise(ScheduleRule):
             sch.compute_inline(block)
         last = epilogue[-1] if epilogue else None
 
-        knobs = cpu_knobs(target)
+        knobs = cpu_knobs(target, output_dtype(func))
         b, n, y, x, rc = sch.get_loops(pw)
         out_channels, width = int(sch.get(n).extent), int(sch.get(x).extent)
         tile, vector = vector_tile(width, knobs.lanes, max_vectors=2)

@@ -1,4 +1,5 @@
-"""Target-derived knobs shared by the CPU rules: vector width, register budget, core count.
+"""Target-derived knobs shared by the CPU rules: vector width, register budget, core count; the
+lanes per vector follow the kernel's element type (``cpu_knobs(target, dtype)``).
 
 ARM (NEON, 128-bit, 32 vector registers) and x86 (AVX2 256-bit with 16 registers, AVX-512 with
 32) run the same algorithms; only these numbers differ.
@@ -20,12 +21,18 @@ L1_SET_SPAN = 4096
 
 @dataclass(frozen=True)
 class CPUKnobs:
-    lanes: int  # float32 lanes in one vector register
+    vector_bytes: int  # one vector register
     registers: int  # architectural vector registers
     cores: int
     # FMA by lane (NEON's FMLA by element): one vector load of weights serves ``lanes`` rows of
     # FMAs, where x86 broadcasts a weight per row from memory inside the FMA itself.
     fma_by_lane: bool = False
+    element_bytes: int = 4  # the kernel's element type: float32, or float16 (--precision fp16)
+
+    @property
+    def lanes(self) -> int:
+        """Elements in one vector register (NEON: 4 float32, 8 float16)."""
+        return self.vector_bytes // self.element_bytes
 
     @property
     def accumulators(self) -> int:
@@ -33,16 +40,18 @@ class CPUKnobs:
         return self.registers - 4 if self.registers <= 16 else self.registers - 8
 
 
-def cpu_knobs(target: tvm.target.Target) -> CPUKnobs:
+def cpu_knobs(target: tvm.target.Target, dtype: str = "float32") -> CPUKnobs:
+    """The knobs of ``target`` for kernels computing in ``dtype``."""
+    width = max(1, tvm.DataType(dtype).bits // 8)
     attrs = target.attrs
     mtriple = str(attrs.get("mtriple", "") or "")
     keys = {str(k) for k in target.keys}
     cores = int(attrs.get("num-cores", 0) or 0) or os.cpu_count() or 1
     if mtriple.startswith("aarch64") or "arm_cpu" in keys:
-        return CPUKnobs(lanes=4, registers=32, cores=cores, fma_by_lane=True)
+        return CPUKnobs(16, registers=32, cores=cores, fma_by_lane=True, element_bytes=width)
     has = tvm.target.codegen.llvm_cpu_has_features
     if has(["avx512f"], target):
-        return CPUKnobs(lanes=16, registers=32, cores=cores)
+        return CPUKnobs(64, registers=32, cores=cores, element_bytes=width)
     if has(["avx"], target):
-        return CPUKnobs(lanes=8, registers=16, cores=cores)
-    return CPUKnobs(lanes=4, registers=16, cores=cores)
+        return CPUKnobs(32, registers=16, cores=cores, element_bytes=width)
+    return CPUKnobs(16, registers=16, cores=cores, element_bytes=width)

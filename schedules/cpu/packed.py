@@ -17,15 +17,10 @@ from tvm import tirx
 from tvm.target import Target
 
 from dwsep_compiler.passes import names
-from dwsep_compiler.schedules.analysis import (ConvBlocks,
-                                               divisors,
-                                               extents,
-                                               find_conv,
-                                               inline_epilogue,
-                                               knob,
-                                               largest_divisor)
-from dwsep_compiler.schedules.cpu.tiling import channel_tile, copy_padded_input
+from dwsep_compiler.schedules.analysis import (ConvBlocks, divisors, extents, find_conv,
+                                               inline_epilogue, knob, largest_divisor)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+from dwsep_compiler.schedules.cpu.tiling import channel_tile, copy_padded_input
 
 # Input channels per K block. In-model, interleaved (2-core AVX-512): ResNet-50 rank 1 0.93x the
 # time (its 14x14 layers 256 -> 1024 and 1024 -> 256 0.82-0.85x, 2048x7x7 -> 512 0.8x),
@@ -74,7 +69,7 @@ def add_lane_weights(sch, conv, step):
 def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     sch = blocks.sch
     conv = blocks.conv
-    knobs = cpu_knobs(target)
+    knobs = cpu_knobs(target, str(sch.get(conv).writes[0].source.dtype))
     loops = extents(sch, conv)
     _, co, h, w = loops[:4]
     weight = sch.get(conv).reads[-1].source

@@ -37,20 +37,13 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors,
-                                                extents,
-                                                find_pointwise,
-                                                group_out_channels,
-                                                in_channels,
-                                                inline_epilogue,
-                                                knob,
-                                                largest_divisor)
-
-from dwsep_compiler.schedules.cpu.tiling import vector_tile
+from dwsep_compiler.schedules.analysis import (divisors, extents, find_pointwise,
+                                               group_out_channels, in_channels, inline_epilogue,
+                                               knob, largest_divisor, output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
-from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv, packed_lane_block,
-                     schedule_channel_tile)
-
+from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv,
+                                                 packed_lane_block, schedule_channel_tile)
+from dwsep_compiler.schedules.cpu.tiling import vector_tile
 
 # Input channels per unrolled step of the lane-weights tile.
 LANE_WEIGHTS_UNROLL = 4
@@ -60,7 +53,7 @@ class Pointwise(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        knobs = cpu_knobs(target)
+        knobs = cpu_knobs(target, output_dtype(func))
         blocks = find_pointwise(func, grouped=True)
         block = None  # output channels per packed weight block (lane weights)
         if blocks is None:

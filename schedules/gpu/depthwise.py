@@ -17,11 +17,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors,
-                                                extents,
-                                                find_depthwise,
-                                                inline_epilogue,
-                                                knob)
+from dwsep_compiler.schedules.analysis import (divisors, extents, find_depthwise, inline_epilogue,
+                                               knob)
 from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu, thread_candidates, threads_for
 
 

@@ -22,12 +22,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors,
-                                                extents,
-                                                find_pointwise,
-                                                inline_epilogue,
-                                                knob,
-                                                largest_divisor)
+from dwsep_compiler.schedules.analysis import (divisors, extents, find_pointwise, inline_epilogue,
+                                               knob, largest_divisor)
 from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu
 
 PIXEL_THREADS = (8, 16, 32, 64)  # tx candidates: work-items along pixels
