@@ -95,6 +95,14 @@ def _check_private_attributes(where: str, tree: ast.AST) -> None:
         if (isinstance(node, ast.Attribute) and _private(node.attr)
                 and isinstance(node.value, ast.Name) and node.value.id in aliases):
             raise AssertionError(f"{where}:{node.lineno}: {node.value.id}.{node.attr}")
+        # monkeypatch.setattr(module, "_private", ...) / setattr(module, "_private", ...)
+        if (isinstance(node, ast.Call) and len(node.args) >= 2
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "setattr"
+                and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+                and _private(node.args[1].value)):
+            raise AssertionError(f"{where}:{node.lineno}: setattr of "
+                                 f"{node.args[0].id}.{node.args[1].value}")
 
 
 def _graph() -> dict[str, set[str]]:

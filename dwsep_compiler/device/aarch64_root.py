@@ -27,14 +27,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from dwsep_compiler.device.qemu import (
-    DEFAULT_QEMU_CPU,
-    Aarch64Runtime,
-    child_setup,
-    find_qemu,
-    run_guest,
-    which,
-)
+from dwsep_compiler.device.qemu import (DEFAULT_QEMU_CPU, Aarch64Runtime, child_setup, find_qemu,
+                                        run_guest, which)
 from dwsep_compiler.errors import DwsepError
 
 logger = logging.getLogger(__name__)
@@ -213,7 +207,7 @@ def ensure_aarch64_runtime(cache_dir: str | os.PathLike[str] | None = None) -> A
     runtime = runtime_at(final)
     if runtime is not None:
         return runtime
-    tools = _check_build_tools()
+    tools = check_build_tools()
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -233,7 +227,7 @@ def ensure_aarch64_runtime(cache_dir: str | os.PathLike[str] | None = None) -> A
             build.chmod(0o755)  # mkdtemp makes it private; the runtime is for every user
             started = time.monotonic()
             mirror = debian_mirror()
-            _build(build, mirror, tools)
+            build_root(build, mirror, tools)
             manifest = {
                 "key": final.name,
                 "debian_suite": DEBIAN_SUITE,
@@ -258,13 +252,17 @@ def ensure_aarch64_runtime(cache_dir: str | os.PathLike[str] | None = None) -> A
 
 
 @dataclass(frozen=True)
-class _BuildTools:
+class BuildTools:
+    """The host tools a root build runs, found (or named as missing) before anything starts."""
+
     debootstrap: list[str]  # the command prefix (with fakeroot when not root)
     dpkg_deb: str
     qemu: str
 
 
-def _check_build_tools() -> _BuildTools:
+def check_build_tools() -> BuildTools:
+    """The tools `build_root` needs, or a `DwsepError` naming the apt package of the first
+    missing one (checked before any download)."""
     qemu = find_qemu()
     debootstrap = which("debootstrap")
     if debootstrap is None:
@@ -284,10 +282,12 @@ def _check_build_tools() -> _BuildTools:
         [sys.executable, "-m", "pip", "--version"], capture_output=True, check=False
     ).returncode:
         raise DwsepError(f"pip is not available for {sys.executable}: python -m ensurepip")
-    return _BuildTools(debootstrap=[*prefix, debootstrap], dpkg_deb=dpkg_deb, qemu=qemu)
+    return BuildTools(debootstrap=[*prefix, debootstrap], dpkg_deb=dpkg_deb, qemu=qemu)
 
 
-def _build(build: Path, mirror: str, tools: _BuildTools) -> None:
+def build_root(build: Path, mirror: str, tools: BuildTools) -> None:
+    """Debootstrap the arm64 root into ``build``, install the aarch64 wheels into its ``site``
+    and smoke-test them under qemu (`ensure_aarch64_runtime` renames it into place after)."""
     root, site = build / "root", build / "site"
     step = _Stopwatch()
     logger.info("debootstrap %s (arm64, minbase + python3) from %s", DEBIAN_SUITE, mirror)

@@ -363,8 +363,8 @@ def test_a_half_built_runtime_is_never_used(monkeypatch, tmp_path):
         (build / "root").mkdir()
         raise DwsepError("debootstrap failed (exit 1): E: simulated")
 
-    monkeypatch.setattr(emulate, "_check_build_tools", lambda: None)
-    monkeypatch.setattr(emulate, "_build", failing_build)
+    monkeypatch.setattr(aarch64_root, "check_build_tools", lambda: None)
+    monkeypatch.setattr(aarch64_root, "build_root", failing_build)
     with pytest.raises(DwsepError, match="simulated"):
         ensure_aarch64_runtime(tmp_path)
     assert len(attempts) == 1 and not attempts[0].exists()
