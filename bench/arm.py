@@ -6,7 +6,8 @@
 Per model and core, in one run: our library of the factorized model and of the original
 (`--target arm-a53` / `arm-a76`), onnxruntime's aarch64 build (1.19.2, the newest that runs
 under QEMU 7.2) on the same factorized and original ONNX files, and the NEON floor (MACs / 4:
-one 4-lane FMLA per 4 multiply-accumulates). Counted with the profiler
+one 4-lane FMLA per 4 multiply-accumulates); on cores with fp16 arithmetic (A76) also our
+library of the factorized model with ``--precision fp16`` (floor: MACs / 8). Counted with the profiler
 (`dwsep_compiler.device.profile`): instructions inside the inference libraries (ours: model.so, the TVM
 runtime, libc/libm/libstdc++; onnxruntime: its extension and the same system libraries), one
 thread, the difference of a run of ``--runs`` inferences and a run of one. Deterministic,
@@ -37,6 +38,7 @@ sys.path.insert(0, HERE)
 from dwsep_compiler import zoo  # noqa: E402
 from dwsep_compiler.device import aarch64_root, profile  # noqa: E402
 from dwsep_compiler.compile import build, export_library, import_onnx  # noqa: E402
+from dwsep_compiler.compile.precision import has_fp16  # noqa: E402
 from dwsep_compiler.macs import model_macs  # noqa: E402
 from dwsep_compiler.model import resolve_input_shapes, view_model  # noqa: E402
 from dwsep_compiler.pipeline import compile_model  # noqa: E402
@@ -128,12 +130,35 @@ def measure(name, path, options, note, cpu, runtime, ort_dir, runs, memory, work
             "onnxruntime_whole_process": sum(c.instructions for c in theirs.values()),
             "kernels": ours.as_dict()["kernels"][:12],
         }
+        row[variant]["ours_conv_kernels"] = conv_kernel_instructions(ours)
         if memory:
             row[variant]["ours_l1_misses"] = ours.total(ours.library).l1_misses
         print(f"{name} {cpu} {variant}: ours {row[variant]['ours']:.4g}, onnxruntime "
               f"{row[variant]['onnxruntime']:.4g}, floor {row[variant]['floor']:.4g}",
               flush=True)
+    if has_fp16(preset):  # --precision fp16: the factorized model in float16 on the same core
+        macs = row["factorized"]["macs"]
+        mod = import_onnx(factorized, shapes, "float16")
+        directory = os.path.join(work, f"{name}-{cpu}-fp16")
+        os.makedirs(directory, exist_ok=True)
+        library = export_library(build(mod, preset), preset, directory)
+        ours = profile.profile_library(library.path, list(inputs.values()), cpu, runtime,
+                                       memory, runs, macs=macs,
+                                       kernel_macs=profile.kernel_macs(mod, preset.tvm_target()),
+                                       lanes=profile.NEON_FP16_LANES)
+        row["fp16"] = {"macs": macs, "floor": macs / profile.NEON_FP16_LANES,
+                       "ours": inference_instructions(ours.regions, ("model.so", "libtvm")),
+                       "ours_conv_kernels": conv_kernel_instructions(ours),
+                       "kernels": ours.as_dict()["kernels"][:12]}
+        print(f"{name} {cpu} fp16: ours {row['fp16']['ours']:.4g} (fp32 "
+              f"{row['factorized']['ours']:.4g}), conv kernels {row['fp16']['ours_conv_kernels']:.4g}"
+              f" (fp32 {row['factorized']['ours_conv_kernels']:.4g})", flush=True)
     return row
+
+
+def conv_kernel_instructions(ours) -> float:
+    """Instructions of the kernels that do multiply-accumulates (convs, matmuls)."""
+    return sum(c.instructions for name, c in ours.kernels() if ours.kernel_macs.get(name))
 
 
 def markdown(rows, command) -> str:
@@ -146,6 +171,18 @@ def markdown(rows, command) -> str:
                      f"| {f['onnxruntime']:.3g} | {f['ours'] / f['onnxruntime']:.2f}x "
                      f"| {f['ours'] / f['floor']:.2f}x | {o['ours']:.3g} | {o['onnxruntime']:.3g} "
                      f"| {o['onnxruntime'] / f['ours']:.2f}x fewer |")
+    fp16 = [r for r in rows if "fp16" in r]
+    if fp16:
+        lines += ["", "`--precision fp16` (float16 inside the library), the factorized model, ours:",
+                  "", "| model | core | fp32 | fp16 | fp16 / fp32 | conv kernels fp32 | conv kernels "
+                  "fp16 | conv fp16 / fp32 | fp16 / fp16 floor |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in fp16:
+            f, h = r["factorized"], r["fp16"]
+            lines.append(f"| {r['model']} | {r['cpu']} | {f['ours']:.3g} | {h['ours']:.3g} | "
+                         f"{h['ours'] / f['ours']:.2f}x | {f['ours_conv_kernels']:.3g} | "
+                         f"{h['ours_conv_kernels']:.3g} | "
+                         f"{h['ours_conv_kernels'] / f['ours_conv_kernels']:.2f}x | "
+                         f"{h['ours'] / h['floor']:.2f}x |")
     for r in rows:
         lines += ["", f"{r['model']} on {r['cpu']}, ours factorized, top kernels:", "",
                   "| kernel | instructions | MACs | x floor |", "|---|---|---|---|"]

@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-factorize", action="store_true",
                         help="compile the model as given (already factorized, or a "
                              "hand-written MobileNet) with our schedules, tuning and checks")
+    parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                        help="arithmetic inside the library: fp16 (float16 weights and "
+                             "compute, float32 inputs and outputs) on ARMv8.2 cores "
+                             "(arm-a55, arm-a76, arm-a78) [default: fp32]")
     parser.add_argument("--no-compile", action="store_true",
                         help="stop after the ONNX rewrite (no TVM build)")
     parser.add_argument("--cross-compiler", metavar="CMD",
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             teacher=args.teacher, finetune_steps=args.finetune_steps,
             finetune_lr=args.finetune_lr, tune=tune,
             tuning_records=None if tune else args.tuning_records,
-            factorize_convs=not args.no_factorize), PROG)
+            factorize_convs=not args.no_factorize, precision=args.precision), PROG)
     except NoEligibleConvs as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

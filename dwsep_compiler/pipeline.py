@@ -21,6 +21,7 @@ from dwsep_compiler import interrupt
 from dwsep_compiler.compile import verify as verification
 from dwsep_compiler.errors import DwsepError, first_line
 from dwsep_compiler.initialization.calibration import load_calibration
+from dwsep_compiler.compile.precision import FP16_TOLERANCE, check_precision
 from dwsep_compiler.initialization.stage import KEEP_ORIGINAL, FactorizeOptions, Initializer
 from dwsep_compiler.macs import model_macs
 from dwsep_compiler.model import model_from, resolve_input_shapes, save_model, view_model
@@ -59,6 +60,7 @@ class BuildOptions:
     verify: bool = True
     tune: object = None  # tuning.TuneOptions
     tuning_records: str | None = None
+    precision: str = "fp32"  # "fp16": float16 inside the library (ARMv8.2 cores)
 
     @property
     def tuned(self) -> bool:
@@ -190,6 +192,7 @@ def compile_model(
     tune=None,
     tuning_records: str | None = None,
     factorize_convs: bool = True,
+    precision: str = "fp32",
 ) -> CompileResult:
     """Factorize ``model``'s standard convolutions and build the result for ``target``.
 
@@ -228,6 +231,11 @@ def compile_model(
     an earlier tuning run without tuning. The report's ``tuning`` and per-layer latencies say
     what was measured.
 
+    ``precision="fp16"`` (``--precision fp16``; ARMv8.2 targets only, refused elsewhere): the
+    library computes in float16 inside, float32 at its interface (`compile.precision`); it is
+    verified against the float32 model within `compile.precision.FP16_TOLERANCE`, and the
+    report's ``precision`` has its error and arg-max agreement on the calibration data.
+
     ``factorize_convs=False`` (``--no-factorize``): compile the model as given (one factorized
     earlier, a hand-written MobileNet) with our schedules, tuning and verification; no rank
     option may be given, ``calibration`` only adds verification inputs, and every conv is in
@@ -246,8 +254,9 @@ def compile_model(
                                finetune_steps=finetune_steps, finetune_lr=finetune_lr,
                                factorize=factorize_convs)
     build = BuildOptions(compile=compile, cross_compiler=cross_compiler, verify=verify,
-                         tune=tune, tuning_records=tuning_records)
+                         tune=tune, tuning_records=tuning_records, precision=precision)
     options.policy()
+    dtype = check_precision(precision, preset)
     if build.tuned:
         from dwsep_compiler import tuning as tuning_stage
 
@@ -266,6 +275,8 @@ def compile_model(
     report = stage.report(preset.name)
     if tuning is not None:
         report.tuning = tuning
+    if dtype != "float32":
+        report.precision = {"precision": precision, "dtype": dtype}
     nothing = factorize_convs and not report.factorized_layers
     library = _write_outputs(stage, report, preset, build, output_dir, records, mod,
                              compiled=build.compile and not nothing, log=log)
@@ -298,7 +309,8 @@ def _write_outputs(stage: _Stage, report: Report, preset: TargetPreset, build: B
         if compiled:
             log(f"compiling for {preset.name} with TVM ...")
             if mod is None:
-                mod = tvm_compile.import_onnx(result.model, stage.shapes)
+                mod = tvm_compile.import_onnx(result.model, stage.shapes,
+                                              check_precision(build.precision, preset))
             executable = tvm_compile.build(mod, preset, records=records)
             library = tvm_compile.export_library(executable, preset, staging,
                                                  build.cross_compiler)
@@ -310,8 +322,9 @@ def _write_outputs(stage: _Stage, report: Report, preset: TargetPreset, build: B
                 report.verification = verification.verify(
                     executable, library.path if library.linked else None, preset, reference,
                     result.model, stage.shapes, stage.calib,
-                    tolerance=(verification.QUANTIZED_TOLERANCE if quantized
-                               else verification.TOLERANCE))
+                    tolerance=_tolerance(quantized, build.precision))
+                if report.precision is not None:
+                    report.precision.update(_precision_cost(report.verification))
         report.artifacts["model"] = os.path.join(output_dir, MODEL_NAME)
         report.artifacts["report"] = os.path.join(output_dir, REPORT_NAME)
         with open(os.path.join(staging, REPORT_NAME), "w") as handle:
@@ -338,8 +351,9 @@ def _tune_and_gate(stage: _Stage, preset: TargetPreset, build: BuildOptions, log
 
     gate = stage.init.options.factorize
     result, shapes = stage.result, stage.shapes
-    factorized = tvm_compile.import_onnx(result.model, shapes)
-    original = tvm_compile.import_onnx(stage.model, shapes) if gate else None
+    dtype = check_precision(build.precision, preset)
+    factorized = tvm_compile.import_onnx(result.model, shapes, dtype)
+    original = tvm_compile.import_onnx(stage.model, shapes, dtype) if gate else None
     info: dict = {}
     if build.tune is not None:
         summary = tuning_stage.tune_module([factorized, original] if gate else [factorized],
@@ -363,6 +377,26 @@ def _tune_and_gate(stage: _Stage, preset: TargetPreset, build: BuildOptions, log
     stage.result = stage.init.factorize(kept)
     tuning_stage.gating.mark_kept(stage.result.layers, slower, latencies)
     return records, info, None
+
+
+def _tolerance(quantized: bool, precision: str) -> float:
+    """How far the library may be from onnxruntime's float32 run of the same model."""
+    tolerances = [verification.TOLERANCE]
+    if quantized:
+        tolerances.append(verification.QUANTIZED_TOLERANCE)
+    if precision == "fp16":
+        tolerances.append(FP16_TOLERANCE)
+    return max(tolerances)
+
+
+def _precision_cost(verified: dict) -> dict:
+    """What --precision fp16 costs, from the verification's run against the float32 model:
+    the largest relative error on the calibration inputs, and how often the arg-max of each
+    class-score output agrees."""
+    if not verified.get("ran"):
+        return {"calibration": None, "note": "not measured: the library was not run here ("
+                                              f"{verified.get('skipped')})"}
+    return {"calibration": verified.get("calibration")}
 
 
 def _check_output_dir(output_dir: str, model_path: str | None) -> None:

@@ -61,6 +61,8 @@ class Report:
     input_shapes: dict[str, list[int]] | None = None  # the library's (fixed) input shapes
     # --macs-ratio / --max-error: what priced the ranks and each layer's error by rank
     rank_allocation: dict | None = None
+    # the arithmetic inside the library ("fp32"; "fp16": --precision fp16, with what it costs)
+    precision: dict | None = None
 
     @property
     def factorized_layers(self) -> list[LayerReport]:
@@ -106,6 +108,7 @@ class Report:
             "calibration": self.calibration,
             "rank_allocation": self.rank_allocation,
             "tuning": self.tuning,
+            "precision": self.precision,
         }
 
     def to_json(self) -> str:

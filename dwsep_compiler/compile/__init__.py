@@ -16,17 +16,21 @@ from tvm import relax
 from tvm.relax.frontend import onnx as rx_onnx
 
 from dwsep_compiler.compile import cpu as cpu_build
+from dwsep_compiler.compile.precision import to_precision
 from dwsep_compiler.errors import DwsepError, first_line
 from dwsep_compiler.targets import TargetPreset, find_cross_compiler
 
 
-def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> tvm.IRModule:
-    """The Relax module of ``model`` with concrete input shapes (weights as constants)."""
+def import_onnx(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+                dtype: str = "float32") -> tvm.IRModule:
+    """The Relax module of ``model`` with concrete input shapes (weights as constants),
+    computing in ``dtype`` inside (float16: `precision.to_precision`)."""
     try:
-        return rx_onnx.from_onnx(model, shape_dict={k: list(v) for k, v in input_shapes.items()},
-                                 keep_params_in_input=False)
+        mod = rx_onnx.from_onnx(model, shape_dict={k: list(v) for k, v in input_shapes.items()},
+                                keep_params_in_input=False)
     except Exception as exc:
         raise DwsepError(f"TVM cannot import the model: {first_line(exc)}") from None
+    return to_precision(mod, dtype)
 
 
 def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,

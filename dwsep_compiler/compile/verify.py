@@ -91,12 +91,33 @@ def verify(executable, library_path: str | None, preset: TargetPreset,
                 worst = (error, name, label)
     info.update({"ran": where, "inputs": [label for label, _ in samples],
                  "max_rel_error": worst[0], "worst_output": worst[1]})
+    on_data = [(got, want) for (label, _), got, want in zip(samples, actual, expected)
+               if label.startswith("calibration")]
+    if on_data:
+        info["calibration"] = calibration_agreement(on_data, outputs)
     if not worst[0] <= tolerance:
         raise VerificationFailed(
             f"verification failed on {where}: output '{worst[1]}' differs from onnxruntime by "
             f"{worst[0]:.2e} (relative, tolerance {tolerance:.0e}) on the {worst[2]} input; "
             "nothing was written (--no-verify skips this check)")
     return info
+
+
+def calibration_agreement(pairs, outputs: list[str]) -> dict:
+    """The library against onnxruntime on real inputs: the largest relative error, and for each
+    output holding class scores (2-D, one row per sample) how often the arg-max agrees (what
+    a lower precision costs a classifier)."""
+    stats = {"batches": len(pairs), "max_rel_error": max(
+        (relative_error(a, e) for got, want in pairs for a, e in zip(got, want)), default=0.0)}
+    agreement = {}
+    for index, name in enumerate(outputs):
+        rows = [(np.asarray(got[index]), np.asarray(want[index])) for got, want in pairs]
+        if all(e.ndim == 2 and e.shape[1] > 1 and a.shape == e.shape for a, e in rows):
+            same = sum(int(np.sum(a.argmax(1) == e.argmax(1))) for a, e in rows)
+            agreement[name] = same / sum(e.shape[0] for _, e in rows)
+    if agreement:
+        stats["argmax_agreement"] = agreement
+    return stats
 
 
 def relative_error(actual, expected) -> float:

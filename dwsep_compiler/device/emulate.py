@@ -31,23 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from dwsep_compiler.device.aarch64_root import (
-    READY_MARKER,
-    ensure_aarch64_runtime,
-    runtime_at,
-    runtime_dir,
-)
-from dwsep_compiler.device.qemu import (
-    DEFAULT_QEMU_CPU,
-    DEFAULT_RUN_TIMEOUT_S,
-    Aarch64Runtime,
-    check_qemu_cpu,
-    child_setup,
-    find_qemu,
-    guest_command,
-    qemu_cpu_models,
-    run_guest,
-)
+from dwsep_compiler.device.aarch64_root import (READY_MARKER, ensure_aarch64_runtime, runtime_at,
+                                                runtime_dir)
+from dwsep_compiler.device.qemu import (DEFAULT_QEMU_CPU, DEFAULT_RUN_TIMEOUT_S, Aarch64Runtime,
+                                        check_qemu_cpu, child_setup, find_qemu, guest_command,
+                                        qemu_cpu_models, run_guest)
 from dwsep_compiler.device.runner import decode_hwcaps
 from dwsep_compiler.errors import DwsepError
 

@@ -34,6 +34,7 @@ from dwsep_compiler.errors import DwsepError, first_line
 
 PLUGIN_SOURCE = Path(__file__).with_name("profile_plugin.c")
 NEON_FP32_LANES = 4  # one FMLA on 128-bit vectors: 4 multiply-accumulates
+NEON_FP16_LANES = 8  # ARMv8.2 +fullfp16: 8 half-precision multiply-accumulates per FMLA
 DEFAULT_RUNS = 11
 
 
@@ -68,6 +69,7 @@ class Profile:
     macs: int | None = None
     notes: list[str] = field(default_factory=list)
     kernel_macs: dict[str, int] = field(default_factory=dict)  # PrimFunc -> MACs of all its calls
+    lanes: int = NEON_FP32_LANES  # MACs per FMLA at the floor (8 for an fp16 library)
 
     def total(self, library: str | None = None) -> Counts:
         out = Counts()
@@ -107,7 +109,7 @@ class Profile:
             share = c.instructions / lib.instructions if lib.instructions else 0.0
             macs = self.kernel_macs.get(name)
             per = f"{macs / c.instructions:>7.2f}" if macs and c.instructions else f"{'':>7}"
-            floor = (f"{c.instructions / (macs / NEON_FP32_LANES):>7.2f}" if macs
+            floor = (f"{c.instructions / (macs / self.lanes):>7.2f}" if macs
                      else f"{'':>7}")
             lines.append(f"{name[:44]:<44} {c.instructions:>11.0f} {share:>6.1%} "
                          f"{c.loads:>10.0f} {c.stores:>9.0f} {c.l1_misses:>8.0f} "
@@ -117,8 +119,10 @@ class Profile:
                      f"{lib.l2_misses:>8.0f}")
         lines.append(f"{'whole process':<44} {whole.instructions:>11.0f}")
         if self.macs:
-            floor = self.macs / NEON_FP32_LANES
-            lines.append(f"MACs {self.macs:.4g}: NEON fp32 floor (one 4-lane FMLA per 4 MACs) "
+            floor = self.macs / self.lanes
+            kind = "fp16" if self.lanes == NEON_FP16_LANES else "fp32"
+            lines.append(f"MACs {self.macs:.4g}: NEON {kind} floor (one {self.lanes}-lane FMLA "
+                         f"per {self.lanes} MACs) "
                          f"{floor:.4g} instructions; the library executes "
                          f"{lib.instructions / floor:.2f}x the floor, "
                          f"{self.macs / max(lib.instructions, 1):.2f} MACs per instruction")
@@ -333,8 +337,8 @@ def _exists(program: str) -> bool:
 def profile_library(library: str | os.PathLike, inputs: Sequence[np.ndarray],
                     qemu_cpu: str = qemu.DEFAULT_QEMU_CPU, runtime=None,
                     memory: bool = True, runs: int = DEFAULT_RUNS,
-                    macs: int | None = None, kernel_macs: dict[str, int] | None = None
-                    ) -> Profile:
+                    macs: int | None = None, kernel_macs: dict[str, int] | None = None,
+                    lanes: int = NEON_FP32_LANES) -> Profile:
     """One inference of an aarch64 ``model.so`` (from `export_library`) on the emulated
     ``qemu_cpu``, one thread: the counts of a guest that runs it ``runs`` times minus one that
     runs it once, over ``runs - 1``. ``macs``: the model's multiply-accumulates (the NEON floor
@@ -355,7 +359,7 @@ def profile_library(library: str | os.PathLike, inputs: Sequence[np.ndarray],
     library_path = next((lib for lib, _ in regions if lib.endswith(library.name)),
                         str(library))
     notes = [] if memory else ["(memory not traced: loads, stores and misses are 0)"]
-    return Profile(qemu_cpu, regions, library_path, macs, notes, dict(kernel_macs or {}))
+    return Profile(qemu_cpu, regions, library_path, macs, notes, dict(kernel_macs or {}), lanes)
 
 
 def profile_command(command, qemu_cpu: str, runtime=None, memory: bool = True,
@@ -401,6 +405,7 @@ def profile_artifact(path: str | os.PathLike, cpu: str | None = None, memory: bo
     from ``model.onnx`` as the compiler legalizes it for that target."""
     import onnx
 
+    from dwsep_compiler.compile.precision import PRECISIONS
     from dwsep_compiler.device.remote import find_artifact, load_inputs, random_inputs
     from dwsep_compiler.targets import PRESETS
 
@@ -424,6 +429,10 @@ def profile_artifact(path: str | os.PathLike, cpu: str | None = None, memory: bo
         from dwsep_compiler.compile import import_onnx
 
         shapes = {s.name: tuple(a.shape) for s, a in zip(specs, ordered)}
-        per_kernel = kernel_macs(import_onnx(onnx.load(model_path), shapes), preset.tvm_target())
+        dtype = PRECISIONS.get(artifact.precision, "float32")
+        per_kernel = kernel_macs(import_onnx(onnx.load(model_path), shapes, dtype),
+                                 preset.tvm_target())
+    fp16 = artifact.precision == "fp16"
     return profile_library(artifact.library, ordered, cpu, runtime, memory, runs,
-                           macs=sum(per_kernel.values()) or None, kernel_macs=per_kernel)
+                           macs=sum(per_kernel.values()) or None, kernel_macs=per_kernel,
+                           lanes=NEON_FP16_LANES if fp16 else NEON_FP32_LANES)

@@ -67,6 +67,7 @@ class Artifact:
     inputs: list[InputSpec] | None = None  # from model.onnx (shapes possibly symbolic)
     output_names: list[str] | None = None
     target: str | None = None  # the report's target preset name
+    precision: str = "fp32"  # the report's precision (fp16: --precision fp16)
 
 
 @dataclass
@@ -148,6 +149,7 @@ def find_artifact(path: str | os.PathLike[str]) -> Artifact:
             with open(report_path) as handle:
                 report = json.load(handle)
             artifact.target = report.get("target")
+            artifact.precision = (report.get("precision") or {}).get("precision", "fp32")
             shapes = report.get("input_shapes")  # written by newer dwsep-compile versions
         except (OSError, ValueError, AttributeError):
             shapes = None
