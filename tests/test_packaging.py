@@ -47,7 +47,8 @@ def find(name):
     where = path if not head else find(head).submodule_search_locations
     spec = importlib.machinery.PathFinder.find_spec(name, where)
     if spec is None:
-        raise SystemExit(f"not found by the path finder: {name}")
+        raise SystemExit(f"not found by the path finder: {name} (a module added since the "
+                     "install? strict mode links files at install: rerun tests/run.sh's pip line)")
     return spec
 for name in sys.argv[2:]:
     find(name)
