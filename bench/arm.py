@@ -112,13 +112,9 @@ def measure(name, path, options, note, cpu, runtime, ort_dir, runs, memory, work
            "conv_macs_ratio": result.report.totals()["conv_macs_ratio"]}
     for variant, model in (("factorized", factorized), ("original", original)):
         macs = model_macs(view_model(model, shapes))
-        mod = import_onnx(model, shapes)
-        directory = os.path.join(work, f"{name}-{cpu}-{variant}")
-        os.makedirs(directory, exist_ok=True)
-        library = export_library(build(mod, preset), preset, directory)
-        ours = profile.profile_library(library.path, list(inputs.values()), cpu, runtime,
-                                       memory, runs, macs=macs,
-                                       kernel_macs=profile.kernel_macs(mod, preset.tvm_target()))
+        ours = profile_ours(import_onnx(model, shapes), preset,
+                            os.path.join(work, f"{name}-{cpu}-{variant}"), inputs, cpu, runtime,
+                            memory, runs, macs, profile.NEON_FP32_LANES)
         theirs = ort_profile(path if variant == "original" else result.model_path, inputs,
                              cpu, runtime, ort_dir, runs, memory)
         row[variant] = {
@@ -138,14 +134,9 @@ def measure(name, path, options, note, cpu, runtime, ort_dir, runs, memory, work
               flush=True)
     if has_fp16(preset):  # --precision fp16: the factorized model in float16 on the same core
         macs = row["factorized"]["macs"]
-        mod = import_onnx(factorized, shapes, "float16")
-        directory = os.path.join(work, f"{name}-{cpu}-fp16")
-        os.makedirs(directory, exist_ok=True)
-        library = export_library(build(mod, preset), preset, directory)
-        ours = profile.profile_library(library.path, list(inputs.values()), cpu, runtime,
-                                       memory, runs, macs=macs,
-                                       kernel_macs=profile.kernel_macs(mod, preset.tvm_target()),
-                                       lanes=profile.NEON_FP16_LANES)
+        ours = profile_ours(import_onnx(factorized, shapes, "float16"), preset,
+                            os.path.join(work, f"{name}-{cpu}-fp16"), inputs, cpu, runtime,
+                            memory, runs, macs, profile.NEON_FP16_LANES)
         row["fp16"] = {"macs": macs, "floor": macs / profile.NEON_FP16_LANES,
                        "ours": inference_instructions(ours.regions, ("model.so", "libtvm")),
                        "ours_conv_kernels": conv_kernel_instructions(ours),
@@ -154,6 +145,16 @@ def measure(name, path, options, note, cpu, runtime, ort_dir, runs, memory, work
               f"{row['factorized']['ours']:.4g}), conv kernels {row['fp16']['ours_conv_kernels']:.4g}"
               f" (fp32 {row['factorized']['ours_conv_kernels']:.4g})", flush=True)
     return row
+
+
+def profile_ours(mod, preset, directory, inputs, cpu, runtime, memory, runs, macs, lanes):
+    """Build ``mod`` for ``preset`` with our pipeline and profile one inference."""
+    os.makedirs(directory, exist_ok=True)
+    library = export_library(build(mod, preset), preset, directory)
+    return profile.profile_library(library.path, list(inputs.values()), cpu, runtime, memory,
+                                   runs, macs=macs,
+                                   kernel_macs=profile.kernel_macs(mod, preset.tvm_target()),
+                                   lanes=lanes)
 
 
 def conv_kernel_instructions(ours) -> float:
