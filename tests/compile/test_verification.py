@@ -31,7 +31,7 @@ from dwsep_compiler import cli
 from dwsep_compiler import compile as tvm_compile
 
 real = tvm_compile.import_onnx
-tvm_compile.import_onnx = lambda model, shapes: real(flip_first_kernel(model), shapes)
+tvm_compile.import_onnx = lambda model, *rest: real(flip_first_kernel(model), *rest)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -50,7 +50,7 @@ def cnn(tmp_path):
 def planted(monkeypatch):
     real = tvm_compile.import_onnx
     monkeypatch.setattr(tvm_compile, "import_onnx",
-                        lambda model, shapes: real(flip_first_kernel(model), shapes))
+                        lambda model, *rest: real(flip_first_kernel(model), *rest))
 
 
 def test_host_build_is_verified_on_random_and_calibration_inputs(tmp_path, cnn):
@@ -103,7 +103,7 @@ def test_arm_builds_are_verified_under_qemu(tmp_path, cnn, runtime, monkeypatch)
     assert checked["max_rel_error"] < TOLERANCE
     real = tvm_compile.import_onnx
     monkeypatch.setattr(tvm_compile, "import_onnx",
-                        lambda model, shapes: real(flip_first_kernel(model), shapes))
+                        lambda model, *rest: real(flip_first_kernel(model), *rest))
     with pytest.raises(VerificationFailed, match="qemu-aarch64"):
         compile_model(str(path), target="arm-a53", output_dir=str(tmp_path / "a53"), rank=2)
 
