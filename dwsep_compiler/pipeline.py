@@ -21,7 +21,7 @@ from dwsep_compiler import interrupt
 from dwsep_compiler.compile import verify as verification
 from dwsep_compiler.errors import DwsepError, first_line
 from dwsep_compiler.initialization.calibration import load_calibration
-from dwsep_compiler.compile.precision import FP16_TOLERANCE, check_precision
+from dwsep_compiler.compile.precision import FP16_TOLERANCE, PRECISIONS, check_precision
 from dwsep_compiler.initialization.stage import KEEP_ORIGINAL, FactorizeOptions, Initializer
 from dwsep_compiler.macs import model_macs
 from dwsep_compiler.model import model_from, resolve_input_shapes, save_model, view_model
@@ -61,6 +61,11 @@ class BuildOptions:
     tune: object = None  # tuning.TuneOptions
     tuning_records: str | None = None
     precision: str = "fp32"  # "fp16": float16 inside the library (ARMv8.2 cores)
+
+    @property
+    def dtype(self) -> str:
+        """The element type inside the library (``precision`` is checked by `compile_model`)."""
+        return PRECISIONS[self.precision]
 
     @property
     def tuned(self) -> bool:
@@ -309,8 +314,7 @@ def _write_outputs(stage: _Stage, report: Report, preset: TargetPreset, build: B
         if compiled:
             log(f"compiling for {preset.name} with TVM ...")
             if mod is None:
-                mod = tvm_compile.import_onnx(result.model, stage.shapes,
-                                              check_precision(build.precision, preset))
+                mod = tvm_compile.import_onnx(result.model, stage.shapes, build.dtype)
             executable = tvm_compile.build(mod, preset, records=records)
             library = tvm_compile.export_library(executable, preset, staging,
                                                  build.cross_compiler)
@@ -351,9 +355,8 @@ def _tune_and_gate(stage: _Stage, preset: TargetPreset, build: BuildOptions, log
 
     gate = stage.init.options.factorize
     result, shapes = stage.result, stage.shapes
-    dtype = check_precision(build.precision, preset)
-    factorized = tvm_compile.import_onnx(result.model, shapes, dtype)
-    original = tvm_compile.import_onnx(stage.model, shapes, dtype) if gate else None
+    factorized = tvm_compile.import_onnx(result.model, shapes, build.dtype)
+    original = tvm_compile.import_onnx(stage.model, shapes, build.dtype) if gate else None
     info: dict = {}
     if build.tune is not None:
         summary = tuning_stage.tune_module([factorized, original] if gate else [factorized],
