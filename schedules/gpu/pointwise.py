@@ -63,6 +63,11 @@ class Pointwise(ScheduleRule):
         co_default = largest_divisor(co, 4)
         tx_all = [t for t in PIXEL_THREADS if t * max(CHANNEL_THREADS) <= knobs.max_threads] \
             or [max(1, knobs.max_threads // max(CHANNEL_THREADS))]
+        if pixels == 1:
+            # One pixel (a 1x1 map: ResNet's last stage at low resolution): the write-back's
+            # index does not involve threadIdx.x, and TVM drops its guard, so idle work-items
+            # stored their unset registers over the result. One work-item along pixels.
+            tx_all = [1]
         ty_all = list(CHANNEL_THREADS)
         tx_default = _pow2_at_least(-(-pixels // px_default), tx_all)
         ty_default = _pow2_at_least(-(-co // co_default), ty_all)

@@ -79,6 +79,13 @@ ODD_SHAPES = {
                                             kernel=(1, 1), epilogue="clip")),
     "pw_16_residual": ("Pointwise", dict(channels=16, hw=(8, 8), kernel=(1, 1), bias=True,
                                          residual=True, epilogue="relu")),
+    # A 1x1 map (ResNet's last stage at low resolution): the idle work-items along pixels once
+    # overwrote the result (error 1.0), with and without the local-memory stage.
+    "pw_64to16_1x1_map_relu": ("Pointwise", dict(channels=64, out_channels=16, hw=(1, 1),
+                                                 kernel=(1, 1), bias=True, epilogue="relu")),
+    "pw_4to8_1x1_map": ("Pointwise", dict(channels=4, out_channels=8, hw=(1, 1),
+                                          kernel=(1, 1))),
+    "dw_c8_1x1_map": ("Depthwise", dict(channels=8, hw=(1, 1), pads=(1, 1, 1, 1), bias=True)),
 }
 for _name, (_rule, _args) in ODD_SHAPES.items():
     if _rule == "Depthwise":
