@@ -1,5 +1,6 @@
-"""The aarch64 Python root: Debian arm64 (debootstrap, minbase) with python3.11 and the aarch64
-``apache-tvm`` runtime wheel, built once per (suite, Python, TVM, recipe) and cached under
+"""The aarch64 Python root: Debian arm64 (debootstrap, minbase) with python3.11, the OpenCL ICD
+loader (``ocl-icd-libopencl1``: the aarch64 build of our OpenCL runtime links and loads against
+it) and the aarch64 ``apache-tvm`` runtime wheel, built once per (suite, Python, TVM, recipe) and cached under
 ``DWSEP_CACHE_DIR`` (default ``./.cache``). A build goes into a ``.build-*`` sibling and is
 renamed into place only complete (`READY_MARKER`), under a lock, so that a killed or concurrent
 build never leaves a half-built root in use.
@@ -52,7 +53,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
 
 #: Bump when the build recipe changes, so that old caches are not reused.
-_RECIPE = 1
+_RECIPE = 2
 
 
 _DEBOOTSTRAP_TIMEOUT_S = 1800.0
@@ -297,7 +298,7 @@ def build_root(build: Path, mirror: str, tools: BuildTools) -> None:
             "--foreign",
             "--arch=arm64",
             "--variant=minbase",
-            "--include=python3",
+            "--include=python3,ocl-icd-libopencl1",
             DEBIAN_SUITE,
             str(root),
             mirror,
