@@ -184,6 +184,37 @@ def relax_pipeline(target, rules=None, fuse: bool = True):
     return _pipeline, schedule
 
 
+def c_identifier_inputs(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` with every ``main`` parameter named a C identifier.
+
+    TVM names an OpenCL kernel's arguments after the Relax variables that reach it, and for a
+    graph input that is the ONNX name verbatim: ``gpu_0/data_0`` or ``input.1`` made
+    ``__global float* gpu_0/data_0_ptr``, which no OpenCL compiler accepts. Invalid characters
+    become ``_`` (made unique); the VM's inputs keep their order, which is how `dwsep-run` and
+    the verification pass them."""
+    main = mod["main"]
+    taken = {p.name for p in main.params}
+    renamed = {}
+    for param in main.params:
+        name = param.name
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            continue
+        safe = re.sub(r"[^A-Za-z0-9_]", "_", name)
+        safe = safe if re.match(r"[A-Za-z_]", safe) else f"_{safe}"
+        while safe in taken:
+            safe += "_"
+        taken.add(safe)
+        renamed[param] = relax.Var(safe, param.ty)
+    if not renamed:
+        return mod
+    bound = main.bind_params(dict(renamed))
+    params = [renamed.get(p, p) for p in main.params]
+    func = relax.Function(params, bound.body, main.ret_ty, main.is_pure, main.attrs, main.span)
+    out = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    out["main"] = func
+    return out
+
+
 def lower(mod: tvm.IRModule, target, rules=None, fuse: bool = True) -> GpuProgram:
     """Run the Relax pipeline (`relax_pipeline`: TVM's for ``target``, with our schedule rules
     first; ``rules`` and ``fuse`` as there) and the TIR pipeline ``tvm.compile`` uses on
@@ -192,7 +223,7 @@ def lower(mod: tvm.IRModule, target, rules=None, fuse: bool = True) -> GpuProgra
     target = _with_host(_as_target(target))
     pipeline, schedule = relax_pipeline(target, rules, fuse)
     with target:
-        relax_mod = pipeline(mod)
+        relax_mod = pipeline(c_identifier_inputs(mod))
     program = _lower_tir(relax_mod, target)
     program.schedules = {gv.name_hint: schedule.applied.get(gv.name_hint, "dlight")
                          for gv, func in relax_mod.functions.items()
@@ -408,6 +439,22 @@ def build(mod: tvm.IRModule, target, limits: dict | None = None,
             raise GpuLimitError(f"a kernel exceeds the device limits of {label}: "
                                 f"{violations[0]}{more}")
     return executable, program
+
+
+def build_for_this_host(obj) -> relax.Executable:
+    """The same OpenCL kernels with host code for this machine: how a build whose host is a
+    phone's CPU (``mali``, ``adreno``) runs through the Relax VM on a local OpenCL device.
+
+    ``obj``: an executable made by `build` (or its `GpuProgram`). The lowered Relax module is
+    compiled again with an x86 host; its OpenCL source must be byte-identical to the shipped
+    library's (the device code does not depend on the host), or this raises."""
+    program = program_of(obj)
+    spec = dict(program.target.export())
+    spec["host"] = {"kind": "llvm"}
+    twin = tvm.compile(program.relax_mod, target=tvm.target.Target(spec), relax_pipeline=None)
+    if opencl_source(twin) != program.source:
+        raise DwsepError("internal: the host-side twin's OpenCL source differs from the library's")
+    return twin
 
 
 def target_limits(target) -> dict:
