@@ -278,6 +278,7 @@ def compile_model(
                         or not factorize_convs):
         records, tuning, mod = _tune_and_gate(stage, preset, build, log)
     report = stage.report(preset.name)
+    report.device = "opencl" if preset.is_gpu else "cpu"
     if tuning is not None:
         report.tuning = tuning
     if dtype != "float32":

@@ -63,6 +63,8 @@ class Report:
     rank_allocation: dict | None = None
     # the arithmetic inside the library ("fp32"; "fp16": --precision fp16, with what it costs)
     precision: dict | None = None
+    # where the library runs: "cpu", or "opencl" (a GPU build: dwsep-run's default device)
+    device: str | None = None
 
     @property
     def factorized_layers(self) -> list[LayerReport]:
@@ -98,6 +100,7 @@ class Report:
         return {
             "model": self.model,
             "target": self.target,
+            "device": self.device,
             "input_shapes": self.input_shapes,
             "rank_policy": self.rank_policy,
             "layers": layers,

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=count("repeat"), default=10, metavar="N",
                         help="time N runs after the first, print the median (0: no timing) [10]")
     parser.add_argument("--device", choices=("cpu", "opencl"),
-                        help="device to run on [default: opencl for mali/adreno builds, else cpu]")
+                        help="device to run on [default: opencl for GPU builds (mali, adreno, OpenCL target "
+                             "dicts), else cpu]")
     parser.add_argument("--output", metavar="FILE.npz",
                         help="save the outputs here, keyed by output name")
     parser.add_argument("-v", "--verbose", action="store_true",

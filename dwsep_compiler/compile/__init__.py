@@ -109,12 +109,15 @@ def export_library(executable: relax.Executable, preset: TargetPreset, directory
     return Library(path, linked=False, note=note)
 
 
-def run_executable(executable_or_path, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """Run a host-built library (or executable) on this machine's CPU; outputs as numpy."""
-    module = (tvm.runtime.load_module(executable_or_path)
+def run_executable(executable_or_path, inputs: list[np.ndarray], device=None) -> list[np.ndarray]:
+    """Run a host-built library (or executable) here; outputs as numpy. ``device``: where the
+    Relax VM runs it (default this machine's CPU; ``device.opencl_runtime.opencl_device()``
+    for an OpenCL library, loaded from its file: an in-memory OpenCL executable cannot launch)."""
+    device = device if device is not None else tvm.cpu()
+    module = (tvm.runtime.load_module(os.fspath(executable_or_path))
               if isinstance(executable_or_path, (str, os.PathLike)) else executable_or_path)
-    vm = relax.VirtualMachine(module, tvm.cpu())
-    result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+    vm = relax.VirtualMachine(module, device)
+    result = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x), device) for x in inputs])
     return _flatten(result)
 
 

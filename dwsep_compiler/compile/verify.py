@@ -4,12 +4,14 @@ A library that computes something else than the model it was built from must not
 mismatch fails the build (`VerificationFailed`, exit 1) instead of being printed and forgotten.
 Where it runs: host builds in this process; aarch64 CPU builds under qemu-user on the preset's
 core when the emulation root exists (``python -m dwsep_compiler.device.emulate --prepare``; it is never
-built implicitly); OpenCL builds by launching their kernels on the local OpenCL device (PoCL)
-when there is one. The report's ``verification`` says what ran, on which inputs, or why nothing
+built implicitly); OpenCL builds in the Relax VM on the local OpenCL device (PoCL here) through
+our OpenCL runtime (`device.opencl_runtime`) when there is one. The report's ``verification`` says what ran, on which inputs, or why nothing
 could run.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx
@@ -78,8 +80,11 @@ def verify(executable, library_path: str | None, preset: TargetPreset,
     expected = [reference.run(None, dict(zip(names, inputs))) for _, inputs in samples]
     try:
         actual = runner([inputs for _, inputs in samples])
-    except _CannotRun as exc:
-        return {**info, "ran": None, "skipped": str(exc)}
+    except DwsepError:
+        raise
+    except Exception as exc:  # TVM's runtime: a kernel that does not build or launch there
+        raise VerificationFailed(f"verification failed on {where}: the library did not run: "
+                                 f"{first_line(exc)}") from None
     worst = (0.0, outputs[0] if outputs else "", samples[0][0])
     for (label, _), got, want in zip(samples, actual, expected):
         if len(got) != len(want):
@@ -134,21 +139,7 @@ def relative_error(actual, expected) -> float:
 def _runner(executable, library_path, preset: TargetPreset):
     """``(run(samples) -> outputs per sample, where)``, or ``(None, why not)``."""
     if preset.is_gpu:
-        from dwsep_compiler.device import pocl
-
-        try:
-            context = pocl.pocl_context()
-        except DwsepError as exc:
-            return None, f"no local OpenCL device ({exc})"
-        device = context.devices[0].name.strip()
-
-        def on_opencl(samples):
-            try:
-                return [pocl.run_on_pocl(executable, inputs, context) for inputs in samples]
-            except pocl.UnsupportedOnPocl as exc:
-                raise _CannotRun(f"cannot replay the build on {device}: {exc}") from None
-
-        return on_opencl, f"OpenCL device {device}"
+        return _opencl_runner(executable, library_path, preset)
     if preset.host_arch == "host":
         from dwsep_compiler.compile import run_executable
 
@@ -174,5 +165,30 @@ def _runner(executable, library_path, preset: TargetPreset):
     return on_qemu, f"qemu-aarch64 ({qemu_cpu})"
 
 
-class _CannotRun(Exception):
-    """The build cannot be replayed where it was about to run (the report says why)."""
+def _opencl_runner(executable, library_path, preset: TargetPreset):
+    """The library in the Relax VM on the local OpenCL device, through our OpenCL runtime.
+
+    A library whose host code is this machine's runs as written (``model.so``); one whose host is
+    a phone's CPU runs its OpenCL kernels with host code built for this machine
+    (`opencl.build_for_this_host`: the device source is checked to be byte-identical)."""
+    import tempfile
+
+    from dwsep_compiler.compile import opencl, run_executable
+    from dwsep_compiler.device import opencl_runtime
+
+    try:
+        device = opencl_runtime.opencl_device()
+    except DwsepError as exc:
+        return None, f"no local OpenCL device ({first_line(exc)})"
+    name = device.device_name.strip()
+    if preset.host_arch == "host" and library_path and library_path.endswith(".so"):
+        return (lambda samples: [run_executable(library_path, inputs, device)
+                                 for inputs in samples]), f"OpenCL device {name}"
+
+    def on_twin(samples):
+        with tempfile.TemporaryDirectory(prefix="dwsep-opencl-") as tmp:
+            path = os.path.join(tmp, "model.so")
+            opencl.build_for_this_host(executable).export_library(path)
+            return [run_executable(path, inputs, device) for inputs in samples]
+
+    return on_twin, f"OpenCL device {name} (the library's kernels, host code for this machine)"

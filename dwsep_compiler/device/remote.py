@@ -68,6 +68,7 @@ class Artifact:
     output_names: list[str] | None = None
     target: str | None = None  # the report's target preset name
     precision: str = "fp32"  # the report's precision (fp16: --precision fp16)
+    device: str | None = None  # the report's: "opencl" for a GPU build, "cpu"
 
 
 @dataclass
@@ -149,6 +150,7 @@ def find_artifact(path: str | os.PathLike[str]) -> Artifact:
             with open(report_path) as handle:
                 report = json.load(handle)
             artifact.target = report.get("target")
+            artifact.device = report.get("device")
             artifact.precision = (report.get("precision") or {}).get("precision", "fp32")
             shapes = report.get("input_shapes")  # written by newer dwsep-compile versions
         except (OSError, ValueError, AttributeError):
@@ -356,14 +358,16 @@ def run_library(
     `tracker` grants for `key`; with `tracker=None`, on this machine (host libraries only).
 
     `inputs`: arrays keyed by input name, an .npz path, or None for random inputs of the
-    library's shapes (`seed`). `device`: "cpu" or "opencl" (default: opencl for mali/adreno
-    builds, else cpu). `repeat`: timed runs after the first (0: none). Returns the outputs (keyed
+    library's shapes (`seed`). `device`: "cpu" or "opencl" (default: opencl for GPU builds,
+    else cpu; here, OpenCL runs through `opencl_runtime`, on a server through the runtime it
+    loaded: ``rpc_server.py --load-library libdwsep_opencl.so``). `repeat`: timed runs after the first (0: none). Returns the outputs (keyed
     by the ONNX output names when model.onnx is next to the library) and the median latency."""
     log = log or (lambda message: None)
     if repeat < 0:
         raise RemoteError(f"repeat must be >= 0, not {repeat}")
     artifact = find_artifact(path)
-    device = device or ("opencl" if artifact.target in ("mali", "adreno") else "cpu")
+    device = device or artifact.device or (
+        "opencl" if artifact.target in ("mali", "adreno") else "cpu")
     if device not in DEVICES:
         raise RemoteError(f"unknown device '{device}' (one of {', '.join(DEVICES)})")
     arrays = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else (
@@ -390,6 +394,10 @@ def run_library(
         if remote:
             log(f"uploading {artifact.library} to {where} ...")
             session.upload(artifact.library, LIBRARY_NAME)
+    if device == "opencl" and not remote:
+        from dwsep_compiler.device import opencl_runtime
+
+        opencl_runtime.load_runtime()  # TVM's wheel has no OpenCL runtime: ours
     with stage(f"loading {LIBRARY_NAME}"):
         try:
             lib = (session.load_module(LIBRARY_NAME) if remote
