@@ -139,6 +139,18 @@ def aarch64_server(env: RpcEnv, runtime: qemu.Aarch64Runtime) -> Background:
                       cmd, qemu.DEFAULT_QEMU_CPU, runtime, **kw))
 
 
+def opencl_server(env: RpcEnv) -> Background:
+    """Our RPC server on this machine with our OpenCL runtime loaded (PoCL is the device)."""
+    from dwsep_compiler.device import opencl_runtime
+
+    port = free_port()
+    return start_background("opencl", [sys.executable, str(emulate.RPC_SERVER_SCRIPT),
+                                       "--tracker", env.tracker, "--key", "opencl",
+                                       "--host", HOST, "--port", str(port),
+                                       "--port-end", str(port + 1), "--load-library",
+                                       str(opencl_runtime.build_runtime())], env.logs)
+
+
 def dwsep_run(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dwsep_compiler.run_cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, check=False)

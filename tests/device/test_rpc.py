@@ -17,6 +17,7 @@ aarch64 cross compiler, qemu-user-static, debootstrap: tests/run.sh installs the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ from dwsep_compiler.device.tracker import tracker_summary
 
 from helpers import rel_error, run_onnx
 from rpc_env import (HOST, RUN_TIMEOUT_S, START_TIMEOUT_S, RpcEnv, aarch64_server,
-                     dwsep_run, free_port, start_background, stock_server)
+                     dwsep_run, free_port, opencl_server, start_background, stock_server)
 
 pytestmark = pytest.mark.rpc
 
@@ -78,6 +79,7 @@ def rpc(tmp_path_factory, runtime):
         env.processes["aarch64"] = aarch64_server(env, runtime)
         env.processes["x86"] = stock_server(env, "x86")
         env.processes["victim"] = stock_server(env, "victim")
+        env.processes["opencl"] = opencl_server(env)
         yield env
     finally:
         env.stop()
@@ -87,6 +89,15 @@ def rpc(tmp_path_factory, runtime):
 def host_build(cnn) -> Path:
     return Path(compile_model(str(cnn), target="host", output_dir=str(cnn.parent / "host"),
                               rank=2).output_dir)
+
+
+@pytest.fixture(scope="module")
+def opencl_build(cnn) -> Path:
+    """An OpenCL target with an x86 host: the library as shipped runs on the opencl server."""
+    target = {"kind": "opencl", "device": "mali", "max_num_threads": 256,
+              "max_shared_memory_per_block": 16384, "host": {"kind": "llvm"}}
+    return Path(compile_model(str(cnn), target=json.dumps(target),
+                              output_dir=str(cnn.parent / "opencl"), rank=2).output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +170,21 @@ def test_aarch64_server_under_qemu_matches_onnxruntime(rpc, arm_build, cnn_input
     check_against_onnxruntime(arm_build, arrays, out)
     log = server.log.read_text(errors="replace")
     assert "libtvm_runtime_extra.so" in log, log  # loaded before serving
+
+
+@pytest.mark.opencl
+def test_opencl_server_runs_an_opencl_library(rpc, opencl_build, cnn_inputs, tmp_path):
+    """Our server with our OpenCL runtime loaded (--load-library): the VM runs on its OpenCL
+    device (the report's default device), through the tracker."""
+    inputs_path, arrays = cnn_inputs
+    server = rpc.wait_for("opencl")
+    out = tmp_path / "out.npz"
+    proc = dwsep_run(opencl_build, "--rpc-tracker", rpc.tracker, "--rpc-key", "opencl",
+                     "--inputs", inputs_path, "--repeat", "3", "--output", out)
+    assert proc.returncode == 0, f"{proc.stderr}\nserver log:\n{server.tail()}"
+    assert "(key opencl), device opencl" in proc.stdout, proc.stdout
+    check_against_onnxruntime(opencl_build, arrays, out)
+    assert "libdwsep_opencl.so" in server.log.read_text(errors="replace")
 
 
 def test_random_inputs_take_the_library_shapes(rpc, host_build, tmp_path):
