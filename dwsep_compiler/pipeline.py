@@ -354,7 +354,9 @@ def _tune_and_gate(stage: _Stage, preset: TargetPreset, build: BuildOptions, log
     latencies; ``stage.result`` is the rewrite with the gated layers kept."""
     from dwsep_compiler import tuning as tuning_stage
 
-    gate = stage.init.options.factorize
+    # OpenCL: the original convs are dlight's, untuned (no rule of ours to tune them), so
+    # there is no fair latency to gate against: only the factorized model is tuned
+    gate = stage.init.options.factorize and not preset.is_gpu
     result, shapes = stage.result, stage.shapes
     factorized = tvm_compile.import_onnx(result.model, shapes, build.dtype)
     original = tvm_compile.import_onnx(stage.model, shapes, build.dtype) if gate else None
@@ -367,6 +369,9 @@ def _tune_and_gate(stage: _Stage, preset: TargetPreset, build: BuildOptions, log
     else:
         records = tuning_stage.TuningRecords(build.tuning_records, create=False)
     info["records"] = os.path.abspath(records.directory)
+    if preset.is_gpu and stage.init.options.factorize:
+        info["gating"] = ("not gated: on OpenCL the original convs are scheduled by TVM's "
+                          "dlight rules, which tuning does not search")
     slower = (tuning_stage.gating.gate(original, factorized, result, shapes,
                                        preset.tvm_target(), records) if gate else set())
     info["gated_layers"] = sorted(slower)

@@ -41,7 +41,7 @@ def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
     ``records`` (`dwsep_compiler.tuning.TuningRecords`): tuned schedules to apply where the
     records hold one for this target."""
     if preset.is_gpu:
-        return _build_gpu(mod, preset)
+        return _build_gpu(mod, preset, records)
     target = preset.tvm_target()
     try:
         if schedule and target.kind.name == "llvm":
@@ -53,7 +53,7 @@ def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
 
 
 # --- GPU (OpenCL) path: owned by dwsep_compiler/compile/opencl.py --------------------------------------
-def _build_gpu(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
+def _build_gpu(mod: tvm.IRModule, preset: TargetPreset, records=None) -> relax.Executable:
     """Build with TVM's default GPU pipeline (dlight schedules), then check every kernel's
     work-group size and local memory against the preset's ``gpu_limits`` (a phone's, not the
     build machine's): `opencl.GpuLimitError` (a one-line `DwsepError`) when one does not fit.
@@ -61,7 +61,8 @@ def _build_gpu(mod: tvm.IRModule, preset: TargetPreset) -> relax.Executable:
     from dwsep_compiler.compile import opencl
 
     try:
-        executable, _ = opencl.build(mod, preset, opencl.target_limits(preset), preset.name)
+        executable, _ = opencl.build(mod, preset, opencl.target_limits(preset), preset.name,
+                                     records)
     except DwsepError:
         raise
     except Exception as exc:

@@ -128,12 +128,18 @@ def _as_target(target) -> tvm.target.Target:
     return target
 
 
+def full_target(target) -> tvm.target.Target:
+    """An OpenCL target (preset, dict or Target) with its host, as `lower` builds for it and
+    tuning records are keyed (an x86 host when it names none)."""
+    return _with_host(_as_target(target))
+
+
 def _with_host(target: tvm.target.Target) -> tvm.target.Target:
     host = target.host if target.host is not None else tvm.target.Target({"kind": "llvm"})
     return target.with_host(host)
 
 
-def relax_pipeline(target, rules=None, fuse: bool = True):
+def relax_pipeline(target, rules=None, fuse: bool = True, records=None):
     """The Relax pipeline ``relax.get_default_pipeline(target)`` is for an OpenCL target, with
     ``rules`` (default: `dwsep_compiler.schedules.gpu.rules`) applied to the legalized PrimFuncs
     right before dlight's first ``ApplyDefaultSchedule``, so dlight schedules only what our rules
@@ -145,43 +151,60 @@ def relax_pipeline(target, rules=None, fuse: bool = True):
     ``Sum`` nodes become additions (`SumToAdd`) and strided 1x1 convs (ResNet's projections) a
     strided slice and a pointwise conv (`StridedPointwiseToSlice`). ``fuse=False`` keeps each pair as two kernels:
     for a ``rules`` list without `FusedDepthwisePointwise`, whose fused PrimFuncs dlight would
-    otherwise schedule.
+    otherwise schedule. ``records`` (`dwsep_compiler.tuning.TuningRecords`): a PrimFunc
+    measured on this target gets its best recorded schedule instead of the rule's default.
+    ``main``'s parameters are renamed to C identifiers first (`c_identifier_inputs`).
 
     Returns ``(pass, schedule)``; after the pass ran, ``schedule.applied`` maps each PrimFunc our
-    rules scheduled to the rule's class name."""
+    rules scheduled to the rule's class name ("tuned": from the records)."""
     from dwsep_compiler.schedules import gpu
+    from dwsep_compiler.schedules.apply import ApplyScheduleRules
+
+    target = _as_target(target)
+    schedule = ApplyScheduleRules(gpu.rules(target) if rules is None else rules, records)
+
+    @tvm.transform.module_pass(opt_level=0, name="DwsepGPUPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:  # adreno's legalize_passes reads Target.current()
+            front, back = _stages(target, fuse)
+            return tvm.transform.Sequential(front + [schedule] + back)(c_identifier_inputs(mod))
+
+    return _pipeline, schedule
+
+
+def legalized(mod: tvm.IRModule, target, fuse: bool = True) -> tvm.IRModule:
+    """``mod`` after the OpenCL pipeline's passes up to scheduling: its PrimFuncs are what our
+    GPU rules schedule and what tuning measures (``target``: with its host, as `lower` uses)."""
+    target = _with_host(_as_target(target))
+    with target:
+        front, _ = _stages(target, fuse)
+        return tvm.transform.Sequential(front)(c_identifier_inputs(mod))
+
+
+def _stages(target: tvm.target.Target, fuse: bool) -> tuple[list, list]:
+    """The passes before our schedule rules, and those after (under ``with target``)."""
     from dwsep_compiler.passes.lowering.drop_dropout import DropDropout
     from dwsep_compiler.passes.lowering.fold_bn import FoldBatchNormIntoConv2D
     from dwsep_compiler.passes.lowering.fuse_dwpw import FuseDepthwisePointwise
     from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
     from dwsep_compiler.passes.lowering.sum_to_add import SumToAdd
-    from dwsep_compiler.schedules.apply import ApplyScheduleRules
     from tvm.s_tir import dlight
 
-    target = _as_target(target)
     backend = relax.backend.adreno if "adreno" in target.keys else relax.backend.gpu_generic
-    schedule = ApplyScheduleRules(gpu.rules(target) if rules is None else rules)
-
-    @tvm.transform.module_pass(opt_level=0, name="DwsepGPUPipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:  # adreno's legalize_passes reads Target.current()
-            legalize = list(backend.legalize_passes(target))
-            at = next((i for i, p in enumerate(legalize)
-                       if isinstance(p, dlight.ApplyDefaultSchedule)), None)
-            if at is None:
-                raise DwsepError(f"internal: TVM's {backend.__name__} pipeline has no dlight "
-                                 "ApplyDefaultSchedule to put our schedule rules before")
-            # every depthwise -> pointwise pair as one kernel (schedules/gpu/fused_dwpw.py)
-            passes = (backend.library_dispatch_passes(target)
-                      + [DropDropout(), FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd(),
-                         StridedPointwiseToSlice()]
-                      + ([FuseDepthwisePointwise(0)] if fuse else [])
-                      + legalize[:at] + [schedule]
-                      + legalize[at:] + backend.dataflow_lower_passes(target)
-                      + backend.finalize_passes(target))
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline, schedule
+    legalize = list(backend.legalize_passes(target))
+    at = next((i for i, p in enumerate(legalize) if isinstance(p, dlight.ApplyDefaultSchedule)),
+              None)
+    if at is None:
+        raise DwsepError(f"internal: TVM's {backend.__name__} pipeline has no dlight "
+                         "ApplyDefaultSchedule to put our schedule rules before")
+    # every depthwise -> pointwise pair as one kernel (schedules/gpu/fused_dwpw.py)
+    front = (backend.library_dispatch_passes(target)
+             + [DropDropout(), FoldBatchNormIntoConv2D(decompose_rest=True), SumToAdd(),
+                StridedPointwiseToSlice()]
+             + ([FuseDepthwisePointwise(0)] if fuse else [])
+             + legalize[:at])
+    back = legalize[at:] + backend.dataflow_lower_passes(target) + backend.finalize_passes(target)
+    return front, back
 
 
 def c_identifier_inputs(mod: tvm.IRModule) -> tvm.IRModule:
@@ -215,15 +238,16 @@ def c_identifier_inputs(mod: tvm.IRModule) -> tvm.IRModule:
     return out
 
 
-def lower(mod: tvm.IRModule, target, rules=None, fuse: bool = True) -> GpuProgram:
+def lower(mod: tvm.IRModule, target, rules=None, fuse: bool = True,
+          records=None) -> GpuProgram:
     """Run the Relax pipeline (`relax_pipeline`: TVM's for ``target``, with our schedule rules
     first; ``rules`` and ``fuse`` as there) and the TIR pipeline ``tvm.compile`` uses on
     ``mod`` (a Relax module as imported), for ``target`` (an OpenCL target, preset, or dict),
     and describe every kernel."""
     target = _with_host(_as_target(target))
-    pipeline, schedule = relax_pipeline(target, rules, fuse)
+    pipeline, schedule = relax_pipeline(target, rules, fuse, records)
     with target:
-        relax_mod = pipeline(c_identifier_inputs(mod))
+        relax_mod = pipeline(mod)
     program = _lower_tir(relax_mod, target)
     program.schedules = {gv.name_hint: schedule.applied.get(gv.name_hint, "dlight")
                          for gv, func in relax_mod.functions.items()
@@ -418,13 +442,13 @@ def _itemsize(dtype) -> int:
 
 
 def build(mod: tvm.IRModule, target, limits: dict | None = None,
-          name: str | None = None) -> tuple[relax.Executable, GpuProgram]:
+          name: str | None = None, records=None) -> tuple[relax.Executable, GpuProgram]:
     """Build ``mod`` for an OpenCL target; raise `GpuLimitError` if a kernel breaks ``limits``.
 
     The executable is ``tvm.compile`` of the lowered module (the Relax pipeline runs once); its
     OpenCL source is checked to be the one the launch data were taken from.
     """
-    program = lower(mod, target)
+    program = lower(mod, target, records=records)
     executable = tvm.compile(program.relax_mod, target=program.target, relax_pipeline=None)
     shipped = opencl_source(executable)
     if shipped != program.source:

@@ -33,9 +33,12 @@ EVALUATOR = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=40,
 
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
-    """Build one candidate as the compiler builds the model (the same PassContext)."""
+    """Build one candidate as the compiler builds the model (the same PassContext: the CPU
+    build's, or for OpenCL the default one `compile.opencl.build` compiles under)."""
     from dwsep_compiler.compile import cpu as cpu_build
 
+    if target.kind.name == "opencl":
+        return tvm.tirx.build(mod, target=target)
     with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
         return tvm.tirx.build(mod, target=target)
 
@@ -119,10 +122,15 @@ def builder(cross_compiler: str | None, workers: int) -> Builder:
     return Builder(cross_compiler, workers)
 
 
-def runner(device: RpcDevice | None, servers: int = 1) -> ms.runner.Runner:
-    """Local runner, or an RPC runner with one request in flight per server under the key."""
+def runner(device: RpcDevice | None, servers: int = 1, opencl: bool = False) -> ms.runner.Runner:
+    """Local runner, or an RPC runner with one request in flight per server under the key.
+    ``opencl``: the local runner's workers load our OpenCL runtime first (an RPC server must
+    have loaded it itself: ``rpc_server.py --load-library libdwsep_opencl.so``)."""
     if device is None:
-        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=EVALUATOR)
+        from dwsep_compiler.device import opencl_runtime
+
+        return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, evaluator_config=EVALUATOR,
+                                     initializer=opencl_runtime.load_runtime if opencl else None)
     config = ms.runner.RPCConfig(tracker_host=device.tracker[0], tracker_port=device.tracker[1],
                                  tracker_key=device.key, session_timeout_sec=RUN_TIMEOUT_S)
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=EVALUATOR,

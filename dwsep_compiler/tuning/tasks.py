@@ -19,12 +19,19 @@ def workload(func: tirx.PrimFunc) -> tvm.IRModule:
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
+def is_gpu(target: tvm.target.Target) -> bool:
+    return target.kind.name == "opencl"
+
+
 def claim(func: tirx.PrimFunc, target: tvm.target.Target):
-    """``(rule, untuned schedule)`` of the rule the compiler would use for ``func``, or None."""
+    """``(rule, untuned schedule)`` of the rule the compiler would use for ``func`` (the CPU
+    rules, or the GPU ones for an OpenCL target), or None."""
     from dwsep_compiler.schedules import cpu as cpu_rules
+    from dwsep_compiler.schedules import gpu as gpu_rules
     from dwsep_compiler.schedules.apply import first_rule
 
-    return first_rule(cpu_rules.rules(), func, target)
+    rules = gpu_rules.rules(target) if is_gpu(target) else cpu_rules.rules()
+    return first_rule(rules, func, target)
 
 
 def is_tunable(rule) -> bool:
@@ -51,7 +58,12 @@ class Task:
 def legalized(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True,
               origins: dict[str, str] | None = None) -> tvm.IRModule:
     """``mod`` after the compiler's passes up to scheduling: its PrimFuncs are what gets tuned.
-    ``origins`` (if given) receives which weight each rewritten weight replaces (digests)."""
+    ``origins`` (if given, CPU targets) receives which weight each rewritten weight replaces
+    (digests). An OpenCL target: `compile.opencl.legalized` (``target`` with its host)."""
+    if is_gpu(target):
+        from dwsep_compiler.compile import opencl
+
+        return opencl.legalized(mod, target, bool(fuse))
     front, _, _ = cpu_build.stages(target, fuse, track_origins=origins is not None)
     with target, tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
         out = tvm.transform.Sequential(front)(mod)

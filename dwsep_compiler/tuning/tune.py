@@ -89,15 +89,13 @@ class TuneSummary:
 
 
 def tune_module(mods: list[tvm.IRModule], preset, options: TuneOptions, log=None) -> TuneSummary:
-    """Tune the CPU tasks of ``mods`` (Relax modules) for ``preset``; records go to
-    ``options.records``. Raises `DwsepError` (records kept) when the devices go away."""
+    """Tune the tasks of ``mods`` (Relax modules) for ``preset`` (CPU rules, or for an OpenCL
+    target the GPU rules, measured on an OpenCL device); records go to ``options.records``.
+    Raises `DwsepError` (records kept) when the devices go away."""
     log = log or (lambda message: None)
     started = time.monotonic()
-    if preset.is_gpu:
-        raise DwsepError(f"--tune supports CPU targets; '{preset.name}' is an OpenCL target "
-                         "(its kernels use TVM's dlight GPU schedules, untuned)")
     _check_options(options)
-    target = preset.tvm_target()
+    target = tuning_target(preset)
     device, servers = _device(options, preset)
     records = TuningRecords(options.records)
     if records.dropped:
@@ -109,7 +107,7 @@ def tune_module(mods: list[tvm.IRModule], preset, options: TuneOptions, log=None
     cross = preset.cross_compiled and _cross_compiler(options)
     workers = max(1, min(2, os.cpu_count() or 1))
     builder = measure.builder(cross or None, workers)
-    runner = measure.runner(device, servers)
+    runner = measure.runner(device, servers, opencl=preset.is_gpu)
     summary.trials_before = sum(records.trials(t.func, target) for t in tasks)
     log(f"tuning {len(tasks)} task(s) on {summary.device}; records: {options.records} "
         f"({summary.trials_before} measurement(s) of these tasks already there)")
@@ -151,9 +149,6 @@ def check(options: TuneOptions | None, records: str | None, preset) -> None:
     """Fail fast, before any work, on what would stop tuning or applying records later."""
     if options is None and records is None:
         return
-    if preset.is_gpu:
-        raise DwsepError(f"--tune and tuning records apply to CPU targets; '{preset.name}' is an "
-                         "OpenCL target (its kernels use TVM's dlight GPU schedules, untuned)")
     path = options.records if options is not None else records
     if os.path.exists(path) and not os.path.isdir(path):
         raise DwsepError(f"tuning records: {path} is not a directory")
@@ -167,6 +162,16 @@ def check(options: TuneOptions | None, records: str | None, preset) -> None:
         raise DwsepError(f"--tune needs {', '.join(missing)} (core dependencies of "
                          "dwsep-compiler): reinstall it, e.g. pip install -e .")
     _device(options, preset)
+
+
+def tuning_target(preset) -> tvm.target.Target:
+    """The target records are keyed by: the preset's, and for OpenCL with its host, as the
+    build sees it (`compile.opencl.full_target`)."""
+    if preset.is_gpu:
+        from dwsep_compiler.compile import opencl
+
+        return opencl.full_target(preset)
+    return preset.tvm_target()
 
 
 def _check_options(options: TuneOptions) -> None:
@@ -186,6 +191,10 @@ def _device(options: TuneOptions, preset):
         if preset.cross_compiled:
             raise DwsepError(f"tuning for '{preset.name}' measures on that kind of device: pass "
                              "--rpc-tracker HOST:PORT and --rpc-key KEY")
+        if preset.is_gpu:  # measured here: the local OpenCL device must exist
+            from dwsep_compiler.device import opencl_runtime
+
+            opencl_runtime.opencl_device()
         return None, 0
     try:
         address = tracker.parse_address(options.rpc_tracker)
@@ -225,7 +234,8 @@ def _measure_defaults(tasks: list[Task], target, builder, runner, records, progr
         if result.error_msg:
             progress.count(task.name, None, f"build: {result.error_msg}")
             continue
-        inputs.append(ms.runner.RunnerInput(result.artifact_path, "cpu",
+        inputs.append(ms.runner.RunnerInput(result.artifact_path, target.kind.name
+                                            if target.kind.name == "opencl" else "cpu",
                                             ms.arg_info.ArgInfo.from_prim_func(task.func)))
         pending.append((task, result.artifact_path))
     for (task, artifact), future in zip(pending, runner.run(inputs)):

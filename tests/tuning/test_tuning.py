@@ -32,8 +32,8 @@ from dwsep_compiler.tuning import TuningRecords
 from dwsep_compiler.tuning.tasks import extract_tasks
 
 from helpers import rel_error, run_onnx, small_cnn
-from rpc_env import (HOST, RpcEnv, aarch64_server, dwsep_run, free_port, start_background,
-                     stock_server)
+from rpc_env import (HOST, RpcEnv, aarch64_server, dwsep_run, free_port, opencl_server,
+                     start_background, stock_server)
 
 RECORD_FILE = "database_tuning_record.json"
 
@@ -216,8 +216,9 @@ def test_bad_tuning_options_give_one_line(cnn, tmp_path):
                    "no such directory")
     one_line_error(run(cnn, "--target", "arm", "--tune", "--tuning-records", tmp_path / "e",
                        "-o", tmp_path / "e_out"), "--rpc-tracker")
+    # a phone's GPU is measured on the phone (its host code is aarch64)
     one_line_error(run(cnn, "--target", "mali", "--tune", "--tuning-records", tmp_path / "f",
-                       "-o", tmp_path / "f_out"), "OpenCL")
+                       "-o", tmp_path / "f_out"), "'mali'", "--rpc-tracker")
     port = free_port()
     one_line_error(run(cnn, "--tune", "--tuning-records", tmp_path / "g", "--rpc-tracker",
                        f"{HOST}:{port}", "--rpc-key", "x", "-o", tmp_path / "g_out"),
@@ -233,7 +234,8 @@ def test_bad_tuning_options_give_one_line(cnn, tmp_path):
 
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory, runtime):  # noqa: F811
-    """A tracker; two x86 servers under key "farm"; one under "victim"; aarch64 under qemu."""
+    """A tracker; two x86 servers under key "farm"; one under "victim"; aarch64 under qemu;
+    ours with our OpenCL runtime under "opencl" (PoCL)."""
     env = RpcEnv(tmp_path_factory.mktemp("tune-rpc-logs"))
     try:
         env.processes["tracker"] = start_background(
@@ -255,6 +257,7 @@ def farm(tmp_path_factory, runtime):  # noqa: F811
             server.name = name
             env.processes[name] = server
         env.processes["victim"] = stock_server(env, "victim")
+        env.processes["opencl"] = opencl_server(env)
         yield env
     finally:
         env.stop()
@@ -311,6 +314,53 @@ def test_aarch64_server_under_qemu_tunes_arm(farm, cnn, tmp_path):
     got = np.load(tmp_path / "got.npz")
     expected = run_onnx(onnx.load(tmp_path / "out" / "model.onnx"), {"x": x})[0]
     assert rel_error(got[list(got.keys())[0]], expected) < 1e-4
+
+
+# An OpenCL target whose host code is this machine's (the x86 server on PoCL measures it).
+X86_OPENCL = {"kind": "opencl", "device": "mali", "max_num_threads": 256,
+              "max_shared_memory_per_block": 16384, "host": {"kind": "llvm"}}
+
+
+@pytest.mark.rpc
+@pytest.mark.opencl
+def test_opencl_server_tunes_the_gpu_rules_and_a_later_compile_applies_them(farm, cnn,
+                                                                            tmp_path):
+    """MetaSchedule over the GPU rules' spaces (work-group shape, tiles, local staging),
+    measured on the OpenCL device of an RPC server; a compile given the records builds every
+    tuned kernel from them, verified against onnxruntime, without measuring again."""
+    from dwsep_compiler.compile import opencl
+    from dwsep_compiler.schedules import gpu
+
+    _wait_servers(farm, "opencl", 1)
+    target = json.dumps(X86_OPENCL)
+    records = tmp_path / "records"
+    proc = cli(cnn, "--target", target, "--rank", "2", "-o", tmp_path / "out", "--tune",
+               "--tuning-records", records, "--trials", "12", "--rpc-tracker", farm.tracker,
+               "--rpc-key", "opencl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    tuning = report["tuning"]
+    assert tuning["trials_run"] >= 5 and tuning["failed"] == 0, tuning
+    assert "'opencl'" in tuning["device"] and "not gated" in tuning["gating"]
+    rules = {type(rule).__name__ for rule in gpu.rules()}
+    assert tuning["tasks"] and all(task["rule"] in rules for task in tuning["tasks"]), tuning
+    assert any(task["trials"] > 1 for task in tuning["tasks"]), tuning  # a space was searched
+    assert report["verification"]["max_rel_error"] < 1e-4
+    assert farm.processes["opencl"].log.read_text(errors="replace").count("load_module") >= 5
+
+    before = record_lines(records)
+    again = cli(cnn, "--target", target, "--rank", "2", "-o", tmp_path / "again",
+                "--tuning-records", records)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert record_lines(records) == before  # applied, not measured again
+    assert json.loads((tmp_path / "again" / "report.json").read_text())[
+        "verification"]["max_rel_error"] < 1e-4
+    model = load_model(tmp_path / "out" / "model.onnx")
+    mod = import_onnx(model, resolve_input_shapes(model, None))
+    full = opencl.full_target(X86_OPENCL)
+    program = opencl.lower(mod, full, records=TuningRecords(records))
+    tasks = extract_tasks([mod], full)
+    assert tasks and all(program.schedules[t.name] == "tuned" for t in tasks), program.schedules
 
 
 @pytest.mark.rpc
