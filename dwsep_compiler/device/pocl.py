@@ -6,8 +6,9 @@ launch sizes above; like TVM's OpenCL runtime, each kernel is built on its own f
 ``// Function:`` section, with no build options. Host ops other than allocation, reshape (a view),
 and the input checks raise `UnsupportedOnPocl`.
 
-This replays what TVM's OpenCL runtime would do; it stays until a TVM runtime with OpenCL can
-load the library itself.
+Libraries run through TVM's Relax VM with our OpenCL runtime (`opencl_runtime`); this replay is
+kept as a debugging aid: it runs a `GpuProgram` (no executable needed), one kernel at a time,
+which is how the GPU rule tests check a schedule point by point and how a wrong kernel is found.
 """
 
 from __future__ import annotations
