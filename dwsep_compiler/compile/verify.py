@@ -173,6 +173,8 @@ def _opencl_runner(executable, library_path, preset: TargetPreset):
     (`opencl.build_for_this_host`: the device source is checked to be byte-identical)."""
     import tempfile
 
+    import tvm
+
     from dwsep_compiler.compile import opencl, run_executable
     from dwsep_compiler.device import opencl_runtime
 
@@ -181,14 +183,18 @@ def _opencl_runner(executable, library_path, preset: TargetPreset):
     except DwsepError as exc:
         return None, f"no local OpenCL device ({first_line(exc)})"
     name = device.device_name.strip()
+
+    def run(path, samples):  # loaded once: the driver builds the kernels once, not per sample
+        module = tvm.runtime.load_module(path)
+        return [run_executable(module, inputs, device) for inputs in samples]
+
     if preset.host_arch == "host" and library_path and library_path.endswith(".so"):
-        return (lambda samples: [run_executable(library_path, inputs, device)
-                                 for inputs in samples]), f"OpenCL device {name}"
+        return (lambda samples: run(library_path, samples)), f"OpenCL device {name}"
 
     def on_twin(samples):
         with tempfile.TemporaryDirectory(prefix="dwsep-opencl-") as tmp:
             path = os.path.join(tmp, "model.so")
             opencl.build_for_this_host(executable).export_library(path)
-            return [run_executable(path, inputs, device) for inputs in samples]
+            return run(path, samples)
 
     return on_twin, f"OpenCL device {name} (the library's kernels, host code for this machine)"

@@ -106,12 +106,29 @@ int& CurrentDevice() {
   return device_id;
 }
 
+std::string DeviceString(cl_device_id id, cl_device_info what) {
+  size_t size = 0;
+  DWSEP_CL_CHECK(clGetDeviceInfo(id, what, 0, nullptr, &size));
+  std::string value(size, '\0');
+  DWSEP_CL_CHECK(clGetDeviceInfo(id, what, size, value.data(), nullptr));
+  while (!value.empty() && value.back() == '\0') value.pop_back();
+  return value;
+}
+
+template <typename T>
+T DeviceValue(cl_device_id id, cl_device_info what) {
+  T value{};
+  DWSEP_CL_CHECK(clGetDeviceInfo(id, what, sizeof(T), &value, nullptr));
+  return value;
+}
+
 // --------------------------------------------------------------------------------------------
 // Devices: the first platform that has a GPU, else an accelerator, else a CPU device (PoCL here).
 
 struct Device {
   cl_device_id id;
   cl_command_queue queue;
+  size_t max_work_group_size;  // read once: every launch is checked against it
 };
 
 class Workspace {
@@ -142,11 +159,11 @@ class Workspace {
         cl_int err;
         context_ = clCreateContext(nullptr, n, ids.data(), nullptr, nullptr, &err);
         DWSEP_CL_CHECK(err);
-        platform_ = platform;
         for (cl_device_id id : ids) {
           cl_command_queue queue = clCreateCommandQueue(context_, id, 0, &err);
           DWSEP_CL_CHECK(err);
-          devices_.push_back(Device{id, queue});
+          devices_.push_back(Device{id, queue,
+                                    DeviceValue<size_t>(id, CL_DEVICE_MAX_WORK_GROUP_SIZE)});
         }
         return;
       }
@@ -178,26 +195,9 @@ class Workspace {
  private:
   std::mutex mu_;
   bool initialized_ = false;
-  cl_platform_id platform_ = nullptr;
   cl_context context_ = nullptr;
   std::vector<Device> devices_;
 };
-
-std::string DeviceString(cl_device_id id, cl_device_info what) {
-  size_t size = 0;
-  DWSEP_CL_CHECK(clGetDeviceInfo(id, what, 0, nullptr, &size));
-  std::string value(size, '\0');
-  DWSEP_CL_CHECK(clGetDeviceInfo(id, what, size, value.data(), nullptr));
-  while (!value.empty() && value.back() == '\0') value.pop_back();
-  return value;
-}
-
-template <typename T>
-T DeviceValue(cl_device_id id, cl_device_info what) {
-  T value{};
-  DWSEP_CL_CHECK(clGetDeviceInfo(id, what, sizeof(T), &value, nullptr));
-  return value;
-}
 
 // --------------------------------------------------------------------------------------------
 // Device API
@@ -560,7 +560,7 @@ class OpenCLModule final : public ffi::ModuleObj {
     int device_id = CurrentDevice();
     Workspace* ws = Workspace::Global();
     const Device& device = ws->Get(device_id);
-    size_t limit = DeviceValue<size_t>(device.id, CL_DEVICE_MAX_WORK_GROUP_SIZE);
+    size_t limit = device.max_work_group_size;
     if (per_group > limit) {
       TVM_FFI_THROW(RuntimeError) << "kernel " << info.name << " launches " << per_group
                                   << " work-items per group; the OpenCL device allows " << limit;
@@ -615,7 +615,7 @@ class OpenCLModule final : public ffi::ModuleObj {
 
 // --------------------------------------------------------------------------------------------
 // Timer: the wall time between two drained queues, what time_evaluator measures (without it TVM
-// falls back to the same thing, with a warning on every run).
+// falls back to the same thing, with a warning).
 
 class OpenCLTimerNode final : public tvm::runtime::TimerNode {
  public:

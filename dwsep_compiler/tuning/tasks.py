@@ -9,6 +9,7 @@ import tvm_ffi
 from tvm import s_tir, tirx
 
 from dwsep_compiler.compile import cpu as cpu_build
+from dwsep_compiler.schedules.gpu.knobs import is_gpu
 
 
 def workload(func: tirx.PrimFunc) -> tvm.IRModule:
@@ -17,10 +18,6 @@ def workload(func: tirx.PrimFunc) -> tvm.IRModule:
     Tuning and compiling both key records by this module's structure, so it must be made the
     same way on both sides."""
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-
-
-def is_gpu(target: tvm.target.Target) -> bool:
-    return target.kind.name == "opencl"
 
 
 def claim(func: tirx.PrimFunc, target: tvm.target.Target):

@@ -30,6 +30,7 @@ from dwsep_compiler.tuning import measure
 from dwsep_compiler.tuning.records import FAILED, TuningRecords, mean
 from dwsep_compiler.tuning.search import SpaceWalk
 from dwsep_compiler.tuning.space import space_generator
+from dwsep_compiler.schedules.gpu.knobs import is_gpu
 from dwsep_compiler.tuning.tasks import Task, extract_tasks
 
 TRIALS_PER_BATCH = 16
@@ -234,8 +235,8 @@ def _measure_defaults(tasks: list[Task], target, builder, runner, records, progr
         if result.error_msg:
             progress.count(task.name, None, f"build: {result.error_msg}")
             continue
-        inputs.append(ms.runner.RunnerInput(result.artifact_path, target.kind.name
-                                            if target.kind.name == "opencl" else "cpu",
+        inputs.append(ms.runner.RunnerInput(result.artifact_path,
+                                            "opencl" if is_gpu(target) else "cpu",
                                             ms.arg_info.ArgInfo.from_prim_func(task.func)))
         pending.append((task, result.artifact_path))
     for (task, artifact), future in zip(pending, runner.run(inputs)):
