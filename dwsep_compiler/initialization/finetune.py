@@ -18,8 +18,8 @@ Hooks a user's own training loop can call:
   parameters are the depthwise/pointwise weights and biases of the factorized layers;
 * `layer_pairs(layers, factorized_model)`: ``(student_tensor, teacher_tensor)`` names to match
   (the pointwise conv's output, or its activation's, has the same name in both graphs);
-* `distillation_loss(student_out, teacher_out, pairs, feature_weight)`: output MSE plus the mean
-  normalized feature MSE;
+* `distillation_loss(student_out, teacher_out, pairs, feature_weight)`: the outputs' squared
+  relative error per feature (`output_error`) plus the mean normalized feature MSE;
 * `runnable_prefix(factorized_model, layers)`: the part to train and the tensors to match when
   the executor cannot run the whole model (its ``model`` and ``layers`` go to the hooks above);
 * `write_back(factorized_model, module)`: the model with the module's trained weights;
@@ -42,6 +42,7 @@ from onnx import numpy_helper
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.model import graph_inputs, view_model
 from dwsep_compiler.passes.rewrite.onnx_factorize import subgraph_inputs, following_activation
+from dwsep_compiler.initialization import output_error
 from dwsep_compiler.initialization.calibration import DEFAULT_BATCH, CalibrationSet, pruned
 from dwsep_compiler.initialization.torch_ops import SHAPE_ONLY, model_opset, node_attributes, run_node, supported
 
@@ -167,16 +168,18 @@ def _normalized_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def distillation_loss(student_out: dict, teacher_out: dict, pairs: list[tuple[str, str]],
                       feature_weight: float = DEFAULT_FEATURE_WEIGHT,
-                      outputs: Iterable[str] | None = None, normalize_outputs: bool = False):
-    """Output MSE summed over the graph ``outputs`` (default: the names the two dicts share that
-    are not in ``pairs``) + ``feature_weight`` x mean over ``pairs`` of the normalized feature
-    MSE ``mean((s - t)^2) / mean(t^2)``. ``normalize_outputs``: the output terms normalized the
-    same way (for cut tensors: inner features whose scale says nothing about their weight)."""
+                      outputs: Iterable[str] | None = None):
+    """Sum over the graph ``outputs`` (default: the names the two dicts share that are not in
+    ``pairs``; integer ones carry no gradient) of the squared relative error per output feature
+    (`output_error.squared_relative_error`: a detector's objectness counts as much as its box
+    sizes, and cut tensors, inner features, weigh by their channels, not their scale) +
+    ``feature_weight`` x mean over ``pairs`` of the normalized feature MSE
+    ``mean((s - t)^2) / mean(t^2)``."""
     paired = {s for s, _ in pairs} | {t for _, t in pairs}
     if outputs is None:
         outputs = [name for name in teacher_out if name in student_out and name not in paired]
-    output_term = _normalized_mse if normalize_outputs else F.mse_loss
-    loss = sum(output_term(student_out[name], teacher_out[name]) for name in outputs)
+    loss = sum(output_error.squared_relative_error(student_out[name], teacher_out[name])
+               for name in outputs if student_out[name].is_floating_point())
     if pairs and feature_weight:
         features = [_normalized_mse(student_out[s], teacher_out[t]) for s, t in pairs]
         loss = loss + feature_weight * sum(features) / len(features)
@@ -306,8 +309,7 @@ def _forward_loss(student, teacher, feed, pairs, prefix: Prefix, feature_weight)
     with torch.no_grad():
         t_out = teacher(capture=[t for _, t in pairs], **feed)
     s_out = student(capture=[s for s, _ in pairs], **feed)
-    loss = distillation_loss(s_out, t_out, pairs, feature_weight, prefix.outputs,
-                             normalize_outputs=prefix.unsupported is not None)
+    loss = distillation_loss(s_out, t_out, pairs, feature_weight, prefix.outputs)
     return loss, s_out, t_out
 
 
@@ -399,7 +401,7 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
     log(f"fine-tuned: calibration loss {start_loss:.5f} -> {end_loss:.5f}"
         + (" (worse: kept the layer-wise weights)" if kept == "initial" else ""))
     info = {
-        "method": "end-to-end distillation (Adam): output MSE (normalized on cut tensors) + "
+        "method": "end-to-end distillation (Adam): squared relative error per output feature + "
                   "feature_weight x mean normalized feature MSE of every factorized layer, "
                   "teacher = the original model",
         "outputs": prefix.describe(),

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from dwsep_compiler.initialization import output_error
 from dwsep_compiler.initialization.calibration import CalibrationSet, Hooks
 from dwsep_compiler.passes.rewrite.onnx_factorize import ConvSite
 
@@ -87,20 +88,20 @@ class OutputProbe:
         return [self.hooks.run({**feed, **weights}) for feed in self.feeds]
 
     def error(self, layer: str, kernel: np.ndarray, bias: np.ndarray) -> float:
-        """The relative error of the model's outputs (RMS over outputs of
-        ``||y - y0||_F / ||y0||_F``, all probe inputs together) with ``layer``'s conv computing
-        ``kernel`` ``[N, M, kh, kw]`` + ``bias`` instead of its original weights."""
+        """The relative error of the model's outputs with ``layer``'s conv computing ``kernel``
+        ``[N, M, kh, kw]`` + ``bias`` instead of its original weights: the RMS over outputs of
+        `output_error.relative_error` (per feature, all probe inputs together)."""
         slot = self.slots[layer]
         got = self._run({slot.weight: np.asarray(kernel, dtype=np.float32).reshape(
             slot.kernel.shape), slot.bias: np.asarray(bias, dtype=np.float32)})
-        ratios = []
+        squared = []
         for index in range(len(self.outputs)):
-            diff = sum(float(np.sum(np.square(g[index] - r[index], dtype=np.float64)))
+            diff = sum(output_error.feature_energies((g[index] - r[index]).astype(np.float64))
                        for g, r in zip(got, self.reference))
-            norm = sum(float(np.sum(np.square(r[index], dtype=np.float64)))
+            norm = sum(output_error.feature_energies(r[index].astype(np.float64))
                        for r in self.reference)
-            ratios.append(diff / norm if norm > 0 else 0.0)
-        return float(np.sqrt(np.mean(ratios))) if ratios else 0.0
+            squared.append(float(output_error.relative_error(np.asarray(diff), np.asarray(norm))))
+        return float(np.sqrt(np.mean(squared))) if squared else 0.0
 
 
 def _probe_model(model: onnx.ModelProto, sites: list[ConvSite]):

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dwsep_compiler.initialization import distill
+from dwsep_compiler.initialization import distill, output_error
 from dwsep_compiler.initialization.activation import Activation
 from dwsep_compiler.initialization.sensitivity import (PROBE_MACS, interpolated_gain, probe_plan,
                                                       probed_ranks)
@@ -136,27 +136,36 @@ def test_probe_plan_stays_within_its_budget():
         assert macs * layers * samples * ranks <= PROBE_MACS or (samples, ranks) == (4, 2)
 
 
-def _amplified_model(rng):
-    """Two 3x3 convs of the same size on the same input; the model's output is
-    ``[30 * relu(convA), relu(convB)]``: an error in A costs the output 30x more."""
-    def kernel():  # per input channel, singular values 1, 1/2, 1/4, ...: rank matters
-        u = np.linalg.qr(rng.normal(size=(8, 16, 9)))[0]  # [M, N, 9] orthonormal columns
-        v = np.linalg.qr(rng.normal(size=(8, 9, 9)))[0]
-        s = 0.5 ** np.arange(9)
-        return np.einsum("mnk,k,mtk->nmt", u, s, v).reshape(16, 8, 3, 3).astype(np.float32)
+def _kernel(rng):
+    """A 3x3 conv kernel [16, 8, 3, 3] whose per-input-channel singular values are 1, 1/2,
+    1/4, ...: rank matters."""
+    u = np.linalg.qr(rng.normal(size=(8, 16, 9)))[0]  # [M, N, 9] orthonormal columns
+    v = np.linalg.qr(rng.normal(size=(8, 9, 9)))[0]
+    s = 0.5 ** np.arange(9)
+    return np.einsum("mnk,k,mtk->nmt", u, s, v).reshape(16, 8, 3, 3).astype(np.float32)
 
-    wa, wb = kernel(), kernel()
+
+def _two_conv_model(wa, wb, gain, join):
+    """Two 3x3 convs on the same input; the output joins ``gain * relu(convA)`` and
+    ``relu(convB)`` by ``join`` ("Add": A's error reaches the same outputs ``gain`` times
+    amplified; "Concat": A's outputs are separate channels ``gain`` times the scale)."""
     nodes = [helper.make_node("Conv", ["x", "wa"], ["ya"], name="convA", pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["x", "wb"], ["yb"], name="convB", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["ya"], ["ra"]),
              helper.make_node("Relu", ["yb"], ["rb"]),
              helper.make_node("Mul", ["ra", "gain"], ["ga"]),
-             helper.make_node("Concat", ["ga", "rb"], ["out"], axis=1)]
+             helper.make_node(join, ["ga", "rb"], ["out"],
+                              **({"axis": 1} if join == "Concat" else {}))]
     inits = [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(wb, "wb"),
-             numpy_helper.from_array(np.array(30.0, np.float32), "gain")]
+             numpy_helper.from_array(np.array(gain, np.float32), "gain")]
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                             [1, 8, 12, 12])],
                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+
+
+def _amplified_model(rng):
+    """``30 * relu(convA) + relu(convB)``: an error in A costs the output 30x more."""
+    return _two_conv_model(_kernel(rng), _kernel(rng), 30.0, "Add")
 
 
 def test_sensitivity_keeps_the_amplified_layer_richer(tmp_path):
@@ -184,3 +193,59 @@ def test_sensitivity_keeps_the_amplified_layer_richer(tmp_path):
     assert set(allocation["sensitivity"]) == {"convA", "convB"}
     curve = allocation["sensitivity"]["convA"]
     assert curve["model_output_error_measured"] and curve["layer_error"]
+
+
+# --------------------------------------------------------------------------- output error
+
+def test_output_error_is_taken_per_feature():
+    """A detector-like head ``[N, anchors, 6]``: four loud box columns, one quiet score
+    column. Half the score's energy wrong is a 2.5% relative error of the whole tensor, and
+    the per-feature measure sees it as the largest term; numpy and torch agree."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.normal(0, 1.5, (2, 500, 4)),
+                                rng.uniform(0, 0.2, (2, 500, 1))], axis=2)
+    got = reference.copy()
+    got[..., 4] *= 1 + np.sqrt(0.5)
+    whole = float(np.sum((got - reference) ** 2) / np.sum(reference ** 2))
+    per_feature = output_error.squared_relative_error(got, reference)
+    assert whole < 1e-3
+    assert per_feature == pytest.approx(0.5 / 5)  # one feature of five, 50% squared
+    assert float(output_error.squared_relative_error(
+        torch.from_numpy(got), torch.from_numpy(reference))) == pytest.approx(per_feature)
+    # a near-empty feature counts as one at QUIET times the mean energy, not as noise / 0
+    quiet = reference.copy()
+    quiet[..., 4] = 1e-12
+    wrong = quiet.copy()
+    wrong[..., 4] = 1e-6
+    assert output_error.squared_relative_error(wrong, quiet) < 1e-6
+    # 4-D outputs: the features are the channels (axis 1)
+    image = rng.normal(size=(2, 3, 4, 5))
+    image[:, 0] *= 10
+    off = image.copy()
+    off[:, 2] *= 2
+    assert output_error.squared_relative_error(off, image) == pytest.approx(1 / 3)
+    assert output_error.feature_energies(image).shape == (3,)
+
+
+def test_sensitivity_prices_a_quiet_output_feature(tmp_path):
+    """``Concat(0.1 * relu(convA), relu(convB))`` with the same kernel in A and B: A's
+    channels are 10x quieter, not less important. The probe measures the same model-output
+    error for both, so the allocation does not starve A (a whole-tensor relative error puts
+    A's at 1/10 of B's and gives A the lowest rank)."""
+    rng = np.random.default_rng(1)
+    kernel = _kernel(rng)
+    path = tmp_path / "quiet.onnx"
+    onnx.save(_two_conv_model(kernel, kernel.copy(), 0.1, "Concat"), path)
+    calibration = tmp_path / "cal.npz"
+    np.savez(calibration, x=rng.normal(size=(24, 8, 12, 12)).astype(np.float32))
+    result = compile_model(str(path), compile=False, output_dir=str(tmp_path / "out"),
+                           macs_ratio=0.45, calibration=str(calibration))
+    ranks = {layer.name: layer.rank or 99 for layer in result.report.layers}
+    measured = result.report.rank_allocation["sensitivity"]
+    a, b = (measured[name]["model_output_error_measured"] for name in ("convA", "convB"))
+    assert a.keys() == b.keys() and a
+    for rank in a:
+        assert a[rank] == pytest.approx(b[rank], rel=1e-3), (a, b)
+    assert ranks["convA"] >= ranks["convB"], ranks
