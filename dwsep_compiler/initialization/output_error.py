@@ -7,7 +7,7 @@ every anchor) next to the objectness score (mean ~0.006: near 0 on the backgroun
 relative L2 over the whole tensor is then the box regression's error: on ddddocr's detector
 factorized at 0.33x, the whole output was 7.7% off while the objectness, which decides what is
 detected, was 51% off (0.08% of the output's energy). So the error is taken per *feature*
-(a slice along the feature axis: channels of a 4-D NCHW output, the last axis of a 1-3-D one:
+(a slice along the feature axis: channels of a 4-D NCHW output, the last axis of a 2-3-D one:
 classifier logits ``[N, K]``, detector heads ``[N, anchors, 5 + K]``, sequence outputs
 ``[T, N, K]``), each relative to its own energy, and averaged over features. A feature quieter
 than ``QUIET`` times the average is priced as if it had that energy, so that a near-empty
@@ -38,7 +38,7 @@ def feature_energies(x):
     return (x * x).sum(axis=axes) if axes else x * x
 
 
-def relative_error(diff_energy, reference_energy):
+def mean_squared_relative(diff_energy, reference_energy):
     """Mean over features of ``diff_energy / reference_energy`` (squared relative errors), each
     reference energy raised to at least ``QUIET`` times their mean. 0 for an all-zero
     reference."""
@@ -49,5 +49,5 @@ def relative_error(diff_energy, reference_energy):
 
 
 def squared_relative_error(got, reference):
-    """`relative_error` of one output tensor against its reference (same backend)."""
-    return relative_error(feature_energies(got - reference), feature_energies(reference))
+    """`mean_squared_relative` of one output tensor against its reference (same backend)."""
+    return mean_squared_relative(feature_energies(got - reference), feature_energies(reference))

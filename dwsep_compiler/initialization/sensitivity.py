@@ -89,8 +89,9 @@ class OutputProbe:
 
     def error(self, layer: str, kernel: np.ndarray, bias: np.ndarray) -> float:
         """The relative error of the model's outputs with ``layer``'s conv computing ``kernel``
-        ``[N, M, kh, kw]`` + ``bias`` instead of its original weights: the RMS over outputs of
-        `output_error.relative_error` (per feature, all probe inputs together)."""
+        ``[N, M, kh, kw]`` + ``bias`` instead of its original weights: the square root of the mean
+        over outputs of `output_error.mean_squared_relative` (per feature, all probe inputs
+        together)."""
         slot = self.slots[layer]
         got = self._run({slot.weight: np.asarray(kernel, dtype=np.float32).reshape(
             slot.kernel.shape), slot.bias: np.asarray(bias, dtype=np.float32)})
@@ -100,7 +101,7 @@ class OutputProbe:
                        for g, r in zip(got, self.reference))
             norm = sum(output_error.feature_energies(r[index].astype(np.float64))
                        for r in self.reference)
-            squared.append(float(output_error.relative_error(np.asarray(diff), np.asarray(norm))))
+            squared.append(float(output_error.mean_squared_relative(diff, norm)))
         return float(np.sqrt(np.mean(squared))) if squared else 0.0
 
 

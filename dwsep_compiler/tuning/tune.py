@@ -25,12 +25,11 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
 from dwsep_compiler.errors import DwsepError
-
+from dwsep_compiler.schedules.gpu.knobs import is_gpu
 from dwsep_compiler.tuning import measure
 from dwsep_compiler.tuning.records import FAILED, TuningRecords, mean
 from dwsep_compiler.tuning.search import SpaceWalk
 from dwsep_compiler.tuning.space import space_generator
-from dwsep_compiler.schedules.gpu.knobs import is_gpu
 from dwsep_compiler.tuning.tasks import Task, extract_tasks
 
 TRIALS_PER_BATCH = 16

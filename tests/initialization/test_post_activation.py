@@ -199,7 +199,7 @@ def test_sensitivity_keeps_the_amplified_layer_richer(tmp_path):
 
 def test_output_error_is_taken_per_feature():
     """A detector-like head ``[N, anchors, 6]``: four loud box columns, one quiet score
-    column. Half the score's energy wrong is a 2.5% relative error of the whole tensor, and
+    column. Half the score's energy wrong is a 2.6% relative error of the whole tensor, and
     the per-feature measure sees it as the largest term; numpy and torch agree."""
     import torch
 
