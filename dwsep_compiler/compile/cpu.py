@@ -20,6 +20,7 @@ from dwsep_compiler.passes.lowering.fuse_dwpw import MIN_FUSED_PIXELS, FuseDepth
 from dwsep_compiler.passes.lowering.pack_weights import PackConvWeights
 from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
 from dwsep_compiler.passes.lowering.sum_to_add import SumToAdd
+from dwsep_compiler.passes.lowering.widen_depthwise import WidenDepthwiseRows
 from dwsep_compiler.schedules import cpu as cpu_rules
 from dwsep_compiler.schedules.apply import ApplyScheduleRules
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
@@ -41,7 +42,8 @@ def stages(target: tvm.target.Target, fuse: bool | str = True, records=None,
                 SumToAdd(), StridedPointwiseToSlice(), ConvTransposeToConv(), FastSigmoid()]
              + ([FuseDepthwisePointwise(0 if fuse == "always" else MIN_FUSED_PIXELS)]
                 if fuse else [])
-             + [PackConvWeights(knobs.lanes, knobs.accumulators, track_origins, knobs.fma_by_lane)]
+             + [WidenDepthwiseRows(knobs.vector_bytes),
+                PackConvWeights(knobs.lanes, knobs.accumulators, track_origins, knobs.fma_by_lane)]
              + cpu_generic.legalize_passes(target))
     back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     return front, schedule, back

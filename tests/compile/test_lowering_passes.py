@@ -8,6 +8,7 @@ import pytest
 
 from dwsep_compiler.compile import cpu as cpu_build
 from dwsep_compiler.compile import import_onnx
+from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 from dwsep_compiler.targets import resolve_target
 
 from helpers import conv_model, rel_error, run_onnx, run_widths
@@ -236,3 +237,42 @@ def test_inference_dropout_is_removed_and_the_pool_before_it_gets_its_rule():
     x = rng.standard_normal((1, 16, 7, 7)).astype(np.float32)
     out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+# (channels, multiplier, hw, stride, pads): Fashion's 14x14 and 7x7 rows, a 10-wide one with
+# asymmetric pads, stride 2 (56 -> 28 columns, whole vectors on 4 lanes: not widened there), a
+# 2x2 map (widened to one whole 4-lane vector), a 1-column map (not widened: 4x the work).
+WIDEN_CASES = [(32, 5, (14, 14), 1, (1, 1, 1, 1)), (16, 2, (7, 7), 1, (1, 1, 1, 1)),
+               (12, 1, (9, 10), 1, (0, 1, 2, 1)), (8, 3, (56, 56), 2, (1, 1, 1, 1)),
+               (24, 1, (2, 2), 1, (1, 1, 1, 1)), (8, 2, (5, 1), 1, (1, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("case", WIDEN_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2][0]}x{c[2][1]}s{c[3]}")
+def test_depthwise_rows_are_widened_to_whole_vectors(case):
+    """A depthwise conv (bias + ReLU after it) whose output rows are not whole vectors is
+    computed at the next whole-vector width and sliced back: on NEON (16-byte vectors) the
+    pass rewrites exactly the rows that are not a multiple of 4 columns and at most double;
+    on this machine's widths the Depthwise rule takes the conv with the slice, bias and ReLU
+    fused into it (no kernel of their own) and the output matches onnxruntime."""
+    from dwsep_compiler.passes.lowering.widen_depthwise import WidenDepthwiseRows, widened_width
+
+    channels, multiplier, hw, stride, pads = case
+    model = conv_model(np.random.default_rng(channels), in_channels=channels,
+                       out_channels=channels * multiplier, group=channels,
+                       strides=(stride, stride), pads=pads, input_hw=hw)
+    shape = (1, channels, *hw)
+    mod = import_onnx(model, {"x": shape})
+    out_w = (hw[1] + pads[1] + pads[3] - 3) // stride + 1
+    neon = WidenDepthwiseRows(16)
+    neon(mod)
+    assert neon.rewritten == int(out_w % 4 != 0 and out_w >= 2), out_w
+    assert widened_width(out_w, 4) == (None if not neon.rewritten else -(-out_w // 4) * 4)
+    _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
+    assert list(applied.values()) == ["Depthwise"], applied
+    lanes = cpu_knobs(HOST.tvm_target()).lanes
+    assert ("strided_slice" in next(iter(applied))) == (widened_width(out_w, lanes) is not None)
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    out = run_widths(mod, [x])[0]
+    expected = run_onnx(model, {"x": x})[0]
+    assert out.shape == expected.shape and np.count_nonzero(expected) > expected.size // 4
+    assert rel_error(out, expected) < 1e-5
