@@ -2,8 +2,8 @@
 packed into channel blocks at compile time.
 
 A float32 (or float16) NCHW ``conv2d`` with a constant OIHW weight and groups = 1 whose pixels do not fill
-vector registers (1x1 with more than `MAX_UNPACKED_POINTWISE_CHANNELS` input channels: the
-pixel count per image is not a multiple of the target's lanes; larger kernels: the output row
+vector registers (1x1: the pixel count per image is not a multiple of the target's lanes, with
+more than `MAX_UNPACKED_POINTWISE_CHANNELS` input channels on x86; larger kernels: the output row
 is not, e.g. ResNet-50's and VGG's 56, 28, 14 and 7 on AVX-512)
 becomes a call of ``conv2d_packed``: the same computation, its weight repacked into blocks of
 ``b`` output channels that are whole vectors, ``[O / b, C, b]`` for 1x1 and
@@ -48,6 +48,10 @@ from dwsep_compiler.schedules.cpu.tiling import channel_tile, lane_weight_block
 # rank 1 0.91x, AlexNet 0.98x, the original SqueezeNet 0.95x; Fashion, ddddocr, Inception-v2
 # and ResNet-50 unchanged (0.97-1.01x). 64 and 128 measured alike on SqueezeNet; standard kxk
 # convs keep packing at any width (SqueezeNet's 3x3 unpacked: 1.05x slower).
+# x86 only: NEON's 4-lane registers hold no useful partial tile of such pixel counts (49
+# pixels: one odd 7-wide vector split by LLVM), and packing measured (emulated Cortex-A76,
+# instructions) 64 -> 128 at 7x7 12.1 -> 2.1x the FMA floor, 32 -> 128 at 13x13 9.9 -> 2.4x,
+# 16 -> 64 at 27x27 4.1 -> 3.4x.
 MAX_UNPACKED_POINTWISE_CHANNELS = 64
 
 
@@ -128,7 +132,8 @@ class _Rewriter(CallRewriter):
             block = lane_weight_block(w_shape[0], lanes) if self.fma_by_lane else None
             if block is None:
                 return call
-        elif pointwise and w_shape[1] <= MAX_UNPACKED_POINTWISE_CHANNELS:
+        elif (pointwise and not self.fma_by_lane
+              and w_shape[1] <= MAX_UNPACKED_POINTWISE_CHANNELS):
             return call
         else:
             tile = channel_tile(out_h * out_w, w_shape[0], lanes, self.accumulators)

@@ -249,9 +249,9 @@ PACKED_CASES = [(72, 32, (7, 7), 1, False), (96, 96, (7, 7), 2, True),
 def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
     """Pixels that do not fill vectors, over more than 64 input channels: the weights are packed
     into channel blocks and the tile vectorizes output channels; bias, residual add and ReLU fuse
-    into it; batch 2 works. With 64 input channels or fewer the pixels stay in the vectors (the
-    packed tile's transposed write-back outweighs a short reduction). Outputs match
-    onnxruntime."""
+    into it; batch 2 works. With 64 input channels or fewer the pixels stay in the vectors on
+    x86 (the packed tile's transposed write-back outweighs a short reduction); NEON packs
+    those too. Outputs match onnxruntime."""
     from dwsep_compiler.passes.lowering.pack_weights import (MAX_UNPACKED_POINTWISE_CHANNELS,
                                                           PackConvWeights)
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
@@ -264,6 +264,10 @@ def test_pointwise_without_whole_pixel_vectors_runs_on_packed_weights(case):
     rewrite(mod)
     packs = (hw[0] * hw[1]) % knobs.lanes != 0 and cin > MAX_UNPACKED_POINTWISE_CHANNELS
     assert rewrite.rewritten == int(packs)
+    neon = cpu_knobs(TARGETS["arm-neon"])  # NEON packs them all, whatever the channels
+    rewrite = PackConvWeights(neon.lanes, neon.accumulators, fma_by_lane=neon.fma_by_lane)
+    rewrite(import_onnx(model, {"x": shape}))
+    assert rewrite.rewritten == 1
     _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     packed = [name for name, rule in applied.items() if "conv2d_packed" in name]
     assert len(packed) == int(packs) and all(applied[n] == "Pointwise" for n in packed), applied
@@ -352,6 +356,33 @@ def test_neon_pointwise_reads_weights_from_vector_lanes_and_matches_onnxruntime(
         for k, ((part, _), x, out) in enumerate(zip(parts, inputs, outs)):
             expected = run_onnx(part, {part.graph.input[0].name: x})[0]
             assert rel_error(out, expected) < 1e-5, (preset, k, rel_error(out, expected))
+
+
+@pytest.mark.emulation
+def test_neon_packs_short_pointwise_reductions_too(tmp_path, runtime):
+    """NEON packs the pointwise convs with few input channels whose pixels are not whole
+    vectors (7x7, 13x13; x86 leaves them pixel-vectorized): the channel-vectorized tile over
+    short reductions (20 and 48 channels, a residual add) matches onnxruntime under qemu."""
+    from dwsep_compiler.compile import export_library
+    from dwsep_compiler.device.emulate import run_aarch64
+
+    cases = [(20, 32, (7, 7), 1, False), (48, 48, (13, 13), 1, True)]
+    parts = [_pointwise_model(np.random.default_rng(cin), cin, cout, hw, batch, residual)
+             for cin, cout, hw, batch, residual in cases]
+    model, shapes = _side_by_side(parts)
+    mod = import_onnx(model, shapes)
+    target = resolve_target("arm-a76")
+    _, applied = cpu_build.schedule_module(mod, target.tvm_target())
+    packed = [name for name, rule in applied.items()
+              if "conv2d_packed" in name and rule == "Pointwise"]
+    assert len(packed) == 2, applied
+    library = export_library(build(mod, target), target, str(tmp_path))
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal(shapes[v.name]).astype(np.float32) for v in model.graph.input]
+    outs = run_aarch64(library.path, inputs, qemu_cpu=target.qemu_cpu, runtime=runtime)
+    for (part, _), x, out in zip(parts, inputs, outs):
+        expected = run_onnx(part, {part.graph.input[0].name: x})[0]
+        assert rel_error(out, expected) < 1e-5
 
 
 def test_packed_pointwise_tunable_rows_and_gating_digests():
