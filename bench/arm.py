@@ -16,7 +16,8 @@ unlike timings on this VM; a proxy for speed (no stalls, no memory latency). Wri
 
 Models: the Fashion example (``--macs-ratio 0.4`` with its calibration set), ddddocr's conv
 backbone (rank 2), light_resnet50 and light_vgg19 with random weights at 64x64 (rank 1; at
-224x224 one emulated VGG-19 inference is ~10 G instructions).
+224x224 one emulated VGG-19 inference is ~10 G instructions); light_squeezenet the same way on
+request.
 """
 
 from __future__ import annotations
@@ -66,13 +67,14 @@ def models(names):
             path = os.path.join(work, "ddddocr_backbone.onnx")
             onnx.save(model, path)
             out.append((name, path, {"rank": 2, "input_shapes": shapes}, f"rank 2; {note}"))
-        elif name in ("light_resnet50", "light_vgg19"):
+        elif name in ("light_resnet50", "light_vgg19", "light_squeezenet"):
             path = os.path.join(work, f"{name}.onnx")
             onnx.save(zoo.light_model(name[len("light_"):], input_hw=(LIGHT_HW, LIGHT_HW)), path)
             out.append((name, path, {"rank": 1},
                         f"rank 1, random weights, {LIGHT_HW}x{LIGHT_HW}"))
         else:
-            raise SystemExit(f"unknown model {name}: fashion, ddddocr, light_resnet50, light_vgg19")
+            raise SystemExit(f"unknown model {name}: fashion, ddddocr, light_resnet50, light_vgg19, "
+                             "light_squeezenet")
     return out
 
 
