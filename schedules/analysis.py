@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
+from tvm.sym.pattern import detect_linear_equation
 
 from dwsep_compiler.passes import names
 
@@ -134,6 +135,20 @@ def output_dtype(func: tirx.PrimFunc) -> str:
 
 def extents(sch: s_tir.Schedule, block) -> list[int]:
     return [int(sch.get(loop).extent) for loop in sch.get_loops(block)]
+
+
+def column_stride(sch: s_tir.Schedule, block) -> int | None:
+    """The stride along W of a windowed block (conv, pool) over (n, c, y, x, ...): how far its
+    first input's column index moves per output column; None where that is not linear."""
+    stmt = sch.get(block)
+    x = stmt.iter_vars[3].var
+    coeffs = detect_linear_equation(stmt.reads[0].region[3].min, [x])
+    if len(coeffs) != 2:
+        return None
+    try:
+        return int(coeffs[0])
+    except (TypeError, ValueError):
+        return None
 
 
 def unit_stride_no_pad(sch, blocks) -> bool:

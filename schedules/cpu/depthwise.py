@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
-from tvm.sym.pattern import detect_linear_equation
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors, extents, find_depthwise, inline_epilogue,
-                                               knob, output_dtype)
+from dwsep_compiler.schedules.analysis import (column_stride, divisors, extents, find_depthwise,
+                                               inline_epilogue, knob, output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 from dwsep_compiler.schedules.cpu.tiling import build_padded_rows, row_band, vector_tile
 
@@ -47,7 +46,7 @@ class Depthwise(ScheduleRule):
                   tunable: bool):
         sch = blocks.sch
         conv = blocks.conv
-        stride = _column_stride(sch, conv) if blocks.pad is not None else None
+        stride = column_stride(sch, conv) if blocks.pad is not None else None
         last = inline_epilogue(blocks)
         r = multiplier
         sch.transform_block_layout(
@@ -88,16 +87,3 @@ class Depthwise(ScheduleRule):
         sch.decompose_reduction(conv, rc)
         return sch
 
-
-def _column_stride(sch, conv) -> int | None:
-    """The conv's stride along W, read off its input index (None if it is not linear)."""
-    block = sch.get(conv)
-    x = block.iter_vars[3].var
-    index = block.reads[0].region[3].min
-    coeffs = detect_linear_equation(index, [x])
-    if len(coeffs) != 2:
-        return None
-    try:
-        return int(coeffs[0])
-    except (TypeError, ValueError):
-        return None
