@@ -12,8 +12,9 @@ reach memory.
 Measured, the conv alone, widened against as it was: on the emulated Cortex-A76 (instructions
 per call) 32 channels x 5 at 14x14 302K -> 203K, 64 x 4 at 7x7 122K -> 82K, 64 x 2 at 10x10
 145K -> 93K, 64 at 6x6 33K -> 18K, 512 at 2x2 32K -> 26K, 256 at 5x5 59K -> 55K; with AVX2
-(time, 2 cores) 0.63x (128 at 28x28) to 1.0x (7x7, 5x5, 2x2), never slower. A row is widened
-while it at most doubles (``MAX_WIDENING``: 2 -> 4 columns, not 1 -> 4).
+(time, 2 cores, two runs) 0.63-1.0x on the rows it widens there (14, 10, 7, 5 columns, 28 and
+a stride-2 conv's 28), never slower. A row is widened while it at most doubles
+(``MAX_WIDENING``: 2 -> 4 columns, not 1 -> 4).
 
 Run after depthwise -> pointwise fusion (the fused kernel tiles its own rows) and before
 legalization (the CPU compile pipeline does).

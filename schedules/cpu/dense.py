@@ -97,8 +97,8 @@ def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int)
 
     Within a run, ``ROW_BLOCK`` rows by ``VECTOR_BLOCK`` vectors of partial sums held in
     registers (measured against one row at a time: emulated Cortex-A76 2048 x 1024, 3.05 ->
-    2.17 instructions per FMA; AVX2, 2 cores: 4096 x 4096 3.2 -> 2.1-2.3 ms, 25088 x 4096
-    20 -> 16-17 ms, 4096 x 1000 0.32 -> 0.28 ms).
+    2.17 instructions per FMA; AVX2, 2 cores, two runs: 2048 x 1024 0.89-0.92x the time,
+    4096 x 4096 0.64-0.75x, 25088 x 4096 0.78-0.87x, 4096 x 1000 0.70-0.93x).
     """
     *batch, i, j, k = sch.get_loops(block)
     run = int(sch.get(k).extent) // splits
@@ -112,8 +112,9 @@ def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int)
     # the partial sums' load and store per FMA made it 3 instructions per FMA on NEON).
     rows = largest_divisor(run, ROW_BLOCK)
     pkb, pkr = sch.split(pki, [None, rows])
-    # ``VECTOR_BLOCK`` neighbouring vectors per weight row: their loads pair up (NEON's LDP:
-    # one instruction for two vectors) and the loop's own instructions are shared.
+    # ``VECTOR_BLOCK`` neighbouring vectors per weight row: one pass of the loop's bookkeeping
+    # and one read of the input value serve four vectors (A76: 2.89 -> 2.17 instructions per
+    # FMA over the row blocks alone; LLVM did not pair the weight loads into LDPs).
     columns = int(sch.get(pj).extent) // vector
     pjv, pju, pjl = sch.split(pj, [None, largest_divisor(columns, VECTOR_BLOCK), vector])
     sch.reorder(pkb, pi, pjv, pkr, pju, pjl)
