@@ -72,7 +72,7 @@ class _Fuser(PyExprMutator):
             return call
         x, w_dw = dw_call.args
         attrs = dw_call.attrs
-        if not _depthwise_ok(dw_call, x, w_dw) or str(w_pw.ty.dtype) != str(x.ty.dtype):
+        if not depthwise_ok(dw_call) or str(w_pw.ty.dtype) != str(x.ty.dtype):
             return call
         dtype = str(x.ty.dtype)
         x_shape = [int(d) for d in x.ty.shape]
@@ -134,7 +134,10 @@ def _pointwise_ok(call, w_pw) -> bool:
             and all(int(p) == 0 for p in attrs.padding) and str(w_pw.ty.dtype) in FLOAT_DTYPES)
 
 
-def _depthwise_ok(call, x, w_dw) -> bool:
+def depthwise_ok(call) -> bool:
+    """``call`` is a depthwise conv2d (groups = input channels, any multiplier) the CPU lowering
+    passes rewrite: constant float weights, NCHW/OIHW, a static 4-D input."""
+    x, w_dw = call.args
     attrs = call.attrs
     if not (_is_const(w_dw) and layout_ok(attrs)) or str(w_dw.ty.dtype) not in FLOAT_DTYPES:
         return False

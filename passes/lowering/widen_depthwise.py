@@ -29,7 +29,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter
-from dwsep_compiler.passes.lowering.fuse_dwpw import FLOAT_DTYPES, is_conv, layout_ok
+from dwsep_compiler.passes.lowering.fuse_dwpw import depthwise_ok, is_conv
 
 # Widen while the computed row is at most this much longer than the kept one.
 MAX_WIDENING = 2.0
@@ -44,28 +44,17 @@ def widened_width(width: int, lanes: int) -> int | None:
     return wide if wide <= MAX_WIDENING * width else None
 
 
-def _static_shape(expr) -> list[int] | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    try:
-        return [int(d) for d in shape]
-    except (TypeError, ValueError):  # symbolic or unknown shapes: leave the call alone
-        return None
-
-
 def _depthwise_width(call, vector_bytes: int) -> tuple[int, int] | None:
     """``(width, wide)`` if ``call`` is a depthwise conv2d this pass widens, else None."""
-    x, w = call.args
-    x_shape, w_shape, out_shape = _static_shape(x), _static_shape(w), _static_shape(call)
-    dtype = str(call.ty.dtype)
-    if (x_shape is None or w_shape is None or out_shape is None or len(x_shape) != 4
-            or dtype not in FLOAT_DTYPES or not layout_ok(call.attrs)):
+    if not depthwise_ok(call) or int(call.attrs.groups) == 1:  # one channel: a plain conv
         return None
-    channels = x_shape[1]
-    if int(call.attrs.groups) != channels or channels == 1 or w_shape[1] != 1:
+    try:
+        width = int(call.ty.shape[3])
+    except (TypeError, ValueError):  # a symbolic output width: leave the call alone
         return None
-    lanes = vector_bytes * 8 // tvm.DataType(dtype).bits
-    wide = widened_width(out_shape[3], lanes)
-    return None if wide is None else (out_shape[3], wide)
+    lanes = vector_bytes * 8 // tvm.DataType(str(call.ty.dtype)).bits
+    wide = widened_width(width, lanes)
+    return None if wide is None else (width, wide)
 
 
 @mutator

@@ -580,12 +580,12 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     kernel, vectors no wider than a register that divide an even N, and the output matches
     onnxruntime whatever N's factors. Where K has enough rows per core (300 and 128 on 2 cores),
     the reduction is split: each core sums its own contiguous run of weight rows into a partial
-    row (one parallel loop over the cores, a partial buffer per core); otherwise output tiles
-    run in parallel."""
+    row (one parallel loop over the cores, a partial buffer per core), blocks of rows by
+    vectors at a time; otherwise output tiles run in parallel."""
     from onnx import helper, numpy_helper
 
     from dwsep_compiler.schedules.analysis import largest_divisor
-    from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE
+    from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE, ROW_BLOCK, VECTOR_BLOCK
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
     from helpers import make_model
@@ -609,6 +609,13 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     partials = re.findall(r"(\w+_rf) = T\.sblock_alloc_buffer\(\((?:T\.int64\()?(\d+)", script)
     if split:
         assert parallel == [splits] and [int(c) for _, c in partials] == [splits], script
+        # Partial sums kept in registers: ROW_BLOCK weight rows (a divisor of the core's run)
+        # by VECTOR_BLOCK vectors per pass, both unrolled (the zeroing unrolls the vectors).
+        vector = int(re.findall(r"T\.vectorized\((?:T\.int64\()?(\d+)", script)[0])
+        rows_per_pass = largest_divisor(k // splits, ROW_BLOCK)
+        vectors = largest_divisor(n // vector, VECTOR_BLOCK)
+        unrolled = [int(u) for u in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)]
+        assert unrolled == [vectors, rows_per_pass, vectors], (unrolled, script)
     else:
         assert not partials and len(parallel) == 1, script
     if n % 2 == 0:  # vectors no wider than a register, dividing N (1000: 8 lanes on AVX-512)
