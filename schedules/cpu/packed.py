@@ -91,8 +91,12 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     else:
         sch.transform_block_layout(
             conv, lambda n, f, y, x, c, ky, kx: (n, f, y * w + x, c, ky, kx))
-    write_back = sch.cache_write(conv, 0, "local")
-    # The local tile: one flat pixel axis (so that it compacts to exactly rows x block, with
+    # The accumulator tile is global-scope for the reason `add_lane_weights` gives: under
+    # 1 KB TVM makes it a stack slot; local scope made it a workspace allocation, an
+    # alloc/free through the runtime's pool on every tile (light_squeezenet on the emulated
+    # A76: 1.8M of 7.9M instructions per inference were the pool, outside model.so).
+    write_back = sch.cache_write(conv, 0, "global")
+    # The tile: one flat pixel axis (so that it compacts to exactly rows x block, with
     # constant indices that LLVM keeps in registers), channels innermost (whole vectors).
     sch.transform_layout(conv, ("write", 0), lambda n, f, y, x: (n, y * w + x, f))
     nn, ff, pix, *reduce = sch.get_loops(conv)
