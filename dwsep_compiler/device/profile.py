@@ -36,6 +36,10 @@ PLUGIN_SOURCE = Path(__file__).with_name("profile_plugin.c")
 NEON_FP32_LANES = 4  # one FMLA on 128-bit vectors: 4 multiply-accumulates
 NEON_FP16_LANES = 8  # ARMv8.2 +fullfp16: 8 half-precision multiply-accumulates per FMLA
 DEFAULT_RUNS = 11
+# What an inference runs outside the model library: the TVM runtime (the VM, the workspace pool,
+# the thread pool), the C library and the dynamic loader (thread-local lookups).
+RUNTIME_LIBRARIES = ("libtvm_runtime.so", "libtvm_ffi.so", "libc.so", "libm.so",
+                     "libstdc++.so", "libgcc_s.so", "libgomp.so", "ld-linux")
 
 
 @dataclass
@@ -87,6 +91,13 @@ class Profile:
                 merged.setdefault(kernel_name(symbol), Counts()).add(c)
         return sorted(merged.items(), key=lambda row: -row[1].instructions)
 
+    def runtime(self) -> list[tuple[str, str | None, Counts]]:
+        """``(library file name, symbol, counts)`` in `RUNTIME_LIBRARIES`, most instructions
+        first: what the inference costs outside the model library."""
+        rows = [(os.path.basename(lib), symbol, c) for (lib, symbol), c in self.regions.items()
+                if os.path.basename(lib).startswith(RUNTIME_LIBRARIES)]
+        return sorted(rows, key=lambda row: -row[2].instructions)
+
     def as_dict(self) -> dict:
         return {"cpu": self.cpu, "library": self.library, "macs": self.macs,
                 "total": self.total().as_dict(), "library_total": self.total(self.library).as_dict(),
@@ -94,6 +105,8 @@ class Profile:
                             for n, c in self.kernels()],
                 "libraries": {lib: self.total(lib).as_dict()
                               for lib in sorted({lib for lib, _ in self.regions})},
+                "runtime": [{"library": lib, "symbol": symbol, **c.as_dict()}
+                            for lib, symbol, c in self.runtime()[:20]],
                 "notes": self.notes}
 
     def table(self, top: int = 20) -> str:
@@ -117,6 +130,12 @@ class Profile:
         lines.append(f"{os.path.basename(self.library) + ' total':<44} {lib.instructions:>11.0f} "
                      f"{'':>6} {lib.loads:>10.0f} {lib.stores:>9.0f} {lib.l1_misses:>8.0f} "
                      f"{lib.l2_misses:>8.0f}")
+        runtime = self.runtime()
+        if runtime:
+            spent = sum(c.instructions for _, _, c in runtime)
+            most = ", ".join(f"{symbol or '?'} ({lib}) {c.instructions:.3g}"
+                             for lib, symbol, c in runtime[:3])
+            lines.append(f"{'TVM runtime, libc, loader':<44} {spent:>11.0f}   most: {most}")
         lines.append(f"{'whole process':<44} {whole.instructions:>11.0f}")
         if self.macs:
             floor = self.macs / self.lanes
@@ -271,25 +290,23 @@ def read_maps(text: str) -> list[Mapping]:
                    for start, end, path in rows), key=lambda m: m.start)
 
 
-def symbol_table(path: str) -> tuple[list[int], list[tuple[int, str]]]:
-    """Function symbols of an aarch64 ELF file: (sorted start addresses, [(end, name)]), each
-    symbol's code running to the next symbol."""
+def _nm(path: str, dynamic: bool) -> str:
     nm = "aarch64-linux-gnu-nm" if _exists("aarch64-linux-gnu-nm") else "nm"
     try:
-        proc = subprocess.run([nm, "--defined-only", "-S", "-C", path], capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run([nm, "--defined-only", "-S", "-C", *(["-D"] if dynamic else []),
+                               path], capture_output=True, text=True, timeout=120).stdout
     except FileNotFoundError:
         raise DwsepError("aarch64-linux-gnu-nm not found: apt-get install "
                          "binutils-aarch64-linux-gnu") from None
-    rows = []
-    for line in proc.stdout.splitlines():
-        parts = line.split(None, 3)
-        if len(parts) == 4 and parts[2].lower() in ("t", "w"):
-            start, size = int(parts[0], 16), int(parts[1], 16)
-            rows.append((start, start + size, parts[3]))
-        elif len(parts) == 3 and parts[1].lower() in ("t", "w"):  # no size (TVM's kernels)
-            rows.append((int(parts[0], 16), None, parts[2]))
-    rows.sort(key=lambda r: r[0])
+
+
+def symbol_table(path: str) -> tuple[list[int], list[tuple[int, str]]]:
+    """Function symbols of an aarch64 ELF file: (sorted start addresses, [(end, name)]), each
+    symbol's code running to the next symbol. A stripped shared library (the TVM runtime of
+    the wheel) has only its exported functions: its internal code then counts under the
+    exported function before it, a coarse but telling attribution (what showed the runtime's
+    workspace pool called on every tile)."""
+    rows = _symbol_rows(_nm(path, dynamic=False)) or _symbol_rows(_nm(path, dynamic=True))
     # A symbol owns the code up to the next one, whatever its recorded size: a TVM kernel's
     # parallel loop body is an unnamed function placed right after its ``*_compute_`` symbol.
     ends = []
@@ -299,10 +316,24 @@ def symbol_table(path: str) -> tuple[list[int], list[tuple[int, str]]]:
     return [r[0] for r in rows], ends
 
 
+def _symbol_rows(listing: str) -> list[tuple[int, int | None, str]]:
+    """``(start, end or None, name)`` of the function symbols in an ``nm -S`` listing."""
+    rows = []
+    for line in listing.splitlines():
+        parts = line.split(None, 3)
+        if len(parts) == 4 and parts[2].lower() in ("t", "w"):
+            start, size = int(parts[0], 16), int(parts[1], 16)
+            rows.append((start, start + size, parts[3]))
+        elif len(parts) == 3 and parts[1].lower() in ("t", "w"):  # no size (TVM's kernels)
+            rows.append((int(parts[0], 16), None, parts[2]))
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
 def attribute(blocks: dict[int, Counts], maps: list[Mapping],
               symbolize: Sequence[str]) -> dict[tuple[str, str | None], Counts]:
     """Blocks to ``(library path, symbol)``; symbols only for libraries in ``symbolize`` (whose
-    paths, as the guest saw them, end with one of these)."""
+    file names, as the guest saw them, start with one of these)."""
     starts = [m.start for m in maps]
     tables: dict[str, tuple] = {}
     regions: dict[tuple[str, str | None], Counts] = {}
@@ -313,7 +344,7 @@ def attribute(blocks: dict[int, Counts], maps: list[Mapping],
             key = ("[no file]", None)
         else:
             symbol = None
-            if any(mapping.path.endswith(s) for s in symbolize):
+            if os.path.basename(mapping.path).startswith(tuple(symbolize)):
                 if mapping.path not in tables:
                     tables[mapping.path] = symbol_table(mapping.path)
                 addresses, ends = tables[mapping.path]
@@ -354,7 +385,8 @@ def profile_library(library: str | os.PathLike, inputs: Sequence[np.ndarray],
             return [str(emulate.RUNNER_SCRIPT), str(library), "--inputs", str(inputs_npz),
                     "--runs", str(n), "--maps", str(maps)]
 
-        regions = profile_command(command, qemu_cpu, runtime, memory, runs, [library.name],
+        regions = profile_command(command, qemu_cpu, runtime, memory, runs,
+                                  [library.name, *RUNTIME_LIBRARIES],
                                   what=f"profiling {library.name}")
     library_path = next((lib for lib, _ in regions if lib.endswith(library.name)),
                         str(library))

@@ -123,6 +123,25 @@ def test_a_librarys_kernels_account_for_all_of_its_code(tmp_path, runtime):
     assert set(macs) >= set(conv)
 
 
+def test_the_runtime_outside_the_library_is_named_by_its_functions(tmp_path, runtime):
+    """The wheel's TVM runtime is stripped: its code is attributed to the exported function
+    before it (the dynamic symbol table), so what an inference spends outside ``model.so``
+    (the VM, the workspace pool, the thread pool) has names in the profile and its table."""
+    from pathlib import Path
+
+    stripped = next(Path(runtime.site).rglob("libtvm_runtime.so"))
+    _, ends = profile.symbol_table(str(stripped))
+    assert {"TVMBackendAllocWorkspace", "TVMBackendParallelLaunch"} <= {n for _, n in ends}
+    path, x, _ = _library(tmp_path)
+    result = profile.profile_library(path, [x], "cortex-a76", runtime, memory=False, runs=3)
+    tvm_rows = [(symbol, c.instructions) for lib, symbol, c in result.runtime()
+                if lib.startswith("libtvm_runtime")]
+    spent = sum(n for _, n in tvm_rows)
+    assert spent > 0 and sum(n for symbol, n in tvm_rows if symbol) > 0.5 * spent
+    assert "TVM runtime, libc, loader" in result.table()
+    assert result.as_dict()["runtime"][0]["instructions"] > 0
+
+
 def test_kernel_macs_count_every_call_of_a_shared_kernel():
     """Structurally equal convs (a ResNet stage's repeated blocks) compile to one PrimFunc called
     several times: its MACs per inference count every call, so the kernels' MACs add up to the
@@ -209,6 +228,7 @@ def test_dwsep_run_emulate_profile(tmp_path):
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["cpu"] == "cortex-a53" and data["kernels"][0]["instructions"] > 0
     assert any(k["macs"] for k in data["kernels"]) and data["library_total"]["loads"] > 0
+    assert "TVM runtime, libc, loader" in proc.stdout and data["runtime"]
     host = compile_model(str(source), target="host", output_dir=str(tmp_path / "host"),
                          rank=2).output_dir
     for args in ([host, "--emulate", "--profile"], [out, "--local", "--profile"]):
