@@ -784,17 +784,20 @@ POOL_CASES = [
     ("AveragePool", (3, 3), (1, 1), (1, 1, 1, 1), {"count_include_pad": 0}, (9, 11)),
     ("AveragePool", (2, 3), (2, 1), (0, 1, 1, 0), {"count_include_pad": 1}, (10, 7)),
     ("AveragePool", (3, 3), (2, 2), (1, 1, 1, 1), {"count_include_pad": 0}, (13, 16)),
+    ("MaxPool", (2, 2), (2, 2), (0, 0, 0, 0), {}, (6, 40)),  # rows of 20: left to the vectorizer
 ]
 
 
 @pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: f"{c[0]}{c[1][0]}x{c[1][1]}@{c[5][0]}x{c[5][1]}")
 def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
     """Windowed pools get the Pool rule: output rows (n, c, oh) over the cores, the window
-    unrolled around the loop over the output columns; padding read in place, averaging per row.
+    unrolled around the loop over the output columns (on NEON a row shorter than LLVM's loop
+    vectorizer takes, unrolled too); padding read in place, averaging per row.
     A window strided along W over padding runs bands of rows instead, each band's padded rows
     built first. The output matches onnxruntime (after a conv, so that pooling sees negative
     values)."""
     from dwsep_compiler.schedules.analysis import largest_divisor
+    from dwsep_compiler.schedules.cpu.pool import SHORT_ROW
     from dwsep_compiler.schedules.cpu.tiling import BAND_ROWS
     from onnx import helper
 
@@ -810,18 +813,23 @@ def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
     graph.output.append(helper.make_tensor_value_info("pooled", 1, None))
     shape = (2, 5, *hw)
     mod = import_onnx(conv, {"x": shape})
-    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    pools = [name for name, rule in applied.items() if "pool" in name]
-    assert pools and all(applied[name] == "Pool" for name in pools), applied
-    script = scheduled[pools[0]].script()
-    rows = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", script)]
-    taps = [int(n) for n in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)]
-    assert taps[:2] == list(kernel), taps  # the window, unrolled (init decomposed out of it)
     x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
     expected = run_onnx(conv, {"x": x})[0]
+    columns = expected.shape[3]
     banded = (any(pads) or attrs.get("ceil_mode")) and strides[1] > 1  # ceil mode pads too
     band = largest_divisor(expected.shape[2], BAND_ROWS) if banded else 1
-    assert rows == [2 * 6 * expected.shape[2] // band], rows
+    for target in (HOST.tvm_target(), TARGETS["arm-neon"]):
+        scheduled, applied = cpu_build.schedule_module(mod, target)
+        pools = [name for name, rule in applied.items() if "pool" in name]
+        assert pools and all(applied[name] == "Pool" for name in pools), applied
+        script = scheduled[pools[0]].script()
+        rows = [int(n) for n in re.findall(r"T\.parallel\((?:T\.int64\()?(\d+)", script)]
+        unrolled = [int(n) for n in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)]
+        # the window unrolled (init decomposed out of it); on NEON inside its row where the row
+        # is too short for LLVM's loop vectorizer
+        short = columns < SHORT_ROW and target is TARGETS["arm-neon"]
+        assert unrolled == ([columns] if short else []) + list(kernel), (str(target), unrolled)
+        assert rows == [2 * 6 * expected.shape[2] // band], rows
     out = run_widths(mod, [x])[0]
     assert out.shape == expected.shape
     assert rel_error(out, expected) < 1e-6
