@@ -20,7 +20,7 @@ Run before legalization (the CPU compile pipeline does).
 from __future__ import annotations
 
 import tvm
-from tvm import te, tirx, topi
+from tvm import te, tirx
 from tvm.relax.expr_functor import mutator
 
 from dwsep_compiler.passes.lowering.call_rewriter import CallRewritePass, CallRewriter

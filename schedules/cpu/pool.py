@@ -84,7 +84,7 @@ class Pool(ScheduleRule):
         if int(sch.get(kh).extent) * int(sch.get(kw).extent) <= _MAX_UNROLLED_TAPS:
             sch.unroll(kh)
             sch.unroll(kw)
-            if int(sch.get(ow).extent) < SHORT_ROW and cpu_knobs(target).lanes <= 4:
+            if int(sch.get(ow).extent) < SHORT_ROW and cpu_knobs(target).lanes <= 4:  # NEON
                 # A short output row, window and all, as straight-line code: LLVM's SLP
                 # vectorizer packs it where the loop vectorizer would not.
                 sch.unroll(ow)
