@@ -16,6 +16,10 @@ GROUP_CONV2D = "group_conv2d_nchw"
 # (its PrimFunc and its compute block); `schedules.cpu.packed` claims it.
 PACKED_CONV = "conv2d_packed"
 
+# `lowering.pack_dense`: a matmul over a weight packed in tiles of rows by columns (its
+# PrimFunc and its compute block); `schedules.cpu.dense` claims it, like TOPI's ``matmul``.
+PACKED_DENSE = "matmul_packed"
+
 # `lowering.fuse_dwpw`: one PrimFunc computing a depthwise conv and the pointwise conv reading
 # it; `schedules.cpu.fused_dwpw` and `schedules.gpu.fused_dwpw` claim it.
 FUSED_DWPW = "fused_depthwise_pointwise"

@@ -17,6 +17,7 @@ from dwsep_compiler.passes.lowering.drop_dropout import DropDropout
 from dwsep_compiler.passes.lowering.fast_sigmoid import FastSigmoid
 from dwsep_compiler.passes.lowering.fold_bn import FoldBatchNormIntoConv2D
 from dwsep_compiler.passes.lowering.fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
+from dwsep_compiler.passes.lowering.pack_dense import PackDenseWeights
 from dwsep_compiler.passes.lowering.pack_weights import PackConvWeights
 from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
 from dwsep_compiler.passes.lowering.sum_to_add import SumToAdd
@@ -44,6 +45,8 @@ def stages(target: tvm.target.Target, fuse: bool | str = True, records=None,
                 if fuse else [])
              + [WidenDepthwiseRows(knobs.vector_bytes),
                 PackConvWeights(knobs.lanes, knobs.accumulators, track_origins, knobs.fma_by_lane)]
+             # NEON's load pairs reach +-1 KB: dense weights in tiles (see pack_dense).
+             + ([PackDenseWeights(knobs.lanes, track_origins)] if knobs.fma_by_lane else [])
              + cpu_generic.legalize_passes(target))
     back = cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
     return front, schedule, back

@@ -87,12 +87,13 @@ def bound_value(mutator, expr):
 
 def constant_value(mutator, expr) -> np.ndarray | None:
     """The value of ``expr`` if it is a constant, or a ``broadcast_to`` (as some exporters store
-    constant-filled weights) or ``reshape`` (a conv bias, as imported) of one, else None."""
+    constant-filled weights), ``reshape`` (a conv bias, as imported) or ``permute_dims`` (a
+    Gemm's transposed weight, as imported) of one, else None."""
     expr = bound_value(mutator, expr)
     if isinstance(expr, tvm.ir.expr.Constant):
         return expr.value.numpy()
     op = getattr(expr, "op", None) if isinstance(expr, relax.Call) else None
-    if getattr(op, "name", "") in ("relax.broadcast_to", "relax.reshape"):
+    if getattr(op, "name", "") in ("relax.broadcast_to", "relax.reshape", "relax.permute_dims"):
         source = bound_value(mutator, expr.args[0])
         if isinstance(source, tvm.ir.expr.Constant):
             try:
@@ -102,5 +103,8 @@ def constant_value(mutator, expr) -> np.ndarray | None:
             value = source.value.numpy()
             if op.name == "relax.reshape":
                 return value.reshape(shape)
+            if op.name == "relax.permute_dims":
+                axes = expr.attrs.axes
+                return value.transpose(None if axes is None else [int(a) for a in axes])
             return np.broadcast_to(value, shape)
     return None

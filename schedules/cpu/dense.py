@@ -7,6 +7,11 @@ split over the cores (`rfactor`), core c summing rows ``[c*K/cores, (c+1)*K/core
 own partial row, and a short vectorized pass adds the partial rows and applies the epilogue
 (bias, ReLU). Where K is too short to split (or no divisor of it fits the cores), output tiles
 spread over the cores instead, each reading a tile-wide slice of every row.
+
+On NEON the weight arrives packed in tiles of ``R`` rows by ``C`` columns
+(`lowering.pack_dense`, ``R`` and ``C`` from `packed_dense_tile`): the same loops, with the
+row block and the vectors per pass taken from the tile, so that each pass reads one
+contiguous tile.
 """
 
 from __future__ import annotations
@@ -22,6 +27,22 @@ _MAX_ROWS = 16  # batch rows handled by this rule; bigger matmuls belong to a GE
 MIN_ROWS_PER_CORE = 64  # weight rows per core below which the reduction is not split
 ROW_BLOCK = 8  # weight rows accumulated per load and store of a vector of partial sums
 VECTOR_BLOCK = 4  # vectors of partial sums kept in registers together
+# A packed weight's row block (`packed_dense_tile`): its rows' inputs stay in registers across
+# the tiles of a block (emulated Cortex-A76, 2048 x 1024, instructions per FMA: row-major 2.17;
+# packed 8 x 4 vectors 1.73, 16 x 4 1.62, 8 x 8 1.70, 16 x 8 1.86, where registers spill).
+PACKED_ROW_BLOCK = 16
+
+
+def packed_dense_tile(batch: int, k: int, n: int, lanes: int) -> tuple[int, int] | None:
+    """``(R, C)``: the tile of weight rows by columns one pass of the split reduction reads, for
+    a ``batch x K @ K x N`` matmul with ``lanes``-wide vectors; None where this rule would not
+    take the matmul (batch too large), the columns are no whole vectors, or no row block above
+    one divides K (nothing to pack for). ``C``: up to ``VECTOR_BLOCK`` vectors, dividing N
+    (1000 classes: two)."""
+    rows = largest_divisor(k, PACKED_ROW_BLOCK)
+    if batch > _MAX_ROWS or n % lanes or rows == 1:
+        return None
+    return rows, lanes * largest_divisor(n // lanes, VECTOR_BLOCK)
 
 
 class Dense(ScheduleRule):
@@ -60,17 +81,23 @@ class Dense(ScheduleRule):
         # masked parts, streamed VGG's last layer at a quarter of the bandwidth).
         vector = next(v for v in (knobs.lanes >> s for s in range(knobs.lanes.bit_length()))
                       if cols % v == 0)
-        splits = largest_divisor(extents[-1], knobs.cores)
+        # A packed weight (R x C tiles): splits keep whole row blocks, passes whole tiles.
+        rows, columns = _packed_tile(sch, block) or (1, vector)
+        splits = largest_divisor(extents[-1] // rows, knobs.cores)
         if splits > 1 and extents[-1] >= MIN_ROWS_PER_CORE * splits:
+            if rows > 1:
+                return _split_reduction(sch, block, last, splits, vector, rows, columns // vector)
             return _split_reduction(sch, block, last, splits, vector)
         # Output tiles: long contiguous runs of each weight row (accumulators live in L1, not
         # registers), but enough tiles for every core.
-        tile = largest_divisor(cols, max(vector, min(512, cols // (2 * knobs.cores))),
-                               multiple_of=vector)
+        tile = largest_divisor(cols, max(columns, min(512, cols // (2 * knobs.cores))),
+                               multiple_of=columns)
         *batch, i, j, k = loops
         jo, ji = sch.split(j, [None, tile])
         jv, jl = sch.split(ji, [None, vector if vector > 1 else tile])
-        sch.reorder(*batch, jo, k, i, jv, jl)
+        # A packed weight's row blocks as a loop of their own: affine indices, no divisions.
+        k, *ks = sch.split(k, [None, rows]) if rows > 1 else [k]
+        sch.reorder(*batch, jo, k, *ks, i, jv, jl)
         outer = sch.fuse(*batch, jo) if batch else jo
         sch.parallel(outer)
         sch.unroll(jv)
@@ -84,7 +111,8 @@ class Dense(ScheduleRule):
         return sch
 
 
-def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int):
+def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int,
+                     rows: int | None = None, vectors: int | None = None):
     """Weight rows in ``splits`` contiguous runs, one per core, each summed into a partial
     output row; then the partial rows added (and the epilogue applied) vector by vector.
 
@@ -99,6 +127,9 @@ def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int)
     registers (measured against one row at a time: emulated Cortex-A76 2048 x 1024, 3.05 ->
     2.17 instructions per FMA; AVX2, 2 cores, two runs: 2048 x 1024 0.89-0.92x the time,
     4096 x 4096 0.64-0.75x, 25088 x 4096 0.78-0.87x, 4096 x 1000 0.70-0.93x).
+
+    ``rows`` and ``vectors``: a packed weight's tile (default: the largest divisors of the run
+    and of the columns up to ``ROW_BLOCK`` and ``VECTOR_BLOCK``).
     """
     *batch, i, j, k = sch.get_loops(block)
     run = int(sch.get(k).extent) // splits
@@ -110,13 +141,14 @@ def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int)
     # ``ROW_BLOCK`` weight rows per pass over the partial row: each vector of partial sums is
     # loaded and stored once per block, not once per row (a GEMV is one weight load per FMA;
     # the partial sums' load and store per FMA made it 3 instructions per FMA on NEON).
-    rows = largest_divisor(run, ROW_BLOCK)
+    rows = rows or largest_divisor(run, ROW_BLOCK)
     pkb, pkr = sch.split(pki, [None, rows])
     # ``VECTOR_BLOCK`` neighbouring vectors per weight row: one pass of the loop's bookkeeping
     # and one read of the input value serve four vectors (A76: 2.89 -> 2.17 instructions per
     # FMA over the row blocks alone; LLVM did not pair the weight loads into LDPs).
     columns = int(sch.get(pj).extent) // vector
-    pjv, pju, pjl = sch.split(pj, [None, largest_divisor(columns, VECTOR_BLOCK), vector])
+    vectors = vectors or largest_divisor(columns, VECTOR_BLOCK)
+    pjv, pju, pjl = sch.split(pj, [None, vectors, vector])
     sch.reorder(pkb, pi, pjv, pkr, pju, pjl)
     sch.unroll(pkr)
     sch.unroll(pju)
@@ -132,6 +164,16 @@ def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int)
         sch.reverse_compute_at(last, jo, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(last)[-1])
     return sch
+
+
+def _packed_tile(sch: s_tir.Schedule, block) -> tuple[int, int] | None:
+    """``(R, C)`` if the matmul reads a weight packed by `lowering.pack_dense`
+    (``[K/R, N/C, R, C]``), else None."""
+    for region in sch.get(block).reads:
+        shape = region.source.shape
+        if len(shape) == 4:
+            return int(shape[2]), int(shape[3])
+    return None
 
 
 def _try_inline(sch, block) -> bool:

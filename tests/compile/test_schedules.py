@@ -605,8 +605,25 @@ def test_depthwise_bands_of_rows_spread_over_the_cores(channels, hw, multiplier,
 
 
 # (rows, K, N): 1000 classes (8-wide vectors on AVX-512, whole ones on AVX2/NEON), 10 classes,
-# an odd N with no power-of-two factor, batch 2 and 3.
-DENSE_CASES = [(1, 300, 1000), (2, 64, 10), (3, 37, 1001), (1, 128, 40)]
+# an odd N with no power-of-two factor, batch 2 and 3; K too short to split (100), batch 2
+# split. On NEON (packed weights): row blocks of 15 and 16 rows, tiles of 8 and 16 columns.
+DENSE_CASES = [(1, 300, 1000), (2, 64, 10), (3, 37, 1001), (1, 128, 40), (1, 100, 64),
+               (2, 256, 48)]
+
+
+def _dense_model(rows, k, n):
+    """Gemm (transB) + bias + Relu, ``rows x k -> rows x n``."""
+    from onnx import helper, numpy_helper
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(n)
+    w = numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), "W")
+    b = numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "B")
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g"], transB=1),
+             helper.make_node("Relu", ["g"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", 1, [rows, k])],
+                      [helper.make_tensor_value_info("y", 1, [rows, n])], [w, b])
 
 
 @pytest.mark.parametrize("rows,k,n", DENSE_CASES, ids=lambda c: str(c))
@@ -617,21 +634,12 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     the reduction is split: each core sums its own contiguous run of weight rows into a partial
     row (one parallel loop over the cores, a partial buffer per core), blocks of rows by
     vectors at a time; otherwise output tiles run in parallel."""
-    from onnx import helper, numpy_helper
-
     from dwsep_compiler.schedules.analysis import largest_divisor
     from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE, ROW_BLOCK, VECTOR_BLOCK
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
-    from helpers import make_model
-
     rng = np.random.default_rng(n)
-    w = numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), "W")
-    b = numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "B")
-    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["g"], transB=1),
-             helper.make_node("Relu", ["g"], ["y"])]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", 1, [rows, k])],
-                       [helper.make_tensor_value_info("y", 1, [rows, n])], [w, b])
+    model = _dense_model(rows, k, n)
     mod = import_onnx(model, {"x": (rows, k)})
     scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
     dense = [name for name, rule in applied.items() if rule == "Dense"]
@@ -663,6 +671,40 @@ def test_dense_layers_stream_the_weight_and_match_onnxruntime(rows, k, n):
     expected = run_onnx(model, {"x": x})[0]
     assert np.count_nonzero(expected) > expected.size // 4
     assert rel_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("rows,k,n", DENSE_CASES, ids=lambda c: str(c))
+def test_dense_weights_are_packed_in_tiles_on_neon_only(rows, k, n):
+    """On NEON a dense layer's weight becomes ``[K/R, N/C, R, C]`` tiles (`pack_dense`): a pass
+    of the split reduction reads one contiguous tile (R rows of C columns, within the reach
+    of a load pair), the rule's row block and vectors per pass are the tile's; matmuls whose
+    columns are no whole vectors stay row-major. x86 builds keep the row-major weight."""
+    from dwsep_compiler.passes import names
+    from dwsep_compiler.schedules.analysis import largest_divisor
+    from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE, packed_dense_tile
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+
+    mod = import_onnx(_dense_model(rows, k, n), {"x": (rows, k)})
+    scheduled, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
+    assert not any(names.PACKED_DENSE in name for name in applied), applied
+    neon = TARGETS["arm-neon"]
+    scheduled, applied = cpu_build.schedule_module(mod, neon)
+    dense = [name for name, rule in applied.items() if rule == "Dense"]
+    assert len(dense) == 1, applied
+    tile = packed_dense_tile(rows, k, n, cpu_knobs(neon).lanes)
+    assert (names.PACKED_DENSE in dense[0]) == (tile is not None), (dense, tile)
+    if tile is None:
+        return
+    r, c = tile
+    script = scheduled[dense[0]].script()
+    shape = ", ".join(f"T.int64({d})" for d in (k // r, n // c, r, c))
+    assert f"T.Buffer(({shape})" in script, script
+    splits = largest_divisor(k // r, cpu_knobs(neon).cores)
+    if splits > 1 and k >= MIN_ROWS_PER_CORE * splits:
+        unrolled = [int(u) for u in re.findall(r"T\.unroll\((?:T\.int64\()?(\d+)", script)]
+        assert unrolled == [c // 4, r, c // 4], (unrolled, script)
+    else:  # output tiles: the reduction still walks row blocks (tile indices without divisions)
+        assert f"for k_0, k_1, i in T.grid(T.int64({k // r}), T.int64({r})" in script, script
 
 
 @pytest.mark.parametrize("cin,hw,bands", [(64, (16, 48), 2), (8, (16, 48), 16), (48, (17, 60), 17)])
@@ -856,7 +898,7 @@ def _side_by_side(parts):
 def _neon_parts():
     """The odd shapes of the x86 rule tests: standard and factorized convs of CASES (channels
     off the 4 lanes, stride 2, dilation, asymmetric pads, 1x7 / 7x1), the grouped convs, the
-    packed pointwise and packed standard convs."""
+    packed pointwise and packed standard convs, the dense layers (packed or not)."""
     standard, factorized = [], []
     for case in CASES:
         model, shape, rank = _model(case)
@@ -870,7 +912,9 @@ def _neon_parts():
                                    input_hw=hw, group=group), (1, cin, *hw)))
     packed = [_pointwise_model(np.random.default_rng(c[0]), *c) for c in PACKED_CASES]
     packed += [_model((*case, 1))[:2] for case in PACKED_CONV_CASES]
-    return {"fuse=False": standard + factorized + grouped + packed, "fuse=always": factorized}
+    dense = [(_dense_model(*case), case[:2]) for case in DENSE_CASES]
+    return {"fuse=False": standard + factorized + grouped + packed + dense,
+            "fuse=always": factorized}
 
 
 @pytest.mark.emulation
@@ -889,7 +933,7 @@ def test_neon_rules_match_onnxruntime_on_the_same_odd_shapes_under_qemu(preset, 
         mod = import_onnx(model, shapes)
         _, applied = cpu_build.schedule_module(mod, target.tvm_target(), fuse=fuse)
         expected_rules = ({"FusedDepthwisePointwise"} if fuse else
-                          {"Conv2D", "Depthwise", "Pointwise"})
+                          {"Conv2D", "Depthwise", "Pointwise", "Dense"})
         assert expected_rules <= set(applied.values()), applied
         assert "Fallback" not in {r for n, r in applied.items() if "conv2d" in n}, applied
         (tmp_path / label).mkdir()
