@@ -136,7 +136,8 @@ class _Rewriter(CallRewriter):
               and w_shape[1] <= MAX_UNPACKED_POINTWISE_CHANNELS):
             return call
         else:
-            tile = channel_tile(out_h * out_w, w_shape[0], lanes, self.accumulators)
+            lane_width = out_w if pointwise and self.fma_by_lane else None
+            tile = channel_tile(out_h * out_w, w_shape[0], lanes, self.accumulators, lane_width)
             if tile is None:
                 return call
             block, _ = tile

@@ -20,7 +20,7 @@ from dwsep_compiler.passes import names
 from dwsep_compiler.schedules.analysis import (ConvBlocks, divisors, extents, find_conv,
                                                inline_epilogue, knob, largest_divisor)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-from dwsep_compiler.schedules.cpu.tiling import channel_tile, copy_padded_input
+from dwsep_compiler.schedules.cpu.tiling import channel_tile, copy_padded_input, lane_pixels
 
 # Input channels per K block. In-model, interleaved (2-core AVX-512): ResNet-50 rank 1 0.93x the
 # time (its 14x14 layers 256 -> 1024 and 1024 -> 256 0.82-0.85x, 2048x7x7 -> 512 0.8x),
@@ -91,7 +91,9 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     block = int(weight.shape[-1])
     vectors = block // knobs.lanes
     pixels = h * w
-    tile = channel_tile(pixels, co, knobs.lanes, knobs.accumulators)
+    pointwise = len(loops) == 5
+    lane_width = w if knobs.fma_by_lane and pointwise else None
+    tile = channel_tile(pixels, co, knobs.lanes, knobs.accumulators, lane_width)
     limit = max(1, knobs.accumulators // vectors)
     rows = tile[1] if tile is not None and tile[0] == block else largest_divisor(pixels, limit)
     rows = knob(sch, tunable, rows, divisors(pixels, limit))
@@ -133,8 +135,7 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     sch.unroll(pi)
     sch.unroll(fv)
     sch.vectorize(fl)
-    if (knobs.fma_by_lane and len(loops) == 5 and rows >= knobs.lanes
-            and (rows % w == 0 or w % rows == 0)):
+    if lane_width and lane_pixels(rows, w, knobs.lanes):
         add_lane_pixels(sch, conv)
     if blocks.pad is not None:
         copy_padded_input(sch, blocks.pad, knobs.lanes)

@@ -5,24 +5,36 @@ from __future__ import annotations
 
 from tvm import s_tir
 
-from dwsep_compiler.schedules.analysis import largest_divisor
+from dwsep_compiler.schedules.analysis import divisors, largest_divisor
 
-def channel_tile(pixels: int, out_channels: int, lanes: int,
-                 accumulators: int) -> tuple[int, int] | None:
+def lane_pixels(rows: int, width: int, lanes: int) -> bool:
+    """Does a pointwise channel tile of ``rows`` pixels, on an image ``width`` pixels wide, read
+    its pixels as vectors and multiply by lane (NEON: `packed.add_lane_pixels`)? Where the tile
+    is whole image rows or lies within one (its pixels contiguous) and fills a vector."""
+    return rows >= lanes and (rows % width == 0 or width % rows == 0)
+
+
+def channel_tile(pixels: int, out_channels: int, lanes: int, accumulators: int,
+                 lane_width: int | None = None) -> tuple[int, int] | None:
     """The register tile of a channel-vectorized conv (`packed.py`): ``(block, rows)``,
     ``block`` output channels (whole vectors; the weight packing of
     `passes/lowering/pack_weights.py`) by ``rows`` output pixels (dividing ``pixels``), with the
     most FMAs per load that the ``accumulators`` allow; None when no vector multiple divides
-    ``out_channels``."""
+    ``out_channels``. ``lane_width``: the image width of a pointwise conv on NEON, whose tiles
+    of `lane_pixels` load a vector of pixels where others load each pixel (SqueezeNet's
+    16 -> 64 at 27x27: 16 channels x 3 pixels without, 8 x 9 with)."""
     best = None
     for vectors in ((4, 2, 1) if lanes <= 4 else (2, 1)):
         block = vectors * lanes
         if out_channels % block:
             continue
-        rows = largest_divisor(pixels, max(1, accumulators // vectors))
-        intensity = vectors * rows / (vectors + rows)
-        if best is None or intensity > best[0]:
-            best = (intensity, block, rows)
+        for rows in divisors(pixels, max(1, accumulators // vectors)):
+            loads = rows
+            if lane_width and lane_pixels(rows, lane_width, lanes):
+                loads = -(-rows // lanes)
+            intensity = vectors * rows / (vectors + loads)
+            if best is None or intensity > best[0]:
+                best = (intensity, block, rows)
     return None if best is None else best[1:]
 
 

@@ -421,15 +421,16 @@ def test_neon_packs_short_pointwise_reductions_too(tmp_path, runtime):
 
 
 @pytest.mark.parametrize("cin,cout,hw", [(20, 32, (7, 7)), (48, 48, (13, 13)), (256, 40, (3, 3)),
-                                         (16, 64, (27, 27))])
+                                         (16, 64, (27, 27)), (3, 64, (31, 31))])
 def test_neon_channel_tiles_take_their_pixels_from_vector_lanes(cin, cout, hw):
     """On NEON a pointwise channel tile of whole image rows, or of part of one, at least a
     vector of pixels, reads each reduction step's pixels as vectors (a copy of the step's
     pixels, vectorized: LLVM loads it straight from the input and multiplies by lane) instead
-    of one broadcast load per pixel row; a 3-pixel tile (27x27) keeps the broadcasts; x86
+    of one broadcast load per pixel row, and the tile is chosen for it (27x27: 8 channels x 9
+    pixels, not 16 x 3); 961 pixels (31x31) leave one-pixel tiles with their broadcasts; x86
     keeps them everywhere (its FMA broadcasts from memory)."""
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-    from dwsep_compiler.schedules.cpu.tiling import channel_tile
+    from dwsep_compiler.schedules.cpu.tiling import channel_tile, lane_pixels
 
     model, shape = _pointwise_model(np.random.default_rng(cin), cin, cout, hw)
     mod = import_onnx(model, {model.graph.input[0].name: shape})
@@ -440,10 +441,13 @@ def test_neon_channel_tiles_take_their_pixels_from_vector_lanes(cin, cout, hw):
         assert len(convs) == 1, applied
         script = scheduled[convs[0]].script()
         source = re.search(r"def main\((\w+):", script).group(1)
-        _, rows = channel_tile(hw[0] * hw[1], cout, knobs.lanes, knobs.accumulators) or (0, 0)
-        lanes = (knobs.fma_by_lane and rows >= knobs.lanes
-                 and (rows % hw[1] == 0 or hw[1] % rows == 0))
-        assert lanes == (hw != (27, 27) and target is TARGETS["arm-neon"])  # the cases' intent
+        width = hw[1] if knobs.fma_by_lane else None
+        _, rows = (channel_tile(hw[0] * hw[1], cout, knobs.lanes, knobs.accumulators, width)
+                   or (0, 0))
+        lanes = knobs.fma_by_lane and lane_pixels(rows, hw[1], knobs.lanes)
+        assert lanes == (hw != (31, 31) and target is TARGETS["arm-neon"])  # the cases' intent
+        if hw == (27, 27) and lanes:
+            assert rows == 9, rows
         assert (f'T.sblock("{source}_global")' in script) == lanes, (target, rows, script)
         if lanes:
             assert applied[convs[0]] == "Pointwise" and "conv2d_packed" in convs[0], applied
