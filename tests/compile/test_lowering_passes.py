@@ -301,3 +301,37 @@ def test_depthwise_rows_are_widened_to_whole_vectors(case):
     expected = run_onnx(model, {"x": x})[0]
     assert out.shape == expected.shape and np.count_nonzero(expected) > expected.size // 4
     assert rel_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 300, 1000), (2, 256, 48), (3, 37, 1001)])
+def test_dense_weights_pack_into_tiles_and_compute_the_same(rows, k, n):
+    """`pack_dense.py` (NEON's pipeline runs it; here it is applied by hand so that x86 builds
+    check its arithmetic at every width): a Gemm's transposed constant weight becomes
+    ``[K/R, N/C, R, C]`` tiles that the dense rule claims, and the library still matches
+    onnxruntime; columns that are no whole vectors (1001) keep the plain matmul."""
+    from onnx import helper, numpy_helper
+
+    from dwsep_compiler.passes import names
+    from dwsep_compiler.passes.lowering.pack_dense import PackDenseWeights
+    from dwsep_compiler.schedules.cpu.dense import packed_dense_tile
+
+    from helpers import make_model
+
+    rng = np.random.default_rng(k)
+    nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(rng.standard_normal((n, k)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "B")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", 1, [rows, k])],
+                       [helper.make_tensor_value_info("y", 1, [rows, n])], inits)
+    rewrite = PackDenseWeights(lanes=4)
+    mod = rewrite(import_onnx(model, {"x": (rows, k)}))
+    tile = packed_dense_tile(rows, k, n, 4)
+    assert rewrite.rewritten == (tile is not None)
+    if tile is not None:
+        r, c = tile
+        shape = ", ".join(f"T.int64({d})" for d in (k // r, n // c, r, c))
+        assert f"T.Buffer(({shape})" in mod[names.PACKED_DENSE].script(), mod.script()
+        _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
+        assert [rule for name, rule in applied.items() if names.PACKED_DENSE in name] == ["Dense"]
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
