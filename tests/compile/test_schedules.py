@@ -911,6 +911,52 @@ def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
     assert rel_error(out, expected) < 1e-6
 
 
+def _plane_model(op, hw):
+    """x (1, 4, H, W) -> ``"concat"``: Concat(Relu(x), Neg(x)) on channels (every buffer
+    indexed by the plane's own rows and columns), or ``"slice"``: columns 1..W-1 of x (the
+    input's rows are longer than the output's)."""
+    from onnx import helper, numpy_helper
+
+    from helpers import make_model
+
+    shape = (1, 4, *hw)
+    if op == "concat":
+        nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["x"], ["n"]),
+                 helper.make_node("Concat", ["r", "n"], ["y"], axis=1)]
+        inits = []
+    else:
+        nodes = [helper.make_node("Slice", ["x", "s", "e", "a"], ["y"])]
+        inits = [numpy_helper.from_array(np.array(v, np.int64), n)
+                 for n, v in (("s", [1]), ("e", [hw[1]]), ("a", [3]))]
+    return make_model(nodes, [helper.make_tensor_value_info("x", 1, list(shape))],
+                      [helper.make_tensor_value_info("y", 1, None)], inits), shape
+
+
+@pytest.mark.parametrize("op,hw", [("concat", (15, 15)), ("concat", (7, 7)), ("concat", (8, 8)),
+                                   ("slice", (15, 15))])
+def test_neon_runs_short_row_planes_flat(op, hw):
+    """On NEON an injective kernel whose rows are no whole vectors (15, 7 columns) and whose
+    buffers are all indexed by its own plane (a channel concat) runs each plane as one flat
+    loop: whole vectors, then a scalar tail; a slice (longer input rows), rows of whole vectors
+    (8) and x86 keep their row loops. The outputs are checked under qemu in
+    `test_neon_rules_match_onnxruntime_on_the_same_odd_shapes_under_qemu`."""
+    model, shape = _plane_model(op, hw)
+    mod = import_onnx(model, {"x": shape})
+    for target in (TARGETS["arm-neon"], TARGETS["x86-avx2"]):
+        scheduled, applied = cpu_build.schedule_module(mod, target)
+        names = [n for n, rule in applied.items() if rule == "Fallback"]
+        assert len(names) == 1, applied
+        script = scheduled[names[0]].script()
+        vectorized = [int(v) for v in re.findall(r"T\.vectorized\((?:T\.int64\()?(\d+)", script)]
+        plane = hw[0] * hw[1]
+        flat = op == "concat" and hw[1] % 4 and target is TARGETS["arm-neon"]
+        # the flat plane: (plane // 4) vectors in a loop, then plane % 4 scalar elements
+        assert (f"T.int64({plane // 4})" in script and 4 in vectorized
+                and f"T.int64({plane % 4})" in script) == bool(flat), script
+        if not flat and hw[1] % 4:
+            assert not vectorized or target is TARGETS["x86-avx2"], script
+
+
 def _side_by_side(parts):
     """One ONNX graph holding every ``(model, input shape)`` part side by side (names prefixed
     ``p<k>_``): one library, one emulated run for all of them."""
@@ -947,7 +993,9 @@ def _neon_parts():
     packed = [_pointwise_model(np.random.default_rng(c[0]), *c) for c in PACKED_CASES]
     packed += [_model((*case, 1))[:2] for case in PACKED_CONV_CASES]
     dense = [(_dense_model(*case), case[:2]) for case in DENSE_CASES]
-    return {"fuse=False": standard + factorized + grouped + packed + dense,
+    planes = [_plane_model(op, hw) for op, hw in (("concat", (15, 15)), ("concat", (7, 9)),
+                                                 ("slice", (15, 15)))]
+    return {"fuse=False": standard + factorized + grouped + packed + dense + planes,
             "fuse=always": factorized}
 
 
