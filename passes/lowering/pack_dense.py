@@ -7,15 +7,16 @@ registers. Over the row-major ``[K, N]`` weight the ``R`` rows of a block are ``
 (16 KB for VGG's 4096 outputs), beyond the +-1008-byte offset an AArch64 load pair (``LDP q``)
 can encode, so LLVM loads each vector with its own ``LDR``: one load per FMA, 2.2 instructions
 per FMA on the emulated Cortex-A76. Packed as ``[K / R, N / C, R, C]`` a block's ``R x C``
-weights are one contiguous run of ``4RC`` bytes (512 for R = 8, C = 16) read in order, and the
-loads pair; the whole weight still streams through memory once, front to back.
+weights are one contiguous run of ``4RC`` bytes (1 KB for R = C = 16) read in order, and the
+loads pair (2048 x 1024: 1.62 instructions per FMA); the whole weight still streams through
+memory once, front to back.
 
 Only where vector loads need the pairing: on x86 the FMA itself takes its vector operand from
 memory at any offset, so the row-major weight costs nothing there and builds stay as they were.
 
 `packed_dense_tile` (the schedule's) picks ``R`` and ``C``; a matmul whose weight is not a
-constant, whose batch is beyond the dense rule's, or whose columns are no multiple of ``C`` is
-left alone. Run before legalization (the CPU compile pipeline does, on NEON).
+constant, whose batch is beyond the dense rule's, or whose columns are no whole vectors is left
+alone. Run before legalization (the CPU compile pipeline does, on NEON).
 """
 
 from __future__ import annotations

@@ -82,12 +82,12 @@ class Dense(ScheduleRule):
         vector = next(v for v in (knobs.lanes >> s for s in range(knobs.lanes.bit_length()))
                       if cols % v == 0)
         # A packed weight (R x C tiles): splits keep whole row blocks, passes whole tiles.
-        rows, columns = _packed_tile(sch, block) or (1, vector)
+        packed = _packed_tile(sch, block)
+        rows, columns = packed or (1, vector)
         splits = largest_divisor(extents[-1] // rows, knobs.cores)
         if splits > 1 and extents[-1] >= MIN_ROWS_PER_CORE * splits:
-            if rows > 1:
-                return _split_reduction(sch, block, last, splits, vector, rows, columns // vector)
-            return _split_reduction(sch, block, last, splits, vector)
+            tile = (rows, columns // vector) if packed else ()
+            return _split_reduction(sch, block, last, splits, vector, *tile)
         # Output tiles: long contiguous runs of each weight row (accumulators live in L1, not
         # registers), but enough tiles for every core.
         tile = largest_divisor(cols, max(columns, min(512, cols // (2 * knobs.cores))),
@@ -145,7 +145,8 @@ def _split_reduction(sch: s_tir.Schedule, block, last, splits: int, vector: int,
     pkb, pkr = sch.split(pki, [None, rows])
     # ``VECTOR_BLOCK`` neighbouring vectors per weight row: one pass of the loop's bookkeeping
     # and one read of the input value serve four vectors (A76: 2.89 -> 2.17 instructions per
-    # FMA over the row blocks alone; LLVM did not pair the weight loads into LDPs).
+    # FMA over the row blocks alone; LLVM did not pair the weight loads into LDPs: rows 4N bytes
+    # apart are beyond their reach, hence NEON's packed tiles).
     columns = int(sch.get(pj).extent) // vector
     vectors = vectors or largest_divisor(columns, VECTOR_BLOCK)
     pjv, pju, pjl = sch.split(pj, [None, vectors, vector])
