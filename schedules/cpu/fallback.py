@@ -5,7 +5,7 @@ are fused and spread over the cores, and an innermost spatial loop of an injecti
 vectorized. Each step is applied only when TVM accepts it, so the rule never fails a PrimFunc.
 
 On NEON an injective block whose rows are no whole vectors (15, 31, 7 columns: SqueezeNet's
-channel concats, slices) and whose every buffer is indexed by the block's own two innermost
+channel concats) and whose every buffer is indexed by the block's own two innermost
 iterators runs each plane as one flat loop, vectors and a scalar tail: the rows of a plane are
 contiguous in all its buffers. LLVM left the 15-wide rows scalar (fewer iterations than its
 vectorizer's minimum). Emulated Cortex-A76: a 2 x 64 x 15 x 15 concat 2.04 -> 1.04 instructions

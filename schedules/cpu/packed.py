@@ -103,7 +103,7 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
         k_block = knob(sch, tunable, largest_divisor(channels, K_BLOCK),
                        [d for d in divisors(channels, 4 * K_BLOCK) if d >= K_BLOCK // 4])
     last = inline_epilogue(blocks)
-    if len(loops) == 5:
+    if pointwise:
         sch.transform_block_layout(conv, lambda n, f, y, x, c: (n, f, y * w + x, c))
     else:
         sch.transform_block_layout(
