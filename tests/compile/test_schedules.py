@@ -913,8 +913,9 @@ def test_pools_run_a_row_per_step_and_match_onnxruntime(case):
 
 def _plane_model(op, hw):
     """x (1, 4, H, W) -> ``"concat"``: Concat(Relu(x), Neg(x)) on channels (every buffer
-    indexed by the plane's own rows and columns), or ``"slice"``: columns 1..W-1 of x (the
-    input's rows are longer than the output's)."""
+    indexed by the plane's own rows and columns), ``"slice"``: columns 1..W-1 of x (the
+    input's rows are longer than the output's), or ``"silu"``: SiLU of 60 x (a standard
+    normal input then saturates the fast sigmoid at both ends)."""
     from onnx import helper, numpy_helper
 
     from helpers import make_model
@@ -924,6 +925,11 @@ def _plane_model(op, hw):
         nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["x"], ["n"]),
                  helper.make_node("Concat", ["r", "n"], ["y"], axis=1)]
         inits = []
+    elif op == "silu":
+        nodes = [helper.make_node("Mul", ["x", "k"], ["m"]),
+                 helper.make_node("Sigmoid", ["m"], ["s"]),
+                 helper.make_node("Mul", ["m", "s"], ["y"])]
+        inits = [numpy_helper.from_array(np.array(60.0, np.float32), "k")]
     else:
         nodes = [helper.make_node("Slice", ["x", "s", "e", "a"], ["y"])]
         inits = [numpy_helper.from_array(np.array(v, np.int64), n)
@@ -981,7 +987,8 @@ def _side_by_side(parts):
 def _neon_parts():
     """The odd shapes of the x86 rule tests: standard and factorized convs of CASES (channels
     off the 4 lanes, stride 2, dilation, asymmetric pads, 1x7 / 7x1), the grouped convs, the
-    packed pointwise and packed standard convs, the dense layers (packed or not)."""
+    packed pointwise and packed standard convs, the dense layers (packed or not), the
+    injective planes and a saturating SiLU (the fast sigmoid's NEON code)."""
     standard, factorized = [], []
     for case in CASES:
         model, shape, rank = _model(case)
@@ -997,7 +1004,7 @@ def _neon_parts():
     packed += [_model((*case, 1))[:2] for case in PACKED_CONV_CASES]
     dense = [(_dense_model(*case), case[:2]) for case in DENSE_CASES]
     planes = [_plane_model(op, hw) for op, hw in (("concat", (15, 15)), ("concat", (7, 9)),
-                                                 ("slice", (15, 15)))]
+                                                 ("slice", (15, 15)), ("silu", (8, 12)))]
     return {"fuse=False": standard + factorized + grouped + packed + dense + planes,
             "fuse=always": factorized}
 
