@@ -102,9 +102,10 @@ def test_padded_or_3x3_strided_convs_are_not_rewritten():
 
 
 def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
-    """Sigmoid (here in a pointwise conv's SiLU epilogue) is rewritten to 1 / (1 + 2^(-x log2 e))
-    before legalization, fuses into the conv, and stays within 1e-5 of onnxruntime over
-    float32's range, saturation included."""
+    """Sigmoid is rewritten to 1 / (1 + 2^(-x log2 e)) before legalization, and a pointwise
+    conv's SiLU epilogue x * sigmoid(x) to x / (1 + 2^(-x log2 e)) (no multiply left), fused
+    into the conv; both stay within 1e-5 of onnxruntime over float32's range, saturation
+    included."""
     from onnx import helper, numpy_helper
 
     from dwsep_compiler.passes.lowering.fast_sigmoid import FastSigmoid
@@ -121,10 +122,12 @@ def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
     shape = (1, 12, 10, 9)
     mod = import_onnx(model, {"x": shape})
     rewrite = FastSigmoid()
-    rewrite(mod)
-    assert rewrite.rewritten == 2
+    mod = rewrite(mod)
+    assert rewrite.rewritten == 3  # two sigmoids, and the SiLU made one division
     _, applied = cpu_build.schedule_module(mod, HOST.tvm_target())
-    assert any(rule == "Pointwise" and "sigmoid" in name for name, rule in applied.items()), applied
+    assert any(rule == "Pointwise" and name.endswith("_silu")
+               for name, rule in applied.items()), applied
+    assert not any("multiply" in name for name in applied), applied
     x = (rng.standard_normal(shape) * 30).astype(np.float32)  # saturates both ends
     x.flat[:4] = [-100.0, 100.0, 0.0, -87.0]
     outs = run_widths(mod, [x])
@@ -132,28 +135,49 @@ def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
         assert rel_error(out, expected) < 1e-5
 
 
+def _on_float32_grid(compute):
+    """``(x, compute(x))`` float64, computed in float32 by a kernel built from the TE function
+    ``compute``: a dense grid over [-100, 100] and, first, the extremes (+-3.4e38, 0, +-88,
+    1e-30)."""
+    from tvm import te
+
+    x = te.placeholder((200003,), "float32", name="x")
+    kernel = tvm.compile(te.create_prim_func([x, compute(x)]), target="llvm")
+    xs = np.linspace(-100, 100, 200003).astype(np.float32)
+    xs[:6] = [-3.4e38, 3.4e38, 0.0, -88.0, 88.0, 1e-30]
+    out = tvm.runtime.tensor(np.zeros_like(xs))
+    kernel(tvm.runtime.tensor(xs), out)
+    return xs.astype(np.float64), out.numpy().astype(np.float64)
+
+
 def test_fast_sigmoid_is_float32_accurate_over_its_whole_range():
     """The base-2 sigmoid (a degree-5 polynomial, the exponent added to the float's bits), on a
     dense grid of float32 inputs plus the extremes, against float64 numpy: absolute error under
     2e-7 everywhere, relative under 1e-5 wherever the sigmoid is above 1e-30 (the clamp at
     |z| = 125 leaves 2^-125 below that), exactly 0.5 at 0 and never NaN."""
-    from tvm import te
-
     from dwsep_compiler.passes.lowering.fast_sigmoid import fast_sigmoid
 
-    x = te.placeholder((200003,), "float32", name="x")
-    kernel = tvm.compile(te.create_prim_func([x, fast_sigmoid(x)]), target="llvm")
-    xs = np.linspace(-100, 100, 200003).astype(np.float32)
-    xs[:6] = [-3.4e38, 3.4e38, 0.0, -88.0, 88.0, 1e-30]
-    out = tvm.runtime.tensor(np.zeros_like(xs))
-    kernel(tvm.runtime.tensor(xs), out)
-    got = out.numpy().astype(np.float64)
+    xs, got = _on_float32_grid(fast_sigmoid)
     with np.errstate(over="ignore"):
-        ref = 1.0 / (1.0 + np.exp(-xs.astype(np.float64)))
+        ref = 1.0 / (1.0 + np.exp(-xs))
     assert not np.isnan(got).any() and got[2] == 0.5
     assert np.abs(got - ref).max() < 2e-7
     live = ref > 1e-30
     assert (np.abs(got - ref)[live] / ref[live]).max() < 1e-5
+
+
+def test_fast_silu_is_float32_accurate_over_its_whole_range():
+    """SiLU as x / (1 + 2^(-x log2 e)), on the same grid: relative error under 1e-5 wherever
+    |silu| is above 1e-30 (under that the clamp leaves x / 2^125), exactly 0 at 0, x itself
+    at the largest floats, never NaN."""
+    from dwsep_compiler.passes.lowering.fast_sigmoid import fast_silu
+
+    xs, got = _on_float32_grid(fast_silu)
+    with np.errstate(over="ignore"):
+        ref = xs / (1.0 + np.exp(-xs))
+    assert not np.isnan(got).any() and got[2] == 0.0 and got[1] == xs[1]
+    live = np.abs(ref) > 1e-30
+    assert (np.abs(got - ref)[live] / np.abs(ref[live])).max() < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["3x3", "1x1-packed", "depthwise", "bn-on-input"])
