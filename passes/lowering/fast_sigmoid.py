@@ -91,18 +91,21 @@ class _Rewriter(CallRewriter):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if not isinstance(call.op, tvm.ir.Op) or str(call.ty.dtype) not in ("float32", "float16"):
+        # The dtype is read only for the two ops rewritten: other calls may return a tuple
+        # (a split), which has none.
+        if (not isinstance(call.op, tvm.ir.Op)
+                or call.op.name not in ("relax.sigmoid", "relax.multiply")
+                or str(call.ty.dtype) not in ("float32", "float16")):
             return call
         if call.op.name == "relax.sigmoid":
             self.rewritten += 1
             out = self.builder_.call_te(fast_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
             self.sigmoids.append((out, call.args[0]))
             return out
-        if call.op.name == "relax.multiply":
-            x = self._silu_input(*call.args)
-            if x is not None:
-                self.rewritten += 1
-                return self.builder_.call_te(fast_silu, x, primfunc_name_hint="silu")
+        x = self._silu_input(*call.args)
+        if x is not None:
+            self.rewritten += 1
+            return self.builder_.call_te(fast_silu, x, primfunc_name_hint="silu")
         return call
 
     def _silu_input(self, a, b):

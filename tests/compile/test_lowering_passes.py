@@ -135,6 +135,29 @@ def test_sigmoid_is_vectorizable_and_matches_onnxruntime():
         assert rel_error(out, expected) < 1e-5
 
 
+def test_fast_sigmoid_passes_over_calls_that_return_tuples():
+    """A split (its call returns a tuple, which has no dtype) in front of a SiLU: the pass
+    rewrites the SiLU and leaves the split alone; the output matches onnxruntime."""
+    from onnx import helper
+
+    from dwsep_compiler.passes.lowering.fast_sigmoid import FastSigmoid
+    from helpers import make_model
+
+    model = make_model(
+        [helper.make_node("Split", ["x"], ["a", "b"], axis=1, num_outputs=2),
+         helper.make_node("Sigmoid", ["a"], ["s"]), helper.make_node("Mul", ["a", "s"], ["y"]),
+         helper.make_node("Add", ["y", "b"], ["z"])],
+        [helper.make_tensor_value_info("x", 1, [1, 8, 5, 6])],
+        [helper.make_tensor_value_info("z", 1, [1, 4, 5, 6])], [], opset=18)
+    mod = import_onnx(model, {"x": (1, 8, 5, 6)})
+    rewrite = FastSigmoid()
+    mod = rewrite(mod)
+    assert rewrite.rewritten == 2
+    x = (np.random.default_rng(1).standard_normal((1, 8, 5, 6)) * 10).astype(np.float32)
+    out = run_widths(mod, [x])[0]
+    assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
 def _on_float32_grid(compute):
     """``(x, compute(x))`` float64, computed in float32 by a kernel built from the TE function
     ``compute``: a dense grid over [-100, 100] and, first, the extremes (+-3.4e38, 0, +-88,
