@@ -28,6 +28,10 @@ class CPUKnobs:
     # FMAs, where x86 broadcasts a weight per row from memory inside the FMA itself.
     fma_by_lane: bool = False
     element_bytes: int = 4  # the kernel's element type: float32, or float16 (--precision fp16)
+    # Reduction steps per iteration of a register tile's loop over input channels, unrolled
+    # (`tiling.unroll_reduction`); 1 leaves it to LLVM. NEON: the loop's counter, pointer
+    # updates and branch (4 instructions) otherwise come every few steps of 14-24 FMAs.
+    reduction_unroll: int = 1
 
     @property
     def lanes(self) -> int:
@@ -48,7 +52,8 @@ def cpu_knobs(target: tvm.target.Target, dtype: str = "float32") -> CPUKnobs:
     keys = {str(k) for k in target.keys}
     cores = int(attrs.get("num-cores", 0) or 0) or os.cpu_count() or 1
     if mtriple.startswith("aarch64") or "arm_cpu" in keys:
-        return CPUKnobs(16, registers=32, cores=cores, fma_by_lane=True, element_bytes=width)
+        return CPUKnobs(16, registers=32, cores=cores, fma_by_lane=True, element_bytes=width,
+                        reduction_unroll=16)
     has = tvm.target.codegen.llvm_cpu_has_features
     if has(["avx512f"], target):
         return CPUKnobs(64, registers=32, cores=cores, element_bytes=width)

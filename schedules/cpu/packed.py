@@ -20,7 +20,8 @@ from dwsep_compiler.passes import names
 from dwsep_compiler.schedules.analysis import (ConvBlocks, divisors, extents, find_conv,
                                                inline_epilogue, knob, largest_divisor)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-from dwsep_compiler.schedules.cpu.tiling import channel_tile, copy_padded_input, lane_pixels
+from dwsep_compiler.schedules.cpu.tiling import (channel_tile, copy_padded_input, lane_pixels,
+                                                 unroll_reduction)
 
 # Input channels per K block. In-model, interleaved (2-core AVX-512): ResNet-50 rank 1 0.93x the
 # time (its 14x14 layers 256 -> 1024 and 1024 -> 256 0.82-0.85x, 2048x7x7 -> 512 0.8x),
@@ -127,10 +128,16 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
         rco, rci = sch.split(reduce[0], [None, k_block])
         sch.reorder(nn, fo, rco, po, rci, *reduce[1:], pi, fv, fl)
         outer = sch.fuse(nn, fo)
-        reduce = [rco]
+        inner = rci
     else:
         sch.reorder(nn, fo, po, *reduce, pi, fv, fl)
         outer = sch.fuse(nn, fo, po)
+        rco = inner = reduce[0]
+    if pointwise:
+        # Input channels unrolled (`knobs.reduction_unroll`), as in the pixel-vectorized tile.
+        outer_channels, _ = unroll_reduction(sch, inner, knobs.reduction_unroll)
+        if not blocked:
+            rco = outer_channels
     sch.parallel(outer)
     sch.unroll(pi)
     sch.unroll(fv)
@@ -146,5 +153,5 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     # then exactly its pixels (in 4-D it would be a bounding box of whole rows).
     sch.transform_block_layout(write_back, lambda n, f, y, x: (n, f, y * w + x))
     sch.reverse_compute_at(write_back, outer, preserve_unit_loops=True)
-    sch.decompose_reduction(conv, reduce[0])
+    sch.decompose_reduction(conv, rco)
     return sch

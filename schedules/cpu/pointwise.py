@@ -19,9 +19,9 @@ written back to NCHW transposed, through the epilogue. Knob: ``rows``.
 On NEON, whose FMAs can take their scalar from a vector lane (FMLA by element), the same
 pixel-vectorized tile reads packed weights: the packing pass stores them ``[O/b, C, b]``
 (`common.lane_weight_block`: 8 channels, or 4) and each input channel's ``b`` weights are one
-vector copy that the tile's rows read lane by lane, with the input channels unrolled by
-``LANE_WEIGHTS_UNROLL``: 2 loads of weights and 3 of pixels per 24 FMAs, against 8 and 3 with
-a weight loaded per row. Emulated instructions per MAC / 4 on 128x28x28 -> 128: Cortex-A53
+vector copy that the tile's rows read lane by lane, with the input channels unrolled
+(`CPUKnobs.reduction_unroll`): 2 loads of weights and 3 of pixels per 24 FMAs, against 8 and 3
+with a weight loaded per row. Emulated instructions per MAC / 4 on 128x28x28 -> 128: Cortex-A53
 1.23 against 1.54, Cortex-A76 1.24 against 1.64.
 
 Where the input rows alias in L1 (`stage_input_tile`: 56x56, 112x112 and 224x224 planes), each
@@ -43,10 +43,7 @@ from dwsep_compiler.schedules.analysis import (divisors, extents, find_pointwise
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
 from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv,
                                                  packed_lane_block, schedule_channel_tile)
-from dwsep_compiler.schedules.cpu.tiling import vector_tile
-
-# Input channels per unrolled step of the lane-weights tile.
-LANE_WEIGHTS_UNROLL = 4
+from dwsep_compiler.schedules.cpu.tiling import unroll_reduction, vector_tile
 
 
 class Pointwise(ScheduleRule):
@@ -127,13 +124,9 @@ class Pointwise(ScheduleRule):
         # every output-channel block consumes it.
         sch.reorder(nn, po, fo, *reduce, fi, pv, pl)
         if lane_weights:
-            channel = reduce[-1]
-            if int(sch.get(channel).extent) % LANE_WEIGHTS_UNROLL == 0:
-                # Input channels unrolled: the loop's own counter and pointer updates (5 of 32
-                # instructions per step where LLVM keeps the loop, as for Cortex-A76) once per
-                # few steps.
-                reduce[-1], channel = sch.split(channel, [None, LANE_WEIGHTS_UNROLL])
-                sch.unroll(channel)
+            # Input channels unrolled (`knobs.reduction_unroll`): per step 16-24 FMAs and 2-3
+            # loads, and the loop's counter and pointer updates once per unrolled iteration.
+            reduce[-1], channel = unroll_reduction(sch, reduce[-1], knobs.reduction_unroll)
             add_lane_weights(sch, conv, channel)
         if stage:
             # The tile's input column copied once into a contiguous buffer, read there by

@@ -50,6 +50,19 @@ def lane_weight_block(out_channels: int, lanes: int) -> int | None:
     return None
 
 
+def unroll_reduction(sch: s_tir.Schedule, loop, steps: int):
+    """Unroll up to ``steps`` iterations of a register tile's reduction ``loop`` (the largest
+    divisor of its extent): the loop's own counter, pointer updates and branch then come once
+    per unrolled iteration. Returns ``(outer, inner)``: the loops after the split, or ``loop``
+    twice where fewer than 2 steps divide it."""
+    unrolled = largest_divisor(int(sch.get(loop).extent), steps)
+    if unrolled < 2:
+        return loop, loop
+    outer, inner = sch.split(loop, [None, unrolled])
+    sch.unroll(inner)
+    return outer, inner
+
+
 def copy_padded_input(sch: s_tir.Schedule, pad, lanes: int) -> None:
     """Materialize the padded input once: a parallel copy, vectorized along W."""
     loops = sch.get_loops(pad)

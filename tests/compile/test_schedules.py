@@ -1062,3 +1062,19 @@ def test_a_rule_that_raises_falls_through_and_is_recorded(monkeypatch):
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 7)], ids=["pixel-tile", "channel-tile"])
+def test_neon_unrolls_the_input_channels_of_pointwise_tiles(hw):
+    """NEON's pointwise tiles (pixels in the vectors at 8x8, channels at 7x7) step through 96
+    input channels 16 at a time in one unrolled loop iteration (the loop's counter, pointers and
+    branch once per 16 steps); x86 leaves the loop to LLVM. Outputs: the qemu tests run the
+    same tiles (`LANE_WEIGHT_CASES`, `PACKED_CASES`)."""
+    model, shape = _pointwise_model(np.random.default_rng(1), 96, 32, hw)
+    for target, unrolled in ((TARGETS["arm-neon"], True), (TARGETS["x86-avx512"], False)):
+        scheduled, applied = cpu_build.schedule_module(import_onnx(model, {"x": shape}), target)
+        [name] = [n for n, rule in applied.items() if rule == "Pointwise"]
+        script = scheduled[name].script()
+        steps = re.search(r"for \w+ in range\(T\.int64\(6\)\):\s+(?:[^\n]*\n\s+)*?"
+                          r"for \w+ in T\.unroll\(T\.int64\(16\)\)", script)
+        assert bool(steps) == unrolled, (str(target), script)
