@@ -1064,6 +1064,28 @@ def test_a_rule_that_raises_falls_through_and_is_recorded(monkeypatch):
 
 
 
+@pytest.mark.parametrize("target,rows", [("arm-neon", 7), ("x86-avx512", 7), ("x86-avx2", 1)])
+def test_depthwise_register_tile_holds_several_output_rows(target, rows):
+    """With 32 vector registers a 3x3 depthwise conv at 28x28 (bands of 7 rows) keeps 7 output
+    rows in registers, the taps outside them (one load of an input row at a tap serves every
+    row reading it); with 16 (AVX2) one row. Outputs: the awkward-shape tests (x86) and the
+    qemu test (NEON) run the same rule."""
+    from dwsep_compiler.schedules.cpu.depthwise import register_tile
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+
+    model = conv_model(np.random.default_rng(0), in_channels=16, out_channels=16, kernel=(3, 3),
+                       pads=(1, 1, 1, 1), input_hw=(28, 28))
+    model = factorize_onnx(model, {"x": (1, 16, 28, 28)}, RankPolicy(rank=1, force=True)).model
+    scheduled, applied = cpu_build.schedule_module(import_onnx(model, {"x": (1, 16, 28, 28)}),
+                                                   TARGETS[target])
+    [name] = [n for n, rule in applied.items() if rule == "Depthwise"]
+    taps_then_rows = re.search(r"in T\.unroll\(T\.int64\(3\)\):\s+for \w+ in T\.unroll\("
+                               r"T\.int64\(3\)\):\s+for \w+ in T\.unroll\(T\.int64\(7\)\)",
+                               scheduled[name].script())
+    assert bool(taps_then_rows) == (rows == 7), scheduled[name].script()
+    assert register_tile(7, 7, 1, cpu_knobs(TARGETS[target]))[0] == rows
+
+
 @pytest.mark.parametrize("hw", [(8, 8), (7, 7)], ids=["pixel-tile", "channel-tile"])
 def test_neon_unrolls_the_input_channels_of_pointwise_tiles(hw):
     """NEON's pointwise tiles (pixels in the vectors at 8x8, channels at 7x7) step through 96
