@@ -1088,15 +1088,21 @@ def test_depthwise_register_tile_holds_several_output_rows(target, rows):
 
 @pytest.mark.parametrize("hw", [(8, 8), (7, 7)], ids=["pixel-tile", "channel-tile"])
 def test_neon_unrolls_the_input_channels_of_pointwise_tiles(hw):
-    """NEON's pointwise tiles (pixels in the vectors at 8x8, channels at 7x7) step through 96
+    """NEON's pointwise tiles (pixels in the vectors at 8x8, channels at 7x7) step through 128
     input channels 16 at a time in one unrolled loop iteration (the loop's counter, pointers and
-    branch once per 16 steps); x86 leaves the loop to LLVM. Outputs: the qemu tests run the
-    same tiles (`LANE_WEIGHT_CASES`, `PACKED_CASES`)."""
-    model, shape = _pointwise_model(np.random.default_rng(1), 96, 32, hw)
+    branch once per 16 steps; 8 iterations left, `MIN_REDUCTION_ITERATIONS`), 48 channels 6 at
+    a time; x86 leaves the loop to LLVM. Outputs: the qemu tests run the same tiles
+    (`LANE_WEIGHT_CASES`, `PACKED_CASES`)."""
+    for cin, steps in ((128, 16), (48, 6)):
+        _check_unrolled_channels(cin, steps, hw)
+
+
+def _check_unrolled_channels(cin, steps, hw):
+    model, shape = _pointwise_model(np.random.default_rng(1), cin, 32, hw)
     for target, unrolled in ((TARGETS["arm-neon"], True), (TARGETS["x86-avx512"], False)):
         scheduled, applied = cpu_build.schedule_module(import_onnx(model, {"x": shape}), target)
         [name] = [n for n, rule in applied.items() if rule == "Pointwise"]
         script = scheduled[name].script()
-        steps = re.search(r"for \w+ in range\(T\.int64\(6\)\):\s+(?:[^\n]*\n\s+)*?"
-                          r"for \w+ in T\.unroll\(T\.int64\(16\)\)", script)
-        assert bool(steps) == unrolled, (str(target), script)
+        found = re.search(rf"for \w+ in range\(T\.int64\({cin // steps}\)\):\s+(?:[^\n]*\n\s+)*?"
+                          rf"for \w+ in T\.unroll\(T\.int64\({steps}\)\)", script)
+        assert bool(found) == unrolled, (str(target), script)
