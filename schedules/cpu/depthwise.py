@@ -29,6 +29,25 @@ from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 from dwsep_compiler.schedules.cpu.tiling import build_padded_rows, row_band, vector_tile
 
 
+# Output rows per register tile, at most (and tuning's candidates).
+ROW_TILE_LIMIT = 8
+
+
+def register_tile(band_rows: int, row_vectors: int, vectors: int, knobs) -> tuple[int, int]:
+    """The register tile of a depthwise conv: ``(rows, vectors)``, output rows x vectors per
+    row. Each tap's load of an input row serves every output row of the tile that reads it
+    (3 loads per output row instead of 9 with a 3x3 kernel and many rows), so the rows come
+    first: the largest divisor of the band that leaves registers for the kh x kw weights and
+    the loads (12 of 32), then as many of the ``vectors`` per row as still fit."""
+    budget = knobs.accumulators - 12
+    if budget < 2:
+        return 1, vectors
+    rows = largest_divisor(band_rows, min(budget, ROW_TILE_LIMIT))
+    if rows == 1:
+        return 1, vectors
+    return rows, largest_divisor(row_vectors, max(1, min(vectors, budget // rows)))
+
+
 class Depthwise(ScheduleRule):
     TUNABLE = True  # exposes knobs with tunable=True (dwsep_compiler.tuning searches them)
 
@@ -98,22 +117,3 @@ class Depthwise(ScheduleRule):
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])
         sch.decompose_reduction(conv, rc)
         return sch
-
-
-# Output rows per register tile, at most (and tuning's candidates).
-ROW_TILE_LIMIT = 8
-
-
-def register_tile(band_rows: int, row_vectors: int, vectors: int, knobs) -> tuple[int, int]:
-    """The register tile of a depthwise conv: ``(rows, vectors)``, output rows x vectors per
-    row. Each tap's load of an input row serves every output row of the tile that reads it
-    (3 loads per output row instead of 9 with a 3x3 kernel and many rows), so the rows come
-    first: the largest divisor of the band that leaves registers for the kh x kw weights and
-    the loads (12 of 32), then as many of the ``vectors`` per row as still fit."""
-    budget = knobs.accumulators - 12
-    if budget < 2:
-        return 1, vectors
-    rows = largest_divisor(band_rows, min(budget, ROW_TILE_LIMIT))
-    if rows == 1:
-        return 1, vectors
-    return rows, largest_divisor(row_vectors, max(1, min(vectors, budget // rows)))

@@ -128,16 +128,17 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
         rco, rci = sch.split(reduce[0], [None, k_block])
         sch.reorder(nn, fo, rco, po, rci, *reduce[1:], pi, fv, fl)
         outer = sch.fuse(nn, fo)
-        inner = rci
+        channels_loop = rci
     else:
         sch.reorder(nn, fo, po, *reduce, pi, fv, fl)
         outer = sch.fuse(nn, fo, po)
-        rco = inner = reduce[0]
+        channels_loop = reduce[0]
     if pointwise:
         # Input channels unrolled (`knobs.reduction_unroll`), as in the pixel-vectorized tile.
-        outer_channels, _ = unroll_reduction(sch, inner, knobs.reduction_unroll)
-        if not blocked:
-            rco = outer_channels
+        channels_loop, _ = unroll_reduction(sch, channels_loop, knobs.reduction_unroll)
+    # The accumulators are zeroed before the outermost reduction loop: the K blocks, or the
+    # input channels.
+    first_reduction = rco if blocked else channels_loop
     sch.parallel(outer)
     sch.unroll(pi)
     sch.unroll(fv)
@@ -153,5 +154,5 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     # then exactly its pixels (in 4-D it would be a bounding box of whole rows).
     sch.transform_block_layout(write_back, lambda n, f, y, x: (n, f, y * w + x))
     sch.reverse_compute_at(write_back, outer, preserve_unit_loops=True)
-    sch.decompose_reduction(conv, rco)
+    sch.decompose_reduction(conv, first_reduction)
     return sch

@@ -1062,8 +1062,6 @@ def test_a_rule_that_raises_falls_through_and_is_recorded(monkeypatch):
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
-
-
 @pytest.mark.parametrize("target,rows", [("arm-neon", 7), ("x86-avx512", 7), ("x86-avx2", 1)])
 def test_depthwise_register_tile_holds_several_output_rows(target, rows):
     """With 32 vector registers a 3x3 depthwise conv at 28x28 (bands of 7 rows) keeps 7 output
