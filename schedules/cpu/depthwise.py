@@ -26,7 +26,8 @@ from dwsep_compiler.schedules.analysis import (column_stride, divisors, extents,
                                                inline_epilogue, knob, largest_divisor,
                                                output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-from dwsep_compiler.schedules.cpu.tiling import build_padded_rows, row_band, vector_tile
+from dwsep_compiler.schedules.cpu.tiling import (build_padded_rows, build_phase_planes, row_band,
+                                               vector_tile)
 
 
 # Output rows per register tile, at most (and tuning's candidates).
@@ -98,13 +99,8 @@ class Depthwise(ScheduleRule):
                                      lambda n, c, y, x: (n, c, y, x % stride, x // stride),
                                      pad_value=0.0)
             sch.compute_at(blocks.pad, outer, preserve_unit_loops=True)
-            pad_loops = sch.get_loops(blocks.pad)
             if stride and stride > 1:
-                # Copy phase by phase: contiguous stores into each phase's plane (vectorized in
-                # the natural order they were scatters, 4x slower than the conv at 14x14).
-                columns, phase = sch.split(pad_loops[-1], [None, stride])
-                sch.reorder(phase, columns)
-                sch.vectorize(sch.split(columns, [None, knobs.lanes])[1])
+                build_phase_planes(sch, blocks.pad, outer, stride, knobs.lanes, tunable)
             else:
                 build_padded_rows(sch, blocks.pad, outer, knobs.lanes, tunable)
         sch.unroll(ky)

@@ -27,13 +27,15 @@ TARGETS = {
 }
 
 # (in, out, kernel, strides, dilations, pads, hw, rank): channels off the vector width, stride 2,
-# dilation, asymmetric pads, 1x7 and 7x1 kernels, tiny and odd spatial sizes.
+# dilation, asymmetric pads, 1x7 and 7x1 kernels, tiny and odd spatial sizes; stride 2 over rows
+# of whole 8-column chunks (NEON's staged phase copy).
 CASES = [
     (13, 7, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), (17, 19), 2),
     (8, 24, (3, 3), (2, 2), (1, 1), (0, 1, 2, 0), (15, 14), 1),
     (5, 16, (1, 7), (1, 1), (1, 2), (0, 3, 0, 6), (9, 23), 3),
     (6, 9, (7, 1), (2, 1), (1, 1), (3, 0, 2, 0), (21, 5), 2),
     (32, 40, (3, 3), (1, 1), (2, 2), (2, 2, 2, 2), (7, 7), 4),
+    (4, 12, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), (10, 16), 2),
 ]
 
 
@@ -620,6 +622,39 @@ def test_strided_depthwise_reads_deinterleaved_columns(channels, hw, kernel, mul
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     out = run_widths(mod, [x])[0]
     assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["host", "arm-neon"])
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_strided_depthwise_copies_whole_chunks_into_its_phases(target, kernel):
+    """Stride 2, rows of whole chunks (2 x lanes columns), pads kernel // 2 (odd: the phases
+    swap): the phase planes are zero-filled, then each chunk of an input row is staged (one
+    vectorized 2 x lanes copy) and split into its phases without a bounds test. The host
+    library matches onnxruntime (NEON's: the qemu test, CASES' 16-wide stride-2 conv)."""
+    from dwsep_compiler.schedules.cpu.depthwise import Depthwise
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+    from dwsep_compiler.tuning.tasks import legalized
+
+    tvm_target = HOST.tvm_target() if target == "host" else TARGETS[target]
+    lanes = cpu_knobs(tvm_target).lanes
+    model, shape = _depthwise_model(5, (9, 4 * lanes), kernel, 2, stride=2)
+    for attribute in model.graph.node[0].attribute:
+        if attribute.name == "pads":
+            attribute.ints[:] = [kernel // 2] * 4
+    mod = import_onnx(model, {"x": shape})
+    func = next(f for _, f in legalized(mod, tvm_target).functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc))
+    script = Depthwise().apply(func, tvm_target, False).mod["main"].script()
+    assert 'T.sblock("pad_temp_pad_const")' in script, script
+    staged, copy = script.split('T.sblock("x_global")')[1].split('T.sblock("pad_temp")')
+    assert f"T.vectorized(T.int64({2 * lanes}))" in script.split('T.sblock("x_global")')[0], script
+    copy = copy[:copy.index("group_conv2d_nchw")]
+    assert "if_then_else" not in copy and "x_global[" in copy, copy
+    assert f"T.vectorized(T.int64({lanes}))" in staged, staged
+    if target == "host":
+        x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+        out = run_widths(mod, [x])[0]
+        assert rel_error(out, run_onnx(model, {"x": x})[0]) < 1e-5
 
 
 @pytest.mark.parametrize("channels,hw,multiplier,stride,bands",
