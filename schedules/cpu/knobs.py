@@ -32,6 +32,13 @@ class CPUKnobs:
     # (`tiling.unroll_reduction`); 1 leaves it to LLVM. NEON: the loop's counter, pointer
     # updates and branch (4 instructions) otherwise come every few steps of 14-24 FMAs.
     reduction_unroll: int = 1
+    # Unroll a register tile's epilogue / write-back (`tiling.unroll_tile_epilogue`). NEON: a
+    # two-operand FMA copies each polynomial constant, and a looped epilogue re-broadcast the
+    # constants and reloaded the tile from memory. x86 keeps the loop: its FMAs take three
+    # operands and constants from memory, and the per-kernel timings of the unrolled form were
+    # level or worse within this VM's noise (ddddocr's 48 -> 192 1x1 + SiLU 83 us against
+    # 90-124 us, `bench/results/speed-vm-20261207-0847-*`, `-0848-*`).
+    unroll_epilogue: bool = False
 
     @property
     def lanes(self) -> int:
@@ -53,7 +60,7 @@ def cpu_knobs(target: tvm.target.Target, dtype: str = "float32") -> CPUKnobs:
     cores = int(attrs.get("num-cores", 0) or 0) or os.cpu_count() or 1
     if mtriple.startswith("aarch64") or "arm_cpu" in keys:
         return CPUKnobs(16, registers=32, cores=cores, fma_by_lane=True, element_bytes=width,
-                        reduction_unroll=16)
+                        reduction_unroll=16, unroll_epilogue=True)
     has = tvm.target.codegen.llvm_cpu_has_features
     if has(["avx512f"], target):
         return CPUKnobs(64, registers=32, cores=cores, element_bytes=width)

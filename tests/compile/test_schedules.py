@@ -1119,6 +1119,28 @@ def test_depthwise_register_tile_holds_several_output_rows(target, rows):
     assert register_tile(7, 7, 1, cpu_knobs(TARGETS[target]))[0] == rows
 
 
+@pytest.mark.parametrize("target,cin,hw,unrolled,vectorized",
+                         [("arm-neon", 64, (8, 8), True, True),
+                          ("arm-neon", 16, (15, 15), True, False),
+                          ("x86-avx512", 64, (8, 8), False, True)],
+                         ids=["neon-pixel-tile", "neon-channel-tile", "avx512-pixel-tile"])
+def test_pointwise_tile_epilogue_is_unrolled_on_neon(target, cin, hw, unrolled, vectorized):
+    """NEON: the bias + ReLU epilogue of a pointwise register tile runs straight through the
+    tile (its loops unrolled; the pixels vectorized in the pixel-vectorized tile, a transposed
+    write-back in the channel tile), so each accumulator has a constant index and stays in its
+    register; x86 keeps the loop (`CPUKnobs.unroll_epilogue`). Outputs: the qemu and x86 tests
+    run the same tiles."""
+    model, shape = _pointwise_model(np.random.default_rng(1), cin, 64, hw)
+    scheduled, applied = cpu_build.schedule_module(import_onnx(model, {"x": shape}),
+                                                   TARGETS[target])
+    [name] = [n for n, rule in applied.items() if rule == "Pointwise"]
+    script = scheduled[name].script()
+    loops = script[script.rindex('_update")'):script.index('T.sblock("compute")')]
+    serial = "range(" in loops or "T.grid(" in loops
+    assert serial != unrolled and (loops.count("T.unroll(") >= 2) == unrolled, script
+    assert loops.count("T.vectorized(") == int(vectorized), script
+
+
 @pytest.mark.parametrize("hw", [(8, 8), (7, 7)], ids=["pixel-tile", "channel-tile"])
 def test_neon_unrolls_the_input_channels_of_pointwise_tiles(hw):
     """NEON's pointwise tiles (pixels in the vectors at 8x8, channels at 7x7) step through 128
