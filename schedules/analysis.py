@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.sym.pattern import detect_linear_equation
 
@@ -166,6 +167,24 @@ def inline_epilogue(blocks: ConvBlocks):
         sch.compute_inline(block)
     return blocks.epilogue[-1]
 
+
+
+def computes_wider(sch: s_tir.Schedule, block) -> bool:
+    """Does ``block`` compute in a wider float type than it stores (a float16 output whose
+    expression passes through float32, as the fast sigmoid's does)?"""
+    store = sch.get(block).body
+    stored = tvm.DataType(str(store.value.ty)).bits
+
+    def widest(expr) -> int:
+        dtype = tvm.DataType(str(expr.ty))
+        bits = dtype.bits if dtype.type_code == tvm.DataTypeCode.FLOAT else 0
+        children = [getattr(expr, name, None) for name in ("a", "b", "value", "condition",
+                                                           "true_value", "false_value")]
+        children += list(getattr(expr, "args", []))
+        return max([bits] + [widest(child) for child in children
+                             if isinstance(child, tvm.ir.expr.Expr) and hasattr(child, "ty")])
+
+    return widest(store.value) > stored
 
 def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
     """The largest d <= limit dividing n (and a multiple of ``multiple_of`` if possible)."""

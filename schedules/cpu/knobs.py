@@ -37,10 +37,8 @@ class CPUKnobs:
     # constants and reloaded the tile from memory. x86 keeps the loop: its FMAs take three
     # operands and constants from memory, and the per-kernel timings of the unrolled form were
     # level or worse within this VM's noise (ddddocr's 48 -> 192 1x1 + SiLU 83 us against
-    # 90-124 us, `bench/results/speed-vm-20261207-0847-*`, `-0848-*`). float16 keeps the loop:
-    # its sigmoid widens each 8-lane vector to two float32 vectors, and unrolled over the tile
-    # that ran out of registers (emulated A76, ddddocr rank 2 fp16 24.85M -> 25.59M, while
-    # SqueezeNet, Fashion and ResNet-50 gained 4.3%, 2.6%, 0.3%).
+    # 90-124 us, `bench/results/speed-vm-20261207-0847-*`, `-0848-*`). An epilogue computed
+    # wider than the tile keeps the loop as well (`tiling.unroll_tile_epilogue`).
     unroll_epilogue: bool = False
 
     @property
@@ -63,7 +61,7 @@ def cpu_knobs(target: tvm.target.Target, dtype: str = "float32") -> CPUKnobs:
     cores = int(attrs.get("num-cores", 0) or 0) or os.cpu_count() or 1
     if mtriple.startswith("aarch64") or "arm_cpu" in keys:
         return CPUKnobs(16, registers=32, cores=cores, fma_by_lane=True, element_bytes=width,
-                        reduction_unroll=16, unroll_epilogue=width == 4)
+                        reduction_unroll=16, unroll_epilogue=True)
     has = tvm.target.codegen.llvm_cpu_has_features
     if has(["avx512f"], target):
         return CPUKnobs(64, registers=32, cores=cores, element_bytes=width)
