@@ -168,7 +168,6 @@ def inline_epilogue(blocks: ConvBlocks):
     return blocks.epilogue[-1]
 
 
-
 def computes_wider(sch: s_tir.Schedule, block) -> bool:
     """Does ``block`` compute in a wider float type than it stores (a float16 output whose
     expression passes through float32, as the fast sigmoid's does)?"""
@@ -185,6 +184,7 @@ def computes_wider(sch: s_tir.Schedule, block) -> bool:
                              if isinstance(child, tvm.ir.expr.Expr) and hasattr(child, "ty")])
 
     return widest(store.value) > stored
+
 
 def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:
     """The largest d <= limit dividing n (and a multiple of ``multiple_of`` if possible)."""

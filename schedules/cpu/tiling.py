@@ -7,6 +7,7 @@ from tvm import s_tir
 
 from dwsep_compiler.schedules.analysis import computes_wider, divisors, largest_divisor
 
+
 def lane_pixels(rows: int, width: int, lanes: int) -> bool:
     """Does a pointwise channel tile of ``rows`` pixels, on an image ``width`` pixels wide, read
     its pixels as vectors and multiply by lane (NEON: `packed.add_lane_pixels`)? Where the tile
@@ -103,6 +104,7 @@ def unroll_tile_epilogue(sch: s_tir.Schedule, block, under, vector: int | None) 
     if vector is not None:
         sch.vectorize(lanes)
 
+
 def copy_padded_input(sch: s_tir.Schedule, pad, lanes: int) -> None:
     """Materialize the padded input once: a parallel copy, vectorized along W."""
     loops = sch.get_loops(pad)
@@ -136,7 +138,6 @@ def build_padded_rows(sch: s_tir.Schedule, pad, under, lanes: int, tunable: bool
     sch.vectorize(sch.split(sch.get_loops(pad)[-1], [None, lanes])[1])
 
 
-
 def build_phase_planes(sch: s_tir.Schedule, pad, under, stride: int, lanes: int,
                        tunable: bool) -> None:
     """Build a strided kernel's padded input rows as ``stride`` planes of every stride-th
@@ -150,7 +151,7 @@ def build_phase_planes(sch: s_tir.Schedule, pad, under, stride: int, lanes: int,
     splits into its phases with shuffles (UZP1/UZP2 on NEON). Otherwise LLVM copies element by
     element under the bounds test (a scalar load, a scalar store and three address
     instructions each): a 24 -> 48 3x3 stride-2 depthwise at 32x80, emulated Cortex-A76,
-    496K -> 249K instructions; lane-by-lane gathers without the chunk buffer, 361K.
+    496K -> 241K instructions (lane-by-lane gathers without the chunk buffer: 361K).
     """
     loops = sch.get_loops(pad)
     below = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(under)))
@@ -180,6 +181,7 @@ def _store_by_phase(sch: s_tir.Schedule, block, stride: int, lanes: int) -> None
     columns, phase = sch.split(sch.get_loops(block)[-1], [None, stride])
     sch.reorder(phase, columns)
     sch.vectorize(sch.split(columns, [None, lanes])[1])
+
 
 # Output rows per band for the kernels that build padded input rows per band (depthwise, fused
 # DW+PW). Measured in-model (2-core AVX-512, VGG-19 and ResNet-50 rank 1) against whole planes:
