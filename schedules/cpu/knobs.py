@@ -32,13 +32,13 @@ class CPUKnobs:
     # (`tiling.unroll_reduction`); 1 leaves it to LLVM. NEON: the loop's counter, pointer
     # updates and branch (4 instructions) otherwise come every few steps of 14-24 FMAs.
     reduction_unroll: int = 1
-    # Unroll a register tile's epilogue / write-back (`tiling.unroll_tile_epilogue`). NEON: a
+    # Unroll a register tile's epilogue / write-back (`tiling.schedule_tile_epilogue`). NEON: a
     # two-operand FMA copies each polynomial constant, and a looped epilogue re-broadcast the
     # constants and reloaded the tile from memory. x86 keeps the loop: its FMAs take three
     # operands and constants from memory, and the per-kernel timings of the unrolled form were
     # level or worse within this VM's noise (ddddocr's 48 -> 192 1x1 + SiLU 83 us against
     # 90-124 us, `bench/results/speed-vm-20261207-0847-*`, `-0848-*`). An epilogue computed
-    # wider than the tile keeps the loop as well (`tiling.unroll_tile_epilogue`).
+    # wider than the tile keeps the loop as well (`tiling.schedule_tile_epilogue`).
     unroll_epilogue: bool = False
 
     @property

@@ -21,7 +21,7 @@ from dwsep_compiler.schedules.analysis import (ConvBlocks, divisors, extents, fi
                                                inline_epilogue, knob, largest_divisor)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 from dwsep_compiler.schedules.cpu.tiling import (channel_tile, copy_padded_input, lane_pixels,
-                                                 unroll_reduction, unroll_tile_epilogue)
+                                                 schedule_tile_epilogue, unroll_reduction)
 
 # Input channels per K block. In-model, interleaved (2-core AVX-512): ResNet-50 rank 1 0.93x the
 # time (its 14x14 layers 256 -> 1024 and 1024 -> 256 0.82-0.85x, 2048x7x7 -> 512 0.8x),
@@ -154,7 +154,7 @@ def schedule_channel_tile(blocks: ConvBlocks, target: Target, tunable: bool):
     # then exactly its pixels (in 4-D it would be a bounding box of whole rows).
     sch.transform_block_layout(write_back, lambda n, f, y, x: (n, f, y * w + x))
     sch.reverse_compute_at(write_back, outer, preserve_unit_loops=True)
-    if knobs.unroll_epilogue and not blocked:  # K-blocked: every pixel of a channel block
-        unroll_tile_epilogue(sch, write_back, outer, None)
+    # Not unrolled where K-blocked: that write-back covers every pixel of a channel block.
+    schedule_tile_epilogue(sch, write_back, outer, None, knobs.unroll_epilogue and not blocked)
     sch.decompose_reduction(conv, first_reduction)
     return sch

@@ -43,7 +43,7 @@ from dwsep_compiler.schedules.analysis import (divisors, extents, find_pointwise
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
 from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv,
                                                  packed_lane_block, schedule_channel_tile)
-from dwsep_compiler.schedules.cpu.tiling import unroll_reduction, unroll_tile_epilogue, vector_tile
+from dwsep_compiler.schedules.cpu.tiling import schedule_tile_epilogue, unroll_reduction, vector_tile
 
 
 class Pointwise(ScheduleRule):
@@ -151,10 +151,7 @@ class Pointwise(ScheduleRule):
         sch.vectorize(pl)
         if last is not None:
             sch.reverse_compute_at(last, tile_loop, preserve_unit_loops=True)
-            if knobs.unroll_epilogue:
-                unroll_tile_epilogue(sch, last, tile_loop, vector)
-            else:
-                sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, vector])[1])
+            schedule_tile_epilogue(sch, last, tile_loop, vector, knobs.unroll_epilogue)
         sch.decompose_reduction(conv, reduce[0])
         return sch
 

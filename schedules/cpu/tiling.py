@@ -74,13 +74,15 @@ def unroll_reduction(sch: s_tir.Schedule, loop, steps: int):
     return outer, inner
 
 
-def unroll_tile_epilogue(sch: s_tir.Schedule, block, under, vector: int | None) -> None:
-    """Unroll a register tile's epilogue or write-back (``block``, computed at the tile's loop
-    ``under``), its pixels vectorized by ``vector`` where they are the contiguous axis (None:
-    a transposed write-back, each pixel a lane of another accumulator). Each accumulator is
-    then read at a constant index, so LLVM keeps the tile in the registers it was accumulated
-    in instead of storing it to the tile's stack slot and reloading it, and the epilogue's
-    constants are materialized once per tile, not once per channel row (the fast sigmoid's
+def schedule_tile_epilogue(sch: s_tir.Schedule, block, under, vector: int | None,
+                           unroll: bool) -> None:
+    """Schedule a register tile's epilogue or write-back (``block``, computed at the tile's
+    loop ``under``): its pixels vectorized by ``vector`` where they are the contiguous axis
+    (None: a transposed write-back, each pixel a lane of another accumulator), and with
+    ``unroll`` its other loops unrolled. Each accumulator is then read at a constant index, so
+    LLVM keeps the tile in the registers it was accumulated in instead of storing it to the
+    tile's stack slot and reloading it, and the epilogue's constants are materialized once per
+    tile, not once per channel row (the fast sigmoid's
     nine were re-broadcast on every row: LLVM does not hoist them past a loop that needs every
     register). Emulated Cortex-A76: ddddocr's 96 -> 192 1x1 + SiLU at 16x40 (8 channels x 2
     vectors per tile) 27 -> ~20 instructions of epilogue per output vector, the kernel
@@ -91,18 +93,18 @@ def unroll_tile_epilogue(sch: s_tir.Schedule, block, under, vector: int | None) 
     runs in float32: two vectors per accumulator, and unrolled over the tile they ran out of
     registers: ddddocr fp16 24.85M -> 25.59M, where SqueezeNet, Fashion and ResNet-50 fp16,
     with plain epilogues, gained 4.3%, 2.6% and 0.3%)."""
-    if computes_wider(sch, block):
-        if vector is not None:
-            sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, vector])[1])
-        return
-    if vector is not None:
-        lanes = sch.split(sch.get_loops(block)[-1], [None, vector])[1]
-    loops = sch.get_loops(block)
-    below = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(under)))
-    for loop in loops[below + 1:-1 if vector is not None else None]:
-        sch.unroll(loop)
-    if vector is not None:
+    lanes = sch.split(sch.get_loops(block)[-1], [None, vector])[1] if vector else None
+    if unroll and not computes_wider(sch, block):
+        loops = sch.get_loops(block)
+        for loop in loops[loop_index(sch, loops, under) + 1:-1 if lanes is not None else None]:
+            sch.unroll(loop)
+    if lanes is not None:
         sch.vectorize(lanes)
+
+
+def loop_index(sch: s_tir.Schedule, loops, loop) -> int:
+    """Where ``loop`` is among ``loops`` (a block's loops, outermost first)."""
+    return next(i for i, each in enumerate(loops) if sch.get(each).same_as(sch.get(loop)))
 
 
 def copy_padded_input(sch: s_tir.Schedule, pad, lanes: int) -> None:
@@ -128,9 +130,8 @@ def build_padded_rows(sch: s_tir.Schedule, pad, under, lanes: int, tunable: bool
     width = int(sch.get(pad).reads[0].source.shape[-1])
     if not tunable and width % lanes == 0 and width >= 2 * lanes:
         loops = sch.get_loops(pad)
-        below = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(under)))
         try:
-            sch.decompose_padding(pad, loops[below + 1])  # ``pad`` is now the in-bound copy
+            sch.decompose_padding(pad, loops[loop_index(sch, loops, under) + 1])  # ``pad`` is now the in-bound copy
         except s_tir.ScheduleError:
             # TVM's pattern match fails on some bands (one output row per band: the rows are
             # indexed by the fused parallel loop alone); the schedule is left unchanged.
@@ -154,11 +155,10 @@ def build_phase_planes(sch: s_tir.Schedule, pad, under, stride: int, lanes: int,
     496K -> 241K instructions (lane-by-lane gathers without the chunk buffer: 361K).
     """
     loops = sch.get_loops(pad)
-    below = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(under)))
     width = int(sch.get(pad).reads[0].source.shape[-1])
     if not tunable and width % (stride * lanes) == 0:
         try:
-            zeros = sch.decompose_padding(pad, loops[below + 1])  # ``pad``: the in-bound copy
+            zeros = sch.decompose_padding(pad, loops[loop_index(sch, loops, under) + 1])
         except s_tir.ScheduleError:
             zeros = None  # TVM's pattern match refuses some bands (see build_padded_rows)
         if zeros is not None:
