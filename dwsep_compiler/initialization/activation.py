@@ -108,14 +108,7 @@ class Activation:
         activation the minimizer lies between them: ``z = teacher`` zeroes the first term)."""
         target = self(teacher)
         if self.function is not None:
-            best, best_cost = linear, (target - self(linear)) ** 2
-            for step in np.linspace(0.0, 1.0, LINE_SEARCH_POINTS)[1:]:
-                z = linear + step * (teacher - linear)
-                cost = (target - self(z)) ** 2 + penalty * (z - linear) ** 2
-                better = cost < best_cost
-                best = np.where(better, z, best)
-                best_cost = np.where(better, cost, best_cost)
-            return best
+            return self._line_search(target, teacher, linear, penalty)
         best = best_cost = None
         for segment in self.segments:
             slope = np.broadcast_to(np.asarray(segment.slope, dtype=linear.dtype), linear.shape)
@@ -129,3 +122,26 @@ class Activation:
                 best = np.where(better, z, best)
                 best_cost = np.where(better, cost, best_cost)
         return best
+
+    def _line_search(self, target: np.ndarray, teacher: np.ndarray, linear: np.ndarray,
+                     penalty: float) -> np.ndarray:
+        """The smooth case of `relaxed_target`: ``z = linear + s * (teacher - linear)`` at the
+        best step ``s`` of `LINE_SEARCH_POINTS`. Tracks the best step, not the best ``z``, and
+        writes in place: the search ran on every element of a layer's pixel sample six times
+        per layer, and its temporaries took a fifth of a detector's calibration."""
+        gap = teacher - linear
+        gap_squared = np.square(gap)
+        best_cost = np.square(target - self(linear))
+        best_step = np.zeros_like(linear)
+        for step in np.linspace(0.0, 1.0, LINE_SEARCH_POINTS)[1:].tolist():  # Python floats:
+            z = linear + step * gap  # the arrays keep their dtype (float32)
+            cost = self(z)
+            np.subtract(target, cost, out=cost)
+            np.square(cost, out=cost)
+            cost += (penalty * step * step) * gap_squared  # penalty * (z - linear)^2
+            better = cost < best_cost
+            shift = step - best_step  # best_step = step where better, by arithmetic: a
+            shift *= better  # masked copy is three times slower on large arrays
+            best_step += shift
+            np.minimum(best_cost, cost, out=best_cost)
+        return linear + best_step * gap

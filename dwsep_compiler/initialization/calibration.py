@@ -18,11 +18,14 @@ tensors as graph outputs, prunes what they do not need, and runs the result in o
   (`distill.LayerGram`), then `distill.fit_layer` solves pointwise + bias in closed form and
   refines the depthwise filters by alternating least squares.
 
-Memory: the calibration *inputs* are held (they are re-fed once per layer); activations are
-not: one batch of two tensors (student input, teacher output) plus one layer's Gram matrices,
-``8 * ((K+1)^2 + (K+1)*N)`` bytes with ``K = M*kh*kw``. `rank_curves` (used by the rank
-allocation) accumulates the Gram matrices of several layers in one pass over the original model,
-in groups of at most ``GRAM_BUDGET_BYTES``.
+Memory: the calibration *inputs* are held (they are re-fed once per layer); of the
+activations, one batch of the student's input, one layer's Gram matrices
+(``8 * ((K+1)^2 + (K+1)*N)`` bytes with ``K = M*kh*kw``), its post-activation pixel sample
+(`distill.PixelSample`, at most ``distill.POST_ACTIVATION_BYTES``) and the teacher outputs of
+the next layers, computed several at a time (`TeacherOutputs`, at most
+``TEACHER_BUDGET_BYTES``). `rank_curves` (used by the rank allocation) accumulates the Gram
+matrices of several layers in one pass over the original model, in groups of at most
+``GRAM_BUDGET_BYTES``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from dwsep_compiler.initialization.activation import Activation
 TEACHERS = ("original", "local")
 DEFAULT_BATCH = 16  # samples per run when the model's batch axis is dynamic
 GRAM_BUDGET_BYTES = 1 << 30
+TEACHER_BUDGET_BYTES = 1 << 29  # teacher outputs held between layers (`TeacherOutputs`)
 
 
 # ------------------------------------------------------------------------------ the data
@@ -489,6 +493,49 @@ def _conv_output(patches: np.ndarray, weight: np.ndarray, bias) -> np.ndarray:
     return out + bias.astype(np.float32) if bias is not None else out
 
 
+class TeacherOutputs:
+    """The original model's outputs at the factorized convs (the ``"original"`` teacher), for
+    every calibration feed, computed for several layers per run.
+
+    Run per layer, the teacher re-ran the model up to that layer once per layer (a quarter of a
+    detector's calibration time went to those prefixes). Instead, when a layer's output is first
+    asked for, one pass over the calibration feeds computes it together with the next layers',
+    as many as fit ``budget_bytes`` (float32, all samples; always at least the one asked for),
+    and each layer's outputs are dropped once taken. **Memory: at most ``budget_bytes``**, or
+    one layer's outputs when they alone are larger."""
+
+    def __init__(self, model: onnx.ModelProto, sites: list[ConvSite],
+                 calibration: CalibrationSet, budget_bytes: int = TEACHER_BUDGET_BYTES):
+        self.model, self.calibration, self.budget = model, calibration, budget_bytes
+        self.order = [site.output for site in sites]
+        self.bytes = {site.output: _output_bytes(site, calibration) for site in sites}
+        self.held: dict[str, list[np.ndarray]] = {}
+
+    def take(self, site: ConvSite) -> list[np.ndarray]:
+        """The teacher's output of ``site`` for each feed of `CalibrationSet.feeds`, in order."""
+        if site.output not in self.held:
+            self._compute_from(self.order.index(site.output))
+        return self.held.pop(site.output)
+
+    def _compute_from(self, start: int) -> None:
+        names, used = [], 0
+        for name in self.order[start:]:
+            if names and used + self.bytes[name] > self.budget:
+                break
+            if name not in names:
+                names.append(name)
+                used += self.bytes[name]
+        hooks = Hooks(self.model, names)
+        runs = [hooks.run(feed) for feed in self.calibration.feeds()]
+        for index, name in enumerate(names):
+            self.held[name] = [outputs[index] for outputs in runs]
+
+
+def _output_bytes(site: ConvSite, calibration: CalibrationSet) -> int:
+    spatial = int(np.prod(site.spec.out_spatial or (1,)))
+    return 4 * calibration.used_samples * int(site.weight.shape[0]) * spatial
+
+
 @dataclass
 class DistillResult:
     """The distilled plans (weights replaced) and sites (bias replaced), and what it cost."""
@@ -528,12 +575,15 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
     model = pruned(model, list(dict.fromkeys(needed)))
     done_sites: list[ConvSite] = []
     done_plans: list[ConvPlan] = []
+    teachers = TeacherOutputs(
+        model, [site for site, plan in zip(sites, plans) if plan.report.factorized],
+        calibration) if teacher == "original" else None
     for index, (site, plan) in enumerate(zip(sites, plans)):
         if not plan.report.factorized:
             continue
         student_model = apply_plans(model, done_sites, done_plans) if done_plans else model
         student = Hooks(student_model, [site.node.input[0]])
-        teacher_run = Hooks(model, [site.output]) if teacher == "original" else None
+        targets = iter(teachers.take(site)) if teachers is not None else None
         gram = _empty_gram(site)
         geometry = conv_geometry(site, view)
         pending = _Pending(gram, geometry)
@@ -541,7 +591,7 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
         sample = _pixel_sample(site, geometry, calibration) if activation else None
         for feed in calibration.feeds():
             x = student.run(feed)[0]
-            t = teacher_run.run(feed)[0] if teacher_run else None
+            t = next(targets) if targets is not None else None
             pending.add(x, t)
             if sample is not None:
                 sample.add_conv(x, t)

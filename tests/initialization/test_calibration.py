@@ -309,6 +309,27 @@ def test_sequential_distillation_beats_independent_layers(trained):
     assert error["local"] < error["svd"]
 
 
+@pytest.mark.parametrize("budget", [1, 1 << 30])
+def test_teacher_outputs_equal_one_run_per_layer(trained, budget):
+    """The teacher outputs computed several layers per pass are those of running the original
+    model up to each layer; a budget of one byte runs one layer per pass, a large one all."""
+    from dwsep_compiler.initialization.calibration import Hooks, TeacherOutputs
+    model = trained["model"]
+    calibration = load_calibration(trained["cal"], model, {"x": (16, 1, 16, 16)})
+    _, sites, _ = _plans(model, {"conv1": 1, "conv2": 2, "conv3": 2})
+    teachers = TeacherOutputs(model, sites, calibration, budget_bytes=budget)
+    taken = [teachers.take(sites[0])]
+    assert len(teachers.held) == (0 if budget == 1 else len(sites) - 1)
+    taken += [teachers.take(site) for site in sites[1:]]
+    assert not teachers.held  # each layer's outputs dropped once taken
+    for site, outputs in zip(sites, taken):
+        hooks = Hooks(model, [site.output])
+        expected = [hooks.run(feed)[0] for feed in calibration.feeds()]
+        assert len(outputs) == len(expected) == 3  # 48 samples in batches of 16
+        for got, want in zip(outputs, expected):
+            np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("bias,batch_norm", [(False, True), (False, False), (True, False)])
 def test_distilled_layer_at_full_rank_reproduces_the_original(tmp_path, bias, batch_norm):
     """The teacher is the BN output when BN is folded; a conv without bias gains a fitted one."""

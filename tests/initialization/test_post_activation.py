@@ -72,6 +72,17 @@ def test_post_activation_fit_beats_the_linear_fit_after_relu(rank):
         pytest.approx(fit.error)
 
 
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_linear_output_is_the_conv_with_the_effective_kernel(rank):
+    """The factorized evaluation (depthwise, then pointwise) against the effective kernel."""
+    w, b, patches, _ = _relu_layer()
+    factors = distill.svd_factors(w, b, rank)
+    expected = patches.astype(np.float64) @ factors.kernel().T + factors.bias
+    got = distill.linear_output(patches, factors)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_pixel_sample_is_bounded_and_uniform():
     geometry = distill.ConvGeometry((3, 3), (1, 1), (1, 1, 1, 1))
     x = np.random.default_rng(0).normal(size=(20, 4, 8, 8)).astype(np.float32)
