@@ -46,7 +46,8 @@ from onnx import helper
 from dwsep_compiler.errors import DwsepError
 from dwsep_compiler.model import MAX_IR_VERSION, ModelView, attribute, graph_inputs, same_pads
 from dwsep_compiler.passes.rewrite.conditions import ConvPlan
-from dwsep_compiler.passes.rewrite.onnx_factorize import ConvSite, remove_dead, apply_plans
+from dwsep_compiler.passes.rewrite.onnx_factorize import (ConvSite, apply_plans, has_subgraph,
+                                                           remove_dead)
 from dwsep_compiler.initialization import allocation, distill
 from dwsep_compiler.initialization.activation import Activation
 
@@ -531,6 +532,97 @@ class TeacherOutputs:
             self.held[name] = [outputs[index] for outputs in runs]
 
 
+class Frontier:
+    """Run a model that changes layer after layer (the student: convs rewritten in graph
+    order; the sensitivity probe: one conv's weights swapped at a time) without re-running
+    what no longer changes.
+
+    Before layer i, the convs ``>= i`` (``later``) are the only ones still to change. What the
+    model computes upstream of every one of them (the *region*) is fixed from then on: later
+    changes only touch those convs and what follows them. So the tensors of the region read
+    from outside it (the *frontier*) are kept for every feed, and the next layer runs only the
+    nodes its region adds (`take`), or everything outside the region (`rest`). **Memory: at
+    most ``budget_bytes``** of frontier tensors for all feeds; where a frontier is larger, the
+    next layer runs from the model's inputs (as does a model with control-flow subgraphs,
+    whose implicit inputs the cut would miss)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]],
+                 budget_bytes: int = TEACHER_BUDGET_BYTES):
+        self.feeds, self.budget = feeds, budget_bytes
+        self.held: dict[str, list[np.ndarray]] = {}  # the frontier, per feed
+        self.region: set[str] = set()  # tensors the region has produced
+
+    def take(self, model: onnx.ModelProto, later: set[str], wanted: str) -> list[np.ndarray]:
+        """``wanted`` (upstream of the convs ``later``, given by their output names) per feed,
+        computed by ``model``; moves the frontier to ``later``'s region. The layers' ``later``
+        sets must shrink from call to call (graph order)."""
+        inputs = {v.name for v in graph_inputs(model)}
+        if wanted in inputs:
+            return [feed[wanted] for feed in self.feeds]
+        nodes = model.graph.node
+        if any(has_subgraph(node) for node in nodes):
+            self.held, self.region = {}, set()
+            hooks = Hooks(model, [wanted])
+            return [hooks.run(feed)[0] for feed in self.feeds]
+        downstream: set[str] = set()  # tensors that depend on a later conv
+        for node in nodes:
+            if _outputs(node) & later or any(i in downstream for i in node.input):
+                downstream.update(_outputs(node))
+        region = [n for n in nodes if not _outputs(n) & downstream]
+        produced = set().union(*map(_outputs, region))
+        frontier = {i for n in nodes if _outputs(n) & downstream for i in n.input if i in produced}
+        frontier.add(wanted)
+        outputs = sorted(frontier - set(self.held))
+        computed: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
+        if outputs:
+            hooks = Hooks(self._part(model, region, outputs, inputs), outputs)
+            computed = [dict(zip(outputs, hooks.run(feed))) for feed in self._fed()]
+        keep = {name: self.held[name] if name in self.held else [c[name] for c in computed]
+                for name in frontier}
+        result = keep[wanted]
+        if sum(a.nbytes for arrays in keep.values() for a in arrays) <= self.budget:
+            self.held, self.region = keep, produced
+        else:  # the next layer starts from the model's inputs
+            self.held, self.region = {}, set()
+        return result
+
+    def rest(self, model: onnx.ModelProto, outputs: list[str]):
+        """``(hooks, feeds)``: ``outputs`` computed from the frontier by what lies outside the
+        region (hooks as `Hooks`), and the feeds to run it on (each with its frontier tensors;
+        extra entries may be added to them)."""
+        inputs = {v.name for v in graph_inputs(model)}
+        return Hooks(self._part(model, model.graph.node, outputs, inputs), outputs), self._fed()
+
+    def _fed(self) -> list[dict[str, np.ndarray]]:
+        return [{**feed, **{k: v[index] for k, v in self.held.items()}}
+                for index, feed in enumerate(self.feeds)]
+
+    def _part(self, model: onnx.ModelProto, nodes, outputs: list[str],
+              inputs: set[str]) -> onnx.ModelProto:
+        """The model of ``nodes`` not yet run (in graph order) computing ``outputs``; its
+        graph inputs are the model's and the held tensors it reads (typed, not shaped)."""
+        part = onnx.ModelProto()
+        part.CopyFrom(model)
+        graph = part.graph
+        kept = [n for n in nodes if not _outputs(n) <= self.region]
+        del graph.node[:]
+        graph.node.extend(kept)
+        del graph.output[:]
+        graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs)
+        remove_dead(part, inputs)
+        read = {i for n in graph.node for i in n.input}
+        graph.input.extend(helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(self.held[name][0].dtype), None)
+            for name in sorted(set(self.held) & read))
+        if part.ir_version > MAX_IR_VERSION:
+            part.ir_version = MAX_IR_VERSION
+        return part
+
+
+def _outputs(node: onnx.NodeProto) -> set[str]:
+    return {o for o in node.output if o}
+
+
 def _output_bytes(site: ConvSite, calibration: CalibrationSet) -> int:
     spatial = int(np.prod(site.spec.out_spatial or (1,)))
     return 4 * calibration.used_samples * int(site.weight.shape[0]) * spatial
@@ -575,6 +667,7 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
     model = pruned(model, list(dict.fromkeys(needed)))
     done_sites: list[ConvSite] = []
     done_plans: list[ConvPlan] = []
+    students = Frontier(list(calibration.feeds()))
     teachers = TeacherOutputs(
         model, [site for site, plan in zip(sites, plans) if plan.report.factorized],
         calibration) if teacher == "original" else None
@@ -582,7 +675,9 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
         if not plan.report.factorized:
             continue
         student_model = apply_plans(model, done_sites, done_plans) if done_plans else model
-        student = Hooks(student_model, [site.node.input[0]])
+        later = {s.node.output[0] for s, p in zip(sites[index:], plans[index:])
+                 if p.report.factorized}
+        inputs = iter(students.take(student_model, later, site.node.input[0]))
         targets = iter(teachers.take(site)) if teachers is not None else None
         gram = _empty_gram(site)
         geometry = conv_geometry(site, view)
@@ -590,7 +685,7 @@ def distill_layers(model: onnx.ModelProto, view: ModelView, sites: list[ConvSite
         activation = layer_activation(site, view) if fit == "post-activation" else None
         sample = _pixel_sample(site, geometry, calibration) if activation else None
         for feed in calibration.feeds():
-            x = student.run(feed)[0]
+            x = next(inputs)
             t = next(targets) if targets is not None else None
             pending.add(x, t)
             if sample is not None:

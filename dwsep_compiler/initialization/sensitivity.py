@@ -10,8 +10,10 @@ fitted bias), so no rewrite is needed to probe it: the probe model is the origin
 candidate conv's weight and bias turned into graph inputs (a folded BatchNormalization folded in
 for good), one onnxruntime session, fed the original kernels except for the probed layer.
 
-Cost: one run of the model on the probe's calibration inputs per probed (layer, rank), bounded
-by `probe_plan` to about ``PROBE_MACS`` multiply-accumulates in all (a deterministic budget, so
+Cost: one run of the model on the probe's calibration inputs per probed (layer, rank), from
+the layer on (what precedes it is kept, `calibration.Frontier`; on the detector below that
+halved the probe's time), bounded by `probe_plan` to about ``PROBE_MACS`` multiply-accumulates
+of whole-model runs (a deterministic budget, so
 the allocation does not depend on the machine's speed): at most ``SAMPLES`` inputs and
 ``RANKS_PROBED`` ranks a layer, fewer on large models (a 31-conv 416x416 detector: 2 ranks on 7
 inputs). `rank_curves` interpolates the *gain* (model-output error / layer error, a smooth
@@ -28,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from dwsep_compiler.initialization import output_error
-from dwsep_compiler.initialization.calibration import CalibrationSet, Hooks
+from dwsep_compiler.initialization.calibration import CalibrationSet, Frontier, Hooks
 from dwsep_compiler.passes.rewrite.onnx_factorize import ConvSite
 
 SAMPLES = 32  # calibration inputs per probe run, at most
@@ -51,6 +53,8 @@ def probe_plan(model_macs: int, layers: int, calibration_samples: int) -> tuple[
 class _Slot:
     weight: str  # the probe model's input names for this layer's kernel and bias
     bias: str
+    input: str  # the conv's input and output tensors
+    output: str
     kernel: np.ndarray  # the original (BN-folded) kernel and bias
     original_bias: np.ndarray
 
@@ -62,10 +66,11 @@ class OutputProbe:
                  calibration: CalibrationSet, samples: int = SAMPLES,
                  ranks: int = RANKS_PROBED):
         self.samples, self.ranks = samples, ranks
-        probe, self.slots = _probe_model(model, sites)
+        self.model, self.slots = _probe_model(model, sites)
+        self.order = [site.name for site in sites]
         self.outputs = [o.name for o in model.graph.output
                         if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE)]
-        self.hooks = Hooks(probe, self.outputs)
+        self.hooks = Hooks(self.model, self.outputs)
         self.feeds, taken = [], 0
         for feed in calibration.feeds():
             self.feeds.append(feed)
@@ -75,7 +80,10 @@ class OutputProbe:
         self.base_weights = {name: value for slot in self.slots.values()
                              for name, value in ((slot.weight, slot.kernel),
                                                  (slot.bias, slot.original_bias))}
-        self.reference = self._run({})
+        self.reference = [self.hooks.run({**feed, **self.base_weights}) for feed in self.feeds]
+        # Probing layer i runs only what its swap can change (`calibration.Frontier`).
+        self.frontier = Frontier([{**feed, **self.base_weights} for feed in self.feeds])
+        self.probing: tuple[int, Hooks, list[dict]] | None = None
 
     def ranks_to_probe(self, ranks: list[int]) -> list[int]:
         return probed_ranks(ranks, self.ranks)
@@ -83,9 +91,19 @@ class OutputProbe:
     def curve(self, layer_errors: dict[int, float], measured: dict[int, float]) -> dict[int, float]:
         return interpolated_gain(layer_errors, measured)
 
-    def _run(self, swapped: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
-        weights = {**self.base_weights, **swapped}
-        return [self.hooks.run({**feed, **weights}) for feed in self.feeds]
+    def _run(self, layer: str, swapped: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """The outputs with ``layer``'s weights swapped, run from the frontier of the convs
+        from ``layer`` on (layers are probed in graph order; an earlier one starts over)."""
+        index = self.order.index(layer)
+        if self.probing is None or self.probing[0] != index:
+            if self.probing is not None and index < self.probing[0]:
+                self.frontier = Frontier(self.frontier.feeds, self.frontier.budget)
+            slot = self.slots[layer]
+            later = {self.slots[name].output for name in self.order[index:]}
+            self.frontier.take(self.model, later, slot.input)
+            self.probing = (index, *self.frontier.rest(self.model, self.outputs))
+        _, hooks, feeds = self.probing
+        return [hooks.run({**feed, **swapped}) for feed in feeds]
 
     def error(self, layer: str, kernel: np.ndarray, bias: np.ndarray) -> float:
         """The relative error of the model's outputs with ``layer``'s conv computing ``kernel``
@@ -93,7 +111,7 @@ class OutputProbe:
         over outputs of `output_error.mean_squared_relative` (per feature, all probe inputs
         together)."""
         slot = self.slots[layer]
-        got = self._run({slot.weight: np.asarray(kernel, dtype=np.float32).reshape(
+        got = self._run(layer, {slot.weight: np.asarray(kernel, dtype=np.float32).reshape(
             slot.kernel.shape), slot.bias: np.asarray(bias, dtype=np.float32)})
         squared = []
         for index in range(len(self.outputs)):
@@ -127,8 +145,8 @@ def _probe_model(model: onnx.ModelProto, sites: list[ConvSite]):
         n = site.weight.shape[0]
         original_bias = (np.zeros(n, dtype=np.float32) if site.bias is None
                          else np.asarray(site.bias, dtype=np.float32))
-        slots[site.name] = _Slot(weight, bias, np.asarray(site.weight, dtype=np.float32),
-                                 original_bias)
+        slots[site.name] = _Slot(weight, bias, node.input[0], site.output,
+                                 np.asarray(site.weight, dtype=np.float32), original_bias)
         graph.input.extend([
             helper.make_tensor_value_info(weight, TensorProto.FLOAT, list(site.weight.shape)),
             helper.make_tensor_value_info(bias, TensorProto.FLOAT, [n])])

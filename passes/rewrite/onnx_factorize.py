@@ -270,7 +270,7 @@ def remove_dead(model: onnx.ModelProto, real_inputs: set[str]) -> None:
     live = {o.name for o in graph.output}
     kept = []
     for node in reversed(graph.node):
-        if any(o in live for o in node.output) or _has_subgraph(node):
+        if any(o in live for o in node.output) or has_subgraph(node):
             kept.append(node)
             live.update(i for i in node.input if i)
             live.update(subgraph_inputs(node))
@@ -293,7 +293,7 @@ def remove_dead(model: onnx.ModelProto, real_inputs: set[str]) -> None:
     graph.value_info.extend(infos)
 
 
-def _has_subgraph(node: onnx.NodeProto) -> bool:
+def has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for a in node.attribute)
 

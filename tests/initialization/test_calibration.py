@@ -330,6 +330,94 @@ def test_teacher_outputs_equal_one_run_per_layer(trained, budget):
             np.testing.assert_array_equal(got, want)
 
 
+def _branchy_model(rng):
+    """conv1 -> relu -> Split (two outputs) -> conv2 on one half, added to the other half's
+    conv3, a skip from relu1 around both into conv4 (whose input is reshaped through a Shape
+    computed early, an int64 tensor on the frontier)."""
+    def weight(name, n, m):
+        return numpy_helper.from_array((0.3 * rng.standard_normal((n, m, 3, 3))).astype(
+            np.float32), name)
+    inits = [weight("w1", 8, 3), weight("w2", 4, 4), weight("w3", 4, 4), weight("w4", 8, 12),
+             numpy_helper.from_array(np.array([4, 4], np.int64), "split")]
+    conv = dict(pads=[1, 1, 1, 1])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", **conv),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Split", ["r1", "split"], ["s1", "s2"], axis=1),
+        helper.make_node("Conv", ["s1", "w2"], ["c2"], name="conv2", **conv),
+        helper.make_node("Conv", ["s2", "w3"], ["c3"], name="conv3", **conv),
+        helper.make_node("Add", ["c2", "c3"], ["a"]),
+        helper.make_node("Concat", ["a", "r1"], ["cat"], axis=1),
+        helper.make_node("Reshape", ["cat", "cat_shape"], ["cat_r"]),
+        helper.make_node("Conv", ["cat_r", "w4"], ["y"], name="conv4", **conv),
+    ]
+    # cat_shape = [N, 12, H, W] from x's shape: computed before conv1, read after conv3
+    inits.append(numpy_helper.from_array(np.array([0, 12, 0, 0], np.int64), "shape_fix"))
+    nodes.insert(1, helper.make_node("Max", ["x_shape", "shape_fix"], ["cat_shape"]))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 9, 9])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_student_inputs_equal_running_the_whole_student(budget):
+    """Layer after layer, the student's conv inputs computed from the kept frontier equal those
+    of running the student model from its inputs (a budget of 0 keeps nothing: every layer
+    runs from the model's inputs)."""
+    from dwsep_compiler.initialization.calibration import Frontier, Hooks
+    rng = np.random.default_rng(5)
+    model = _branchy_model(rng)
+    calibration = load_calibration(rng.standard_normal((6, 3, 9, 9)).astype(np.float32), model,
+                                   {"x": (2, 3, 9, 9)})
+    view = view_model(model, {"x": (2, 3, 9, 9)})
+    sites = conv_sites(view)
+    plans = [plan_conv(site.spec, RankPolicy(), frozenset(), 1) for site in sites]
+    students = Frontier(list(calibration.feeds()), budget_bytes=budget)
+    for index, site in enumerate(sites):
+        student = apply_plans(model, sites[:index], plans[:index]) if index else model
+        later = {s.node.output[0] for s in sites[index:]}
+        got = students.take(student, later, site.node.input[0])
+        hooks = Hooks(student, [site.node.input[0]])
+        expected = [hooks.run(feed)[0] for feed in calibration.feeds()]
+        assert len(got) == len(expected) == 3
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        if index == 1:  # the skip (r1) and the early shape wait on the frontier
+            assert bool(students.held) == (budget > 0)
+            if budget:
+                assert {"r1", "cat_shape"} <= set(students.held)
+
+
+def test_sensitivity_probe_from_the_frontier_equals_whole_model_runs():
+    """The probe runs only what follows each layer; its model-output errors equal those of
+    running the whole probe model with the layer's weights swapped, layer after layer and for
+    an earlier layer again (which starts over)."""
+    from dwsep_compiler.initialization import output_error
+    from dwsep_compiler.initialization.sensitivity import OutputProbe
+    rng = np.random.default_rng(6)
+    model = _branchy_model(rng)
+    calibration = load_calibration(rng.standard_normal((6, 3, 9, 9)).astype(np.float32), model,
+                                   {"x": (2, 3, 9, 9)})
+    sites = conv_sites(view_model(model, {"x": (2, 3, 9, 9)}))
+    probe = OutputProbe(model, sites, calibration, samples=6)
+
+    def whole_model_error(site, kernel, bias):
+        slot = probe.slots[site.name]
+        swapped = {**probe.base_weights, slot.weight: kernel, slot.bias: bias}
+        got = [probe.hooks.run({**feed, **swapped})[0].astype(np.float64) for feed in probe.feeds]
+        diff = sum(output_error.feature_energies(g - r[0]) for g, r in zip(got, probe.reference))
+        norm = sum(output_error.feature_energies(r[0].astype(np.float64))
+                   for r in probe.reference)
+        return float(np.sqrt(output_error.mean_squared_relative(diff, norm)))
+
+    for site in [*sites, sites[1]]:
+        kernel = (site.weight + 0.1 * rng.standard_normal(site.weight.shape)).astype(np.float32)
+        bias = (0.1 * rng.standard_normal(site.weight.shape[0])).astype(np.float32)
+        expected = whole_model_error(site, kernel, bias)
+        assert expected > 1e-3
+        assert probe.error(site.name, kernel, bias) == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("bias,batch_norm", [(False, True), (False, False), (True, False)])
 def test_distilled_layer_at_full_rank_reproduces_the_original(tmp_path, bias, batch_norm):
     """The teacher is the BN output when BN is folded; a conv without bias gains a fitted one."""
