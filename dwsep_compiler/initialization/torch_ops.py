@@ -242,8 +242,9 @@ def _rnn_activations(a: dict, defaults: list[str], directions: int) -> list[list
 
 
 def _recurrent(i: list, a: dict, gates: int, step_fn, defaults: list[str], with_cell: bool):
-    """The shared loop of LSTM and GRU: layout, directions, sequence lengths, initial states.
-    ``step_fn(x_proj, h, c, r, rb, p, funcs, clip) -> (h, c)`` advances one time step."""
+    """LSTM and GRU: layout, directions, sequence lengths, initial states; torch's fused
+    recurrence where it computes the node (`_fusable`), else a loop over time steps where
+    ``step_fn(x_proj, h, c, r, rb, p, funcs, clip) -> (h, c)`` advances one step."""
     x, w, r = i[0], i[1], i[2]
     b = i[3] if len(i) > 3 else None
     lens = i[4] if len(i) > 4 else None
@@ -255,12 +256,86 @@ def _recurrent(i: list, a: dict, gates: int, step_fn, defaults: list[str], with_
         x = x.transpose(0, 1)  # -> [seq, batch, input]
         h0 = h0.transpose(0, 1) if h0 is not None else None
         c0 = c0.transpose(0, 1) if c0 is not None else None
-    seq, batch = x.shape[0], x.shape[1]
     hidden = a.get("hidden_size", r.shape[-1])
     direction = a.get("direction", "forward")
-    directions = 2 if direction == "bidirectional" else 1
-    funcs = _rnn_activations(a, defaults, directions)
+    funcs = _rnn_activations(a, defaults, 2 if direction == "bidirectional" else 1)
     clip = a.get("clip")
+    if _fusable(a, defaults, clip, peep, lens, x.shape[0], with_cell):
+        y, y_h, y_c = _fused_recurrent(x, w, r, b, h0, c0, hidden, direction, with_cell)
+    else:
+        y, y_h, y_c = _stepped_recurrent(x, w, r, b, lens, h0, c0, peep, hidden, direction,
+                                         funcs, clip, gates, step_fn, a, with_cell)
+    if layout:
+        y = y.permute(2, 0, 1, 3)  # [batch, seq, dirs, hidden]
+        y_h = y_h.transpose(0, 1)
+        y_c = y_c.transpose(0, 1) if with_cell else None
+    return [y, y_h, y_c] if with_cell else [y, y_h]
+
+
+def _fusable(a: dict, defaults: list[str], clip, peep, lens, seq: int, with_cell: bool) -> bool:
+    """Does torch's own LSTM/GRU compute this node? The default activations, no clip, no
+    peepholes or coupled input-forget gate, every sequence at full length, and for a GRU the
+    reset gate applied after the recurrent product (``linear_before_reset``, torch's form)."""
+    names = [n.lower() for n in a.get("activations", [])]
+    if names and any(n != d.lower() for n, d in zip(names, defaults * 2)):
+        return False
+    if clip is not None or peep is not None or a.get("input_forget", 0):
+        return False
+    if not with_cell and not a.get("linear_before_reset", 0):
+        return False
+    return lens is None or bool((lens == seq).all())
+
+
+# torch's gate order from ONNX's: LSTM i, o, f, c -> i, f, g(=c), o; GRU z, r, h -> r, z, n.
+_TORCH_GATES = {True: (0, 2, 3, 1), False: (1, 0, 2)}
+_RNN_MODULES: dict[tuple, torch.nn.Module] = {}
+
+
+def _fused_recurrent(x, w, r, b, h0, c0, hidden: int, direction: str, with_cell: bool):
+    """The recurrence in torch's fused kernel (one call instead of a Python loop over time
+    steps: an OCR model's BiLSTM head dominated its end-to-end step), with the node's weights
+    passed to a cached module through `torch.func.functional_call`. ``direction="reverse"``
+    runs forward over the time-reversed input."""
+    seq, batch, size = x.shape
+    directions = 2 if direction == "bidirectional" else 1
+    key = (with_cell, size, hidden, directions)
+    if key not in _RNN_MODULES:
+        kind = torch.nn.LSTM if with_cell else torch.nn.GRU
+        # On the meta device: only its structure is used, the weights are always passed in.
+        _RNN_MODULES[key] = kind(size, hidden, bidirectional=directions == 2, device="meta")
+    order = _TORCH_GATES[with_cell]
+
+    def torch_gates(t):
+        return torch.cat([t[g * hidden:(g + 1) * hidden] for g in order])
+
+    gates = len(order)
+    params = {}
+    for d in range(directions):
+        suffix = "_l0_reverse" if d else "_l0"
+        bias = b[d] if b is not None else x.new_zeros(2 * gates * hidden)
+        params["weight_ih" + suffix] = torch_gates(w[d])
+        params["weight_hh" + suffix] = torch_gates(r[d])
+        params["bias_ih" + suffix] = torch_gates(bias[:gates * hidden])
+        params["bias_hh" + suffix] = torch_gates(bias[gates * hidden:])
+    h = h0 if h0 is not None else x.new_zeros(directions, batch, hidden)
+    state = (h, c0 if c0 is not None else x.new_zeros(directions, batch, hidden)) \
+        if with_cell else h
+    reverse = direction == "reverse"
+    out, state = torch.func.functional_call(_RNN_MODULES[key], params,
+                                            (x.flip(0) if reverse else x, state))
+    y = out.reshape(seq, batch, directions, hidden).permute(0, 2, 1, 3)
+    if reverse:
+        y = y.flip(0)
+    if with_cell:
+        return y, state[0], state[1]
+    return y, state, None
+
+
+def _stepped_recurrent(x, w, r, b, lens, h0, c0, peep, hidden, direction, funcs, clip, gates,
+                       step_fn, a, with_cell):
+    """The recurrence one time step at a time (every ONNX attribute)."""
+    seq, batch = x.shape[0], x.shape[1]
+    directions = 2 if direction == "bidirectional" else 1
     lens = (torch.full((batch,), seq, dtype=torch.int64) if lens is None else lens.long())
     ys, hs, cs = [], [], []
     for d in range(directions):
@@ -283,13 +358,7 @@ def _recurrent(i: list, a: dict, gates: int, step_fn, defaults: list[str], with_
         hs.append(h)
         cs.append(c)
     y = torch.stack(ys, dim=1)  # [seq, dirs, batch, hidden]
-    y_h = torch.stack(hs)
-    y_c = torch.stack(cs) if with_cell else None
-    if layout:
-        y = y.permute(2, 0, 1, 3)  # [batch, seq, dirs, hidden]
-        y_h = y_h.transpose(0, 1)
-        y_c = y_c.transpose(0, 1) if with_cell else None
-    return [y, y_h, y_c] if with_cell else [y, y_h]
+    return y, torch.stack(hs), torch.stack(cs) if with_cell else None
 
 
 def _clipped(v, clip):

@@ -244,6 +244,50 @@ def test_recurrent_batch_major_layout(op):
     assert rel_error(got["y_h"].numpy(), expected[1].transpose(1, 0, 2)) < 1e-4
 
 
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+def test_fused_recurrence_matches_onnxruntime_and_the_stepped_gradients(op, direction):
+    """Where torch's own LSTM/GRU computes the node (default activations, full-length
+    sequences, a GRU's linear_before_reset) the executor calls it (seen in torch's profiler):
+    outputs against onnxruntime, and outputs and input gradients against the time-step loop
+    (forced by a clip too large to act)."""
+    directions, hidden, seq, batch, size = (2 if direction == "bidirectional" else 1), 5, 6, 3, 4
+    init = _rnn_weights(op, directions, hidden, size)
+    init["lens"] = np.full(batch, seq, np.int32)
+    init["h0"] = _x(directions, batch, hidden)
+    names = ["x", "W", "R", "B", "lens", "h0"]
+    outs = ["y", "y_h"]
+    if op == "LSTM":
+        init["c0"] = _x(directions, batch, hidden)
+        names.append("c0")
+        outs.append("y_c")
+    attrs = {"hidden_size": hidden, "direction": direction}
+    if op == "GRU":
+        attrs["linear_before_reset"] = 1
+    x = _x(seq, batch, size)
+    _check([helper.make_node(op, names, outs, **attrs)], {"x": x}, init, outputs=outs,
+           opset=14, tol=1e-4)
+
+    def run(extra):
+        model = make_model([helper.make_node(op, names, outs, **attrs, **extra)],
+                           [helper.make_tensor_value_info("x", F32, None)],
+                           [helper.make_empty_tensor_value_info(o) for o in outs],
+                           [numpy_helper.from_array(v, k) for k, v in init.items()], opset=14)
+        inputs = torch.from_numpy(x).requires_grad_(True)
+        with torch.profiler.profile() as profile:
+            got = OnnxModule(model)(x=inputs)
+        sum(got[o].square().sum() for o in outs).backward()
+        fused = any(e.name == f"aten::{op.lower()}" for e in profile.events())
+        return fused, [got[o].detach().numpy() for o in outs], inputs.grad.numpy()
+
+    fused, outputs, gradient = run({})
+    stepped, loop_outputs, loop_gradient = run({"clip": 1e9})
+    assert fused and not stepped
+    for a, b in zip(outputs, loop_outputs):
+        assert rel_error(a, b) < 1e-5
+    assert rel_error(gradient, loop_gradient) < 1e-5
+
+
 def test_lstm_peepholes_clip_input_forget():
     init = _rnn_weights("LSTM", 1, 4, 3, peepholes=True)
     init["lens"] = np.array([5, 5], np.int32)
