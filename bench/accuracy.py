@@ -3,15 +3,16 @@
     python bench/accuracy.py                      # Fashion-MNIST example, writes bench/results/
     python bench/accuracy.py --model ddddocr      # ddddocr's OCR model (see bench/ddddocr_ocr.py)
     python bench/accuracy.py --model ddddocr --calibration-size 256 --tag cal256
+    python bench/accuracy.py --model fashion --calibration-size 256 --tag cal256  # training images
     python bench/accuracy.py --model ddddocr-det  # ddddocr's detector: box F1 vs the original
 
 For each target ratio F the ranks are allocated by ``--macs-ratio F`` (greedy per layer; on the
 SVD weight error without calibration, on the calibration output error with it), the model is
 rewritten with `compile_model(..., compile=False)` and its accuracy measured with onnxruntime.
 Writes ``accuracy_<model>[-<tag>].json`` (+ ``.png`` when matplotlib is installed) under
-``--out``. ddddocr's end-to-end stage trains its conv backbone only (the LSTM head is outside the
-torch executor): the loss is on the LSTM's input features, see `initialization.finetune`.
-Also records the uniform-rank points (``--rank r`` for every layer) for reference.
+``--out``. The end-to-end stage runs each model whole (ddddocr's BiLSTM head included), see
+`initialization.finetune`. Also records the uniform-rank points (``--rank r`` for every layer)
+for reference.
 """
 
 from __future__ import annotations
@@ -33,14 +34,24 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "fashion_mnist"))
 from dwsep_compiler.pipeline import compile_model  # noqa: E402
 
 
-def fashion_task(limit: int):
+def fashion_task(limit: int, calibration_size: int | None = None):
+    """``calibration_size``: that many training images (seeded draw) instead of the example's
+    bundled 64."""
     import data  # examples/fashion_mnist/data.py
 
     def accuracy(path: str) -> float:
         return data.evaluate_onnx(path, limit=limit, threads=2)
 
-    return {"model": str(data.DEFAULT_MODEL), "calibration": str(data.DEFAULT_CALIBRATION),
-            "calibration_size": len(data.calibration_images()), "input_shapes": None,
+    calibration = str(data.DEFAULT_CALIBRATION)
+    if calibration_size is not None:
+        images = data.preprocess(data.load_fashion_mnist("train")[0])
+        chosen = np.random.default_rng(0).choice(len(images), calibration_size, replace=False)
+        calibration = os.path.join(tempfile.mkdtemp(prefix="dwsep-bench-"), "calibration.npz")
+        with np.load(data.DEFAULT_CALIBRATION) as bundled:
+            np.savez(calibration, **{bundled.files[0]: images[chosen]})
+    return {"model": str(data.DEFAULT_MODEL), "calibration": calibration,
+            "calibration_size": calibration_size or len(data.calibration_images()),
+            "input_shapes": None,
             "accuracy": accuracy,
             "metric": f"top-1 accuracy, first {limit} Fashion-MNIST test images"}
 
@@ -122,19 +133,20 @@ def main(argv=None):
                         help="steps of the end-to-end stage (after layer-wise distillation)")
     parser.add_argument("--calibration-size", type=int, default=None,
                         help="ddddocr: rendered calibration strings, none of them an evaluation "
-                             "string (default 64); fashion uses the bundled 64 images")
+                             "string (default 64); ddddocr-det: rendered scenes (default 32); "
+                             "fashion: training images instead of the bundled 64")
     parser.add_argument("--tag", default="",
                         help="results go to accuracy_<model>[-<tag>].json/.png")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
-    if args.calibration_size is not None and (args.model == "fashion" or args.calibration_size < 1):
-        parser.error("--calibration-size: a positive count, for the ddddocr models only")
+    if args.calibration_size is not None and args.calibration_size < 1:
+        parser.error("--calibration-size: a positive count")
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
     if args.model == "fashion":
-        task = fashion_task(args.limit or 2000)
+        task = fashion_task(args.limit or 2000, args.calibration_size)
     elif args.model == "ddddocr":
         task = ddddocr_task(args.limit or 200, args.calibration_size or 64)
     else:
