@@ -19,11 +19,12 @@ tensors as graph outputs, prunes what they do not need, and runs the result in o
   refines the depthwise filters by alternating least squares.
 
 Memory: the calibration *inputs* are held (they are re-fed once per layer); of the
-activations, one batch of the student's input, one layer's Gram matrices
-(``8 * ((K+1)^2 + (K+1)*N)`` bytes with ``K = M*kh*kw``), its post-activation pixel sample
-(`distill.PixelSample`, at most ``distill.POST_ACTIVATION_BYTES``) and the teacher outputs of
-the next layers, computed several at a time (`TeacherOutputs`, at most
-``TEACHER_BUDGET_BYTES``). `rank_curves` (used by the rank allocation) accumulates the Gram
+activations, one layer's Gram matrices (``8 * ((K+1)^2 + (K+1)*N)`` bytes with
+``K = M*kh*kw``), its post-activation pixel sample (`distill.PixelSample`, at most
+``distill.POST_ACTIVATION_BYTES``), the teacher outputs of the next layers, computed several at
+a time (`TeacherOutputs`, at most ``TEACHER_BUDGET_BYTES``), and the student's tensors upstream
+of the convs still to rewrite, the layer's input among them (`Frontier`, at most
+``FRONTIER_BUDGET_BYTES``; one layer's input for every sample where that is larger). `rank_curves` (used by the rank allocation) accumulates the Gram
 matrices of several layers in one pass over the original model, in groups of at most
 ``GRAM_BUDGET_BYTES``.
 """
@@ -32,9 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -55,6 +57,7 @@ TEACHERS = ("original", "local")
 DEFAULT_BATCH = 16  # samples per run when the model's batch axis is dynamic
 GRAM_BUDGET_BYTES = 1 << 30
 TEACHER_BUDGET_BYTES = 1 << 29  # teacher outputs held between layers (`TeacherOutputs`)
+FRONTIER_BUDGET_BYTES = 1 << 29  # a changing model's kept tensors (`Frontier`)
 
 
 # ------------------------------------------------------------------------------ the data
@@ -501,9 +504,9 @@ class TeacherOutputs:
     Run per layer, the teacher re-ran the model up to that layer once per layer (a quarter of a
     detector's calibration time went to those prefixes). Instead, when a layer's output is first
     asked for, one pass over the calibration feeds computes it together with the next layers',
-    as many as fit ``budget_bytes`` (float32, all samples; always at least the one asked for),
-    and each layer's outputs are dropped once taken. **Memory: at most ``budget_bytes``**, or
-    one layer's outputs when they alone are larger."""
+    as many as fit ``budget_bytes`` (float32, all samples), and each layer's outputs are
+    dropped once taken. **Memory: at most ``budget_bytes``**; a layer whose outputs alone are
+    larger is streamed, one feed at a time, by its own run as before."""
 
     def __init__(self, model: onnx.ModelProto, sites: list[ConvSite],
                  calibration: CalibrationSet, budget_bytes: int = TEACHER_BUDGET_BYTES):
@@ -512,9 +515,12 @@ class TeacherOutputs:
         self.bytes = {site.output: _output_bytes(site, calibration) for site in sites}
         self.held: dict[str, list[np.ndarray]] = {}
 
-    def take(self, site: ConvSite) -> list[np.ndarray]:
+    def take(self, site: ConvSite) -> Iterable[np.ndarray]:
         """The teacher's output of ``site`` for each feed of `CalibrationSet.feeds`, in order."""
         if site.output not in self.held:
+            if self.bytes[site.output] > self.budget:
+                hooks = Hooks(self.model, [site.output])
+                return (hooks.run(feed)[0] for feed in self.calibration.feeds())
             self._compute_from(self.order.index(site.output))
         return self.held.pop(site.output)
 
@@ -523,9 +529,8 @@ class TeacherOutputs:
         for name in self.order[start:]:
             if names and used + self.bytes[name] > self.budget:
                 break
-            if name not in names:
-                names.append(name)
-                used += self.bytes[name]
+            names.append(name)
+            used += self.bytes[name]
         hooks = Hooks(self.model, names)
         runs = [hooks.run(feed) for feed in self.calibration.feeds()]
         for index, name in enumerate(names):
@@ -542,17 +547,19 @@ class Frontier:
     changes only touch those convs and what follows them. So the tensors of the region read
     from outside it (the *frontier*) are kept for every feed, and the next layer runs only the
     nodes its region adds (`take`), or everything outside the region (`rest`). **Memory: at
-    most ``budget_bytes``** of frontier tensors for all feeds; where a frontier is larger, the
+    most ``budget_bytes``** of frontier tensors for all feeds; where a frontier would be larger
+    (estimated from the first feed), the wanted tensor is streamed, one feed at a time, and the
     next layer runs from the model's inputs (as does a model with control-flow subgraphs,
     whose implicit inputs the cut would miss)."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]],
-                 budget_bytes: int = TEACHER_BUDGET_BYTES):
+                 budget_bytes: int = FRONTIER_BUDGET_BYTES):
         self.feeds, self.budget = feeds, budget_bytes
         self.held: dict[str, list[np.ndarray]] = {}  # the frontier, per feed
         self.region: set[str] = set()  # tensors the region has produced
 
-    def take(self, model: onnx.ModelProto, later: set[str], wanted: str) -> list[np.ndarray]:
+    def take(self, model: onnx.ModelProto, later: set[str],
+             wanted: str) -> Iterable[np.ndarray]:
         """``wanted`` (upstream of the convs ``later``, given by their output names) per feed,
         computed by ``model``; moves the frontier to ``later``'s region. The layers' ``later``
         sets must shrink from call to call (graph order)."""
@@ -573,18 +580,28 @@ class Frontier:
         frontier = {i for n in nodes if _outputs(n) & downstream for i in n.input if i in produced}
         frontier.add(wanted)
         outputs = sorted(frontier - set(self.held))
+        kept = sum(a.nbytes for name in frontier & set(self.held) for a in self.held[name])
         computed: list[dict[str, np.ndarray]] = [{} for _ in self.feeds]
         if outputs:
             hooks = Hooks(self._part(model, region, outputs, inputs), outputs)
-            computed = [dict(zip(outputs, hooks.run(feed))) for feed in self._fed()]
+            fed = self._fed()
+            first = dict(zip(outputs, hooks.run(fed[0])))
+            if kept + len(fed) * sum(a.nbytes for a in first.values()) > self.budget:
+                # Too large to keep: ``wanted`` one feed at a time (as a run per layer gives
+                # it), and the next layer starts from the model's inputs.
+                index = outputs.index(wanted) if wanted in first else None
+                result = (self.held[wanted] if index is None else itertools.chain(
+                    [first[wanted]], (hooks.run(feed)[index] for feed in fed[1:])))
+                self.held, self.region = {}, set()
+                return result
+            computed = [first] + [dict(zip(outputs, hooks.run(feed))) for feed in fed[1:]]
         keep = {name: self.held[name] if name in self.held else [c[name] for c in computed]
                 for name in frontier}
-        result = keep[wanted]
         if sum(a.nbytes for arrays in keep.values() for a in arrays) <= self.budget:
             self.held, self.region = keep, produced
         else:  # the next layer starts from the model's inputs
             self.held, self.region = {}, set()
-        return result
+        return keep[wanted]
 
     def rest(self, model: onnx.ModelProto, outputs: list[str]):
         """``(hooks, feeds)``: ``outputs`` computed from the frontier by what lies outside the

@@ -16,7 +16,7 @@ Everything the solver needs is in the Gram matrices of the augmented patches ``X
 ``8 * ((K+1)^2 + (K+1)*N)`` bytes per layer, whatever the number of samples** (one batch of
 patches, ``rows x K`` float32, is alive at a time; `add_conv` cuts batches into chunks of at most
 ``CHUNK_ROWS`` pixels). The objective of any candidate is a quadratic form in these matrices
-(`output_error`), and both alternating steps are exact minimizers:
+(`factors_error`), and both alternating steps are exact minimizers:
 
 * pointwise step, D fixed: the features are ``Z~ = [Dblk^T X; 1]`` (``M*r + 1`` channels, the bias
   included), ``Z~ Z~^T = Dblk~^T xx Dblk~`` and ``Z~ T^T = Dblk~^T xt``: one ridge-regularized
@@ -210,25 +210,13 @@ def augmented_kernel(kernel: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
     return np.concatenate([np.asarray(kernel, dtype=np.float64), b[:, None]], axis=1)
 
 
-def squared_error(gram: LayerGram, kernel: np.ndarray, bias: np.ndarray | None) -> float:
-    """``||T - (W X + b)||_F^2`` over the calibration pixels, from the Gram matrices alone."""
-    waug = augmented_kernel(kernel.reshape(kernel.shape[0], -1), bias)
-    value = float(np.sum(waug * (waug @ gram.xx))) - 2.0 * float(np.sum(waug * gram.xt.T)) + gram.tt
-    return max(value, 0.0)
-
-
-def relative_error(gram: LayerGram, kernel: np.ndarray, bias: np.ndarray | None) -> float:
-    """``||T - (W X + b)||_F / ||T||_F`` (0 when the teacher is all zero).
-
-    Computed as a quadratic form of Gram matrices whose chunks are float32 products, so values
-    below about 1e-3 are at the round-off floor (the squared error cancels to ~1e-7 of ``tt``).
-    """
-    return float(np.sqrt(squared_error(gram, kernel, bias) / gram.tt)) if gram.tt > 0 else 0.0
-
-
 def factors_error(gram: LayerGram, factors: Factors) -> float:
-    """`relative_error` of a factorized layer, through the pointwise normal equations
-    (`fit_pointwise`): ``K^2 r + (M*r+1)^2 N`` work instead of ``K^2 N``."""
+    """``||T - (W X + b)||_F / ||T||_F`` of a factorized layer (``W = P D``; 0 when the teacher
+    is all zero), from the Gram matrices alone, through the pointwise normal equations
+    (`fit_pointwise`): ``K^2 r + (M*r+1)^2 N`` work instead of ``K^2 N`` through ``W``.
+
+    A quadratic form of Gram matrices whose chunks are float32 products, so values below
+    about 1e-3 are at the round-off floor (the squared error cancels to ~1e-7 of ``tt``)."""
     a, b = pointwise_normal_equations(gram, factors.depthwise)
     n, m, r = factors.pointwise.shape
     x = np.concatenate([factors.pointwise.reshape(n, m * r).T, factors.bias[None]])

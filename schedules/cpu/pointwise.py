@@ -43,7 +43,8 @@ from dwsep_compiler.schedules.analysis import (divisors, extents, find_pointwise
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
 from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv,
                                                  packed_lane_block, schedule_channel_tile)
-from dwsep_compiler.schedules.cpu.tiling import schedule_tile_epilogue, unroll_reduction, vector_tile
+from dwsep_compiler.schedules.cpu.tiling import (schedule_tile_epilogue, unroll_reduction,
+                                                 vector_tile)
 
 
 class Pointwise(ScheduleRule):

@@ -131,7 +131,8 @@ def build_padded_rows(sch: s_tir.Schedule, pad, under, lanes: int, tunable: bool
     if not tunable and width % lanes == 0 and width >= 2 * lanes:
         loops = sch.get_loops(pad)
         try:
-            sch.decompose_padding(pad, loops[loop_index(sch, loops, under) + 1])  # ``pad`` is now the in-bound copy
+            # ``pad`` is now the in-bound copy
+            sch.decompose_padding(pad, loops[loop_index(sch, loops, under) + 1])
         except s_tir.ScheduleError:
             # TVM's pattern match fails on some bands (one output row per band: the rows are
             # indexed by the fused parallel loop alone); the schedule is left unchanged.
