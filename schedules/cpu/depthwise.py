@@ -26,8 +26,8 @@ from dwsep_compiler.schedules.analysis import (column_stride, divisors, extents,
                                                inline_epilogue, knob, largest_divisor,
                                                output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-from dwsep_compiler.schedules.cpu.tiling import (build_padded_rows, build_phase_planes, row_band,
-                                               vector_tile)
+from dwsep_compiler.schedules.cpu.tiling import (build_padded_rows, build_phase_planes, loop_index,
+                                               row_band, vector_tile)
 
 
 # Output rows per register tile, at most (and tuning's candidates).
@@ -109,7 +109,9 @@ class Depthwise(ScheduleRule):
         sch.unroll(xv)
         sch.vectorize(xl)
         if last is not None:
-            sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
+            sch.reverse_compute_at(last, xo, preserve_unit_loops=True)
             sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])
+            for loop in sch.get_loops(last)[loop_index(sch, sch.get_loops(last), xo) + 1:-1]:
+                sch.unroll(loop)
         sch.decompose_reduction(conv, rc)
         return sch

@@ -1126,6 +1126,34 @@ def test_depthwise_register_tile_holds_several_output_rows(target, rows):
     assert register_tile(7, 7, 1, cpu_knobs(TARGETS[target]))[0] == rows
 
 
+@pytest.mark.parametrize("target,hw", [("arm-neon", (14, 14)), ("arm-neon", (28, 28)),
+                                       ("x86-avx512", (28, 28)), ("x86-avx2", (14, 14))])
+def test_depthwise_epilogue_runs_in_the_register_tile(target, hw):
+    """A depthwise conv's epilogue (here bias + ReLU; at 14 columns on NEON and AVX2 also the
+    slice of the rows widened to whole vectors) is computed inside the register tile, not
+    after the band: the accumulators go through it straight to the output, and the conv's
+    intermediate is one tile (a band's, over TVM's 1 KB stack limit, was taken from the
+    workspace pool on every band). Outputs: every width against onnxruntime."""
+    shape = (1, 16, *hw)
+    model = conv_model(np.random.default_rng(3), in_channels=16, out_channels=32, group=16,
+                       kernel=(3, 3), pads=(1, 1, 1, 1), input_hw=hw)
+    mod = import_onnx(model, {"x": shape})
+    scheduled, applied = cpu_build.schedule_module(mod, TARGETS[target])
+    [name] = [n for n, rule in applied.items() if rule == "Depthwise"]
+    sch = tvm.s_tir.Schedule(scheduled[name])
+    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    update = sch.get_sblock(next(b for b in blocks if b.endswith("_update")))
+    # The tile's loops: the serial ones above the taps (channel of the group, rows, vectors
+    # per row), the last of them the reduction's unit loop.
+    tile = [loop for loop in sch.get_loops(update)
+            if sch.get(loop).kind == tvm.tirx.ForKind.SERIAL][:-1]
+    epilogue = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(blocks[-1]))]
+    assert len(tile) == 3 and all(any(sch.get(loop).same_as(e) for e in epilogue)
+                                  for loop in tile), scheduled[name].script()
+    x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
+
+
 @pytest.mark.parametrize("target,cin,hw,unrolled,vectorized",
                          [("arm-neon", 64, (8, 8), True, True),
                           ("arm-neon", 16, (15, 15), True, False),
