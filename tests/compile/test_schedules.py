@@ -1154,6 +1154,24 @@ def test_depthwise_epilogue_runs_in_the_register_tile(target, hw):
     assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
 
 
+def test_neon_depthwise_tile_starts_with_a_multiply():
+    """The CPU presets let LLVM ignore the sign of zero (`targets.FLOAT_FLAGS`): a depthwise
+    register tile's accumulators then start with a multiply by the first tap instead of a
+    zeroing and an FMA (7 output rows: 7 FMUL, 56 FMLA, no MOVI). Read in the A76 assembly;
+    outputs: the qemu tests run the same presets."""
+    model = conv_model(np.random.default_rng(5), in_channels=32, out_channels=96, group=32,
+                       kernel=(3, 3), pads=(1, 1, 1, 1), input_hw=(28, 28), bias=False)
+    model.graph.node.pop()  # no ReLU: the conv writes the output
+    model.graph.node[0].output[0] = "y"
+    assembly = build(import_onnx(model, {"x": (1, 32, 28, 28)}),
+                     resolve_target("arm-a76")).mod.imports[0].inspect_source("s")
+    kernel = re.search(r"^(\.L__tvm_parallel_lambda[\w.]*):$", assembly, re.M).group(1)
+    body = assembly[assembly.index(kernel + ":"):]
+    body = body[:body.index(".Lfunc_end")]
+    counts = {op: len(re.findall(rf"\t{op}\t", body)) for op in ("movi", "fmul", "fmla")}
+    assert counts == {"movi": 0, "fmul": 7, "fmla": 56}, counts
+
+
 @pytest.mark.parametrize("target,cin,hw,unrolled,vectorized",
                          [("arm-neon", 64, (8, 8), True, True),
                           ("arm-neon", 16, (15, 15), True, False),
