@@ -168,22 +168,36 @@ def inline_epilogue(blocks: ConvBlocks):
     return blocks.epilogue[-1]
 
 
+def _subexpressions(expr):
+    """``expr`` and every expression under it (arithmetic, casts, selects, calls)."""
+    yield expr
+    children = [getattr(expr, name, None) for name in ("a", "b", "value", "condition",
+                                                       "true_value", "false_value")]
+    children += list(getattr(expr, "args", []))
+    for child in children:
+        if isinstance(child, tvm.ir.expr.Expr) and hasattr(child, "ty"):
+            yield from _subexpressions(child)
+
+
 def computes_wider(sch: s_tir.Schedule, block) -> bool:
     """Does ``block`` compute in a wider float type than it stores (a float16 output whose
     expression passes through float32, as the fast sigmoid's does)?"""
     store = sch.get(block).body
     stored = tvm.DataType(str(store.value.ty)).bits
 
-    def widest(expr) -> int:
+    def bits(expr) -> int:
         dtype = tvm.DataType(str(expr.ty))
-        bits = dtype.bits if dtype.type_code == tvm.DataTypeCode.FLOAT else 0
-        children = [getattr(expr, name, None) for name in ("a", "b", "value", "condition",
-                                                           "true_value", "false_value")]
-        children += list(getattr(expr, "args", []))
-        return max([bits] + [widest(child) for child in children
-                             if isinstance(child, tvm.ir.expr.Expr) and hasattr(child, "ty")])
+        return dtype.bits if dtype.type_code == tvm.DataTypeCode.FLOAT else 0
 
-    return widest(store.value) > stored
+    return max(bits(expr) for expr in _subexpressions(store.value)) > stored
+
+
+def float_constants(sch: s_tir.Schedule, blocks) -> int:
+    """How many distinct float constants the values of ``blocks`` use (a fast sigmoid's: its
+    polynomial's coefficients, the clamp's bounds, log2 e, 1)."""
+    return len({(str(expr.ty), float(expr.value)) for block in blocks
+                for expr in _subexpressions(sch.get(block).body.value)
+                if isinstance(expr, tvm.tirx.FloatImm)})
 
 
 def largest_divisor(n: int, limit: int, multiple_of: int = 1) -> int:

@@ -37,14 +37,15 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors, extents, find_pointwise,
+from dwsep_compiler.schedules.analysis import (computes_wider, divisors, extents,
+                                               find_pointwise, float_constants,
                                                group_out_channels, in_channels, inline_epilogue,
                                                knob, largest_divisor, output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
 from dwsep_compiler.schedules.cpu.packed import (add_lane_weights, find_packed_conv,
                                                  packed_lane_block, schedule_channel_tile)
-from dwsep_compiler.schedules.cpu.tiling import (schedule_tile_epilogue, unroll_reduction,
-                                                 vector_tile)
+from dwsep_compiler.schedules.cpu.tiling import (schedule_tile_epilogue, tile_accumulators,
+                                                 unroll_reduction, vector_tile)
 
 
 class Pointwise(ScheduleRule):
@@ -78,7 +79,10 @@ class Pointwise(ScheduleRule):
         co_block = block or largest_divisor(group_co, max(1, knobs.accumulators // registers))
         stage = stage_input_tile(in_channels(sch, blocks), co // co_block, pixels, tile)  # decided on the defaults
         whole = pixels // vector
-        rows = knobs.accumulators // co_block  # pixel vectors per tile row that fit
+        unrolled = knobs.unroll_epilogue and not any(computes_wider(sch, b)
+                                                     for b in blocks.epilogue)
+        accumulators = tile_accumulators(knobs, float_constants(sch, blocks.epilogue), unrolled)
+        rows = accumulators // co_block  # pixel vectors per tile row that fit
         if (not stage and vector == knobs.lanes and tile == 2 * vector
                 and (block is None or rows >= 3)
                 and (whole % 3 == 0 or whole >= 12)):

@@ -74,6 +74,26 @@ def unroll_reduction(sch: s_tir.Schedule, loop, steps: int):
     return outer, inner
 
 
+# Vector temporaries an unrolled epilogue needs beside its constants (the fast sigmoid's
+# scaled input, its integer part and fraction, the polynomial's running value).
+EPILOGUE_TEMPORARIES = 4
+
+
+def tile_accumulators(knobs, constants: int, unrolled: bool) -> int:
+    """Accumulators a register tile may hold when its epilogue uses ``constants`` float
+    constants and is ``unrolled`` through the tile (`schedule_tile_epilogue`). The registers
+    the reduction loaded into are free in the epilogue; constants and temporaries beyond them
+    take accumulators' registers, else LLVM spills the constants and reloads or re-broadcasts
+    them for every vector. Emulated Cortex-A76, ddddocr's 48 -> 192 1x1 + SiLU at 16x40 (11
+    constants): 8 channels x 2 vectors 2.55M instructions, x 3 vectors 2.63M. A looped
+    epilogue (x86, or computed wider than the tile) re-creates its constants per iteration
+    anyway, and keeps the full tile."""
+    if not unrolled:
+        return knobs.accumulators
+    spare = knobs.registers - knobs.accumulators
+    return max(1, knobs.accumulators - max(0, constants + EPILOGUE_TEMPORARIES - spare))
+
+
 def schedule_tile_epilogue(sch: s_tir.Schedule, block, under, vector: int | None,
                            unroll: bool) -> None:
     """Schedule a register tile's epilogue or write-back (``block``, computed at the tile's

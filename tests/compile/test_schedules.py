@@ -1194,6 +1194,30 @@ def test_pointwise_tile_epilogue_is_unrolled_on_neon(target, cin, hw, unrolled, 
     assert loops.count("T.vectorized(") == int(vectorized), script
 
 
+@pytest.mark.parametrize("activation,vectors", [("relu", 3), ("silu", 2)])
+def test_neon_tile_leaves_registers_for_its_epilogue_constants(activation, vectors):
+    """NEON, a 48 -> 192 1x1 conv at 16x40 (8-channel lane-weight tiles): with a ReLU
+    epilogue the tile holds 8 x 3 vectors; a SiLU epilogue, unrolled through the tile, keeps
+    11 constants live (`tiling.tile_accumulators`), so the tile holds 8 x 2 and the constants
+    stay in registers. Outputs: the qemu tests run ddddocr's SiLU layers on the same rule."""
+    from onnx import helper
+
+    model, shape = _pointwise_model(np.random.default_rng(6), 48, 192, (16, 40))
+    if activation == "silu":
+        model.graph.node.pop()
+        model.graph.node.extend([helper.make_node("Sigmoid", ["c"], ["s"]),
+                                 helper.make_node("Mul", ["c", "s"], ["y"])])
+    scheduled, applied = cpu_build.schedule_module(import_onnx(model, {"x": shape}),
+                                                   TARGETS["arm-neon"])
+    [name] = [n for n, rule in applied.items() if rule == "Pointwise"]
+    sch = tvm.s_tir.Schedule(scheduled[name])
+    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    update = sch.get_sblock(next(b for b in blocks if b.endswith("_update")))
+    *_, channels, pixel_vectors, lanes = (int(sch.get(loop).extent)
+                                          for loop in sch.get_loops(update))
+    assert (channels, pixel_vectors, lanes) == (8, vectors, 4), scheduled[name].script()
+
+
 def test_neon_float16_epilogue_computed_in_float32_keeps_its_loop():
     """float16 tiles (A76): a ReLU epilogue is unrolled through the tile like float32's; a SiLU
     epilogue, whose fast sigmoid computes in float32 (two vectors per accumulator), keeps its
