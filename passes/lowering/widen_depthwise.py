@@ -6,8 +6,8 @@ floats is not a whole number of 4-lane NEON vectors, so the rule falls back to 2
 (half of every FMA wasted), and a row of 7 to one odd 7-lane vector that LLVM splits into
 registers and shuffles. This pass gives such a conv more zero padding on the right, so that its
 output rows are ``W' = ceil(W / lanes) * lanes`` wide, and slices the first ``W`` columns back
-out; FuseOps fuses the slice into the conv's kernel as its epilogue, so the extra columns never
-reach memory.
+out; FuseOps fuses the slice into the conv's kernel as its epilogue, which the depthwise rule runs
+in the register tile, so the extra columns never reach memory.
 
 Measured, the conv alone, widened against as it was: on the emulated Cortex-A76 (instructions
 per call) 32 channels x 5 at 14x14 302K -> 203K, 64 x 4 at 7x7 122K -> 82K, 64 x 2 at 10x10

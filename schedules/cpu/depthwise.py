@@ -8,6 +8,15 @@ Output rows are vectorized along W; a register tile holds several output rows x 
 load of an input row at a tap serves every row of the tile that reads it (3x3, 7 rows: 27 loads
 per 63 FMAs instead of 63). Channels x bands spread over the cores.
 
+The epilogue (bias, activation, and the slice of rows `widen_depthwise.py` widened to whole
+vectors) runs inside the register tile: the accumulators go through it straight to the
+output, the last vector of a widened row stored partially (loop partitioning gives it its own
+body). Run after the band instead, the conv's outputs made a round trip through a band-sized
+buffer, which past TVM's 1 KB stack limit came from the runtime's workspace pool on every
+band. Emulated Cortex-A76, Fashion's 32 x 5 depthwise at 14x14 (widened to 16): 180K ->
+160K instructions in the kernel, 32K -> 9K outside it; AVX-512, 2 cores, medians of
+interleaved runs: 0.80-0.82x the time at 14x14 to 56x56, level at 7x7 (not widened).
+
 A strided conv's padded plane is stored as ``stride`` planes of every stride-th column, so that
 each tap's vector of outputs is one contiguous load rather than a gather (3x3 stride 2 at
 56x56-14x14: 1.8-1.9x; ResNet's 3-channel 7x7 stem: 3.9x).
