@@ -15,7 +15,8 @@ body). Run after the band instead, the conv's outputs made a round trip through 
 buffer, which past TVM's 1 KB stack limit came from the runtime's workspace pool on every
 band. Emulated Cortex-A76, Fashion's 32 x 5 depthwise at 14x14 (widened to 16): 180K ->
 160K instructions in the kernel, 32K -> 9K outside it; AVX-512, 2 cores, medians of
-interleaved runs: 0.80-0.82x the time at 14x14 to 56x56, level at 7x7 (not widened).
+interleaved runs (`bench/ab.py`): 0.77-0.80x the time at 14x14 to 56x56, level at 7x7 (not
+widened).
 
 A strided conv's padded plane is stored as ``stride`` planes of every stride-th column, so that
 each tap's vector of outputs is one contiguous load rather than a gather (3x3 stride 2 at
@@ -35,8 +36,8 @@ from dwsep_compiler.schedules.analysis import (column_stride, divisors, extents,
                                                inline_epilogue, knob, largest_divisor,
                                                output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
-from dwsep_compiler.schedules.cpu.tiling import (build_padded_rows, build_phase_planes, loop_index,
-                                               row_band, vector_tile)
+from dwsep_compiler.schedules.cpu.tiling import (build_padded_rows, build_phase_planes, row_band,
+                                               schedule_tile_epilogue, vector_tile)
 
 
 # Output rows per register tile, at most (and tuning's candidates).
@@ -119,8 +120,7 @@ class Depthwise(ScheduleRule):
         sch.vectorize(xl)
         if last is not None:
             sch.reverse_compute_at(last, xo, preserve_unit_loops=True)
-            sch.vectorize(sch.split(sch.get_loops(last)[-1], [None, knobs.lanes])[1])
-            for loop in sch.get_loops(last)[loop_index(sch, sch.get_loops(last), xo) + 1:-1]:
-                sch.unroll(loop)
+            # Unrolled on every CPU (the tile is a few vectors; x86 measured faster too).
+            schedule_tile_epilogue(sch, last, xo, knobs.lanes, unroll=True)
         sch.decompose_reduction(conv, rc)
         return sch
