@@ -5,13 +5,15 @@
 
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
         executable = tvm.compile(mod, target="llvm -mcpu=cortex-a76 -mtriple=aarch64-linux-gnu",
-                                 relax_pipeline="dwsep_cpu")
+                                 relax_pipeline="dwsep_cpu", tir_pipeline="dwsep_cpu")
 
 ``dwsep_cpu``: the CPU pipeline `dwsep_compiler.compile.build` runs (our lowering passes and
 schedule rules, `dwsep_compiler.compile.cpu.relax_pipeline`); ``dwsep_opencl``: the OpenCL one
-(`opencl.relax_pipeline`). Both read the target ``tvm.compile`` sets. The PassContext above
-is what `build` uses for the TIR half (loop partitioning); without it the kernels compute the
-same with slightly different loop code.
+(`opencl.relax_pipeline`). Both read the target ``tvm.compile`` sets. The TIR half of a CPU
+build is registered as TIR pipeline ``dwsep_cpu`` (`dwsep_compiler.compile.cpu.tir_pipeline`:
+TVM's lowering, then kernel scratch buffers on the stack); the PassContext above is what
+`build` uses with it (loop partitioning). Without either, the kernels compute the same with
+slightly different loop code.
 
 `import dwsep_compiler` calls `install`: it registers at once when TVM is already imported,
 else right after TVM's pipeline module is first imported (an import hook), so that the CLI and
@@ -27,6 +29,7 @@ import sys
 
 NAMES = ("dwsep_cpu", "dwsep_opencl")
 _TVM_PIPELINES = "tvm.relax.pipeline"
+_TVM_TIR_PIPELINES = "tvm.tirx.compilation_pipeline"
 
 
 def _current_target(name: str, kind: str):
@@ -67,12 +70,23 @@ def dwsep_opencl(fuse: bool = True):
     return pipeline
 
 
+def dwsep_cpu_tir():
+    """``compile.cpu.tir_pipeline``: TVM's TIR lowering with our scratch-buffer placement."""
+    from dwsep_compiler.compile import cpu
+
+    return cpu.tir_pipeline()
+
+
 def register() -> None:
-    """Register both pipelines with TVM (again: nothing happens)."""
+    """Register both Relax pipelines and the CPU TIR pipeline with TVM (again: nothing
+    happens)."""
     pipeline = importlib.import_module(_TVM_PIPELINES)  # mid-import of tvm.relax: by name
     for name, factory in zip(NAMES, (dwsep_cpu, dwsep_opencl)):
         if name not in pipeline.PIPELINE_MAP:
             pipeline.register_pipeline(name)(factory)
+    tir = importlib.import_module(_TVM_TIR_PIPELINES)
+    if NAMES[0] not in tir.PIPELINE_MAP:
+        tir.register_tir_pipeline(NAMES[0], dwsep_cpu_tir)
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

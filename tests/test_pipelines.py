@@ -140,10 +140,13 @@ def test_factorize_pass_chains_with_onnxscript_passes():
                                    "import tvm.relax.pipeline; import dwsep_compiler"])
 def test_import_registers_the_relax_pipelines_in_either_order(order):
     code = (f"{order}\nimport sys\nfrom tvm.relax.pipeline import PIPELINE_MAP\n"
-            "print(sorted(n for n in PIPELINE_MAP if n.startswith('dwsep')))")
+            "from tvm.tirx.compilation_pipeline import PIPELINE_MAP as TIR\n"
+            "print(sorted(n for n in PIPELINE_MAP if n.startswith('dwsep')),\n"
+            "      sorted(n for n in TIR if n.startswith('dwsep')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
-    assert out.returncode == 0 and out.stdout.split("\n")[-2] == "['dwsep_cpu', 'dwsep_opencl']", \
+    assert out.returncode == 0 and (out.stdout.split("\n")[-2]
+                                    == "['dwsep_cpu', 'dwsep_opencl'] ['dwsep_cpu']"), \
         out.stderr[-2000:]
     # the package alone does not import TVM (the CLI's --help and the device tools stay light)
     light = subprocess.run([sys.executable, "-c", "import sys, dwsep_compiler; "
@@ -174,7 +177,8 @@ def test_relax_pipeline_dwsep_cpu_builds_what_build_builds():
     preset = resolve_target("host")
     ours = tvm_compile.build(mod, preset)
     with tvm.transform.PassContext(opt_level=3, config=PASS_CONFIG):
-        plain = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline="dwsep_cpu")
+        plain = tvm.compile(mod, target=preset.tvm_target(), relax_pipeline="dwsep_cpu",
+                            tir_pipeline="dwsep_cpu")
     x = _samples(1, seed=5)
     expected = tvm_compile.run_executable(ours, [x])[0]
     assert np.array_equal(tvm_compile.run_executable(plain, [x])[0], expected)

@@ -46,7 +46,9 @@ def build(mod: tvm.IRModule, preset: TargetPreset, schedule: bool = True,
     try:
         if schedule and target.kind.name == "llvm":
             with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
-                return tvm.compile(mod, target=target, relax_pipeline=cpu_build.relax_pipeline(target, fuse, records))
+                return tvm.compile(mod, target=target,
+                                   relax_pipeline=cpu_build.relax_pipeline(target, fuse, records),
+                                   tir_pipeline=cpu_build.TIR_PIPELINE)
         return tvm.compile(mod, target=target)
     except Exception as exc:
         raise DwsepError(f"TVM failed to build for target '{preset.name}': {first_line(exc)}") from None

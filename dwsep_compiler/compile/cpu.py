@@ -2,7 +2,8 @@
 
 TVM's ``cpu_generic`` pipeline with our lowering passes (`dwsep_compiler.passes.lowering`) in
 front of legalization and our schedule rules (`dwsep_compiler.schedules.cpu`) between
-legalization and lowering. `relax_pipeline` is what ``tvm.compile`` takes; `schedule_module`
+legalization and lowering. `relax_pipeline` is what ``tvm.compile`` takes as
+``relax_pipeline``, `tir_pipeline` (registered as `TIR_PIPELINE`) its ``tir_pipeline``; `schedule_module`
 stops after scheduling (tests, the benchmark and tuning); `stages` gives the three parts to the
 tuner, which needs the PrimFuncs exactly as the compiler schedules them.
 """
@@ -19,6 +20,7 @@ from dwsep_compiler.passes.lowering.fold_bn import FoldBatchNormIntoConv2D
 from dwsep_compiler.passes.lowering.fuse_dwpw import MIN_FUSED_PIXELS, FuseDepthwisePointwise
 from dwsep_compiler.passes.lowering.pack_dense import PackDenseWeights
 from dwsep_compiler.passes.lowering.pack_weights import PackConvWeights
+from dwsep_compiler.passes.lowering.stack_scratch import StackScratch
 from dwsep_compiler.passes.lowering.strided_pointwise import StridedPointwiseToSlice
 from dwsep_compiler.passes.lowering.sum_to_add import SumToAdd
 from dwsep_compiler.passes.lowering.widen_depthwise import WidenDepthwiseRows
@@ -28,6 +30,9 @@ from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 
 # Split loops whose extent the tile does not divide into a clean body and a tail.
 PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+# The name `tir_pipeline` is registered under with TVM (``tvm.compile(..., tir_pipeline=...)``,
+# ``tvm.tirx.build(..., pipeline=...)``; `dwsep_compiler.relax_pipelines` registers it).
+TIR_PIPELINE = "dwsep_cpu"
 
 
 def stages(target: tvm.target.Target, fuse: bool | str = True, records=None,
@@ -66,6 +71,17 @@ def relax_pipeline(target: tvm.target.Target, fuse: bool | str = True, records=N
             return tvm.transform.Sequential(front + [schedule] + back)(mod)
 
     return _pipeline
+
+
+def tir_pipeline():
+    """The TIR half of a CPU build, in the form TVM's TIR pipeline registry takes (lowering,
+    host finalization, device finalization): TVM's ``s_tir`` lowering, then `StackScratch`
+    (kernel scratch buffers of a few KB on the stack instead of the runtime's workspace pool),
+    before the host finalization turns the remaining buffers into workspace calls."""
+    from tvm.s_tir import pipeline as s_tir_pipeline
+
+    lowering, finalize_host, finalize_device = s_tir_pipeline.default_s_tir_pipeline()
+    return tvm.transform.Sequential([lowering, StackScratch()]), finalize_host, finalize_device
 
 
 def schedule_module(mod: tvm.IRModule, target: tvm.target.Target, fuse: bool | str = True,

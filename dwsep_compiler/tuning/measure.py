@@ -33,14 +33,14 @@ EVALUATOR = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=40,
 
 
 def build_candidate(mod: tvm.IRModule, target: tvm.target.Target, _params) -> tvm.runtime.Module:
-    """Build one candidate as the compiler builds the model (the same PassContext: the CPU
-    build's, or for OpenCL the default one `compile.opencl.build` compiles under)."""
+    """Build one candidate as the compiler builds the model (the same PassContext and TIR
+    pipeline: the CPU build's, or for OpenCL the default ones `compile.opencl.build` uses)."""
     from dwsep_compiler.compile import cpu as cpu_build
 
     if target.kind.name == "opencl":
         return tvm.tirx.build(mod, target=target)
     with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
-        return tvm.tirx.build(mod, target=target)
+        return tvm.tirx.build(mod, target=target, pipeline=cpu_build.TIR_PIPELINE)
 
 
 def export_candidate(rt_mod: tvm.runtime.Module, cross_compiler: str | None = None,

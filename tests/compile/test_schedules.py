@@ -317,6 +317,49 @@ def test_packed_tiles_accumulate_on_the_stack_not_in_the_workspace_pool(target):
     assert not [t.split("(")[0] for t in tasks if "@__TVMBackendAllocWorkspace" in t]
 
 
+def _parallel_tasks_calling_the_pool(executable) -> list[str]:
+    functions = re.split(r"\n(?=define )", executable.mod.imports[0].inspect_source("ll"))
+    tasks = [f for f in functions if re.match(r"define [^\n]*@__tvm_parallel_lambda", f)]
+    assert tasks
+    return [t.split("(")[0] for t in tasks if "@__TVMBackendAllocWorkspace" in t]
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_depthwise_bands_build_their_padded_rows_on_the_stack(target):
+    """A depthwise band's padded input rows (24 channels x 2 at 32 x 80, ddddocr's: 10 rows of
+    82 floats, 3.3 KB, over TVM's 1 KB stack limit) are a stack buffer of the parallel task
+    (`passes.lowering.stack_scratch`), not an alloc/free pair through the runtime's workspace
+    pool on every band, which TVM's own TIR pipeline makes of it. Outputs against onnxruntime."""
+    from dwsep_compiler.passes.lowering.stack_scratch import stack_scratch_buffers
+
+    shape = (1, 24, 32, 80)
+    model = conv_model(np.random.default_rng(6), in_channels=24, out_channels=48, group=24,
+                       kernel=(3, 3), pads=(1, 1, 1, 1), input_hw=shape[2:], bias=False)
+    model.graph.node.pop()  # no ReLU: the depthwise conv alone
+    model.graph.node[0].output[0] = "y"
+    mod = import_onnx(model, {"x": shape})
+    tvm_target = TARGETS[target]
+    executables = {}
+    for pipeline in ("default", cpu_build.TIR_PIPELINE):
+        with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
+            executables[pipeline] = tvm.compile(
+                mod, target=tvm_target, relax_pipeline=cpu_build.relax_pipeline(tvm_target),
+                tir_pipeline=pipeline)
+    assert _parallel_tasks_calling_the_pool(executables["default"])
+    assert not _parallel_tasks_calling_the_pool(executables[cpu_build.TIR_PIPELINE])
+    # the budget: a band over it stays in the pool
+    scheduled, applied = cpu_build.schedule_module(mod, tvm_target)
+    [name] = [n for n, rule in applied.items() if rule == "Depthwise"]
+    with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
+        lowered = tvm.tirx.transform.BindTarget(tvm_target.with_host(tvm_target))(
+            tvm.IRModule({name: scheduled[name].with_attr("global_symbol", name)}))
+        lowered = tvm.s_tir.pipeline.default_s_tir_pipeline()[0](lowered)
+    assert len(stack_scratch_buffers(lowered[name])[1]) == 1
+    assert stack_scratch_buffers(lowered[name], budget=3000)[1] == []
+    if target == "x86-avx512":  # (run_widths runs AVX2 too)
+        x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+        assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
+
 # (in, out, hw, batch, residual) for NEON's lane-weights tile: 8-channel weight blocks with 3
 # pixel vectors and a tail (196 pixels), 4-channel blocks (20 outputs) over batch 2, 3 input
 # channels (no unrolled steps), and 18 outputs (no whole-vector block: left unpacked).
