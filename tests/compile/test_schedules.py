@@ -317,6 +317,7 @@ def test_packed_tiles_accumulate_on_the_stack_not_in_the_workspace_pool(target):
     assert not [t.split("(")[0] for t in tasks if "@__TVMBackendAllocWorkspace" in t]
 
 
+
 def _parallel_tasks_calling_the_pool(executable) -> list[str]:
     functions = re.split(r"\n(?=define )", executable.mod.imports[0].inspect_source("ll"))
     tasks = [f for f in functions if re.match(r"define [^\n]*@__tvm_parallel_lambda", f)]
@@ -1073,7 +1074,8 @@ def _neon_parts():
     """The odd shapes of the x86 rule tests: standard and factorized convs of CASES (channels
     off the 4 lanes, stride 2, dilation, asymmetric pads, 1x7 / 7x1), the grouped convs, the
     packed pointwise and packed standard convs, the dense layers (packed or not), the
-    injective planes and a saturating SiLU (the fast sigmoid's NEON code)."""
+    injective planes and a saturating SiLU (the fast sigmoid's NEON code); a depthwise conv
+    whose tile holds both outputs of each channel."""
     standard, factorized = [], []
     for case in CASES:
         model, shape, rank = _model(case)
@@ -1090,6 +1092,7 @@ def _neon_parts():
     dense = [(_dense_model(*case), case[:2]) for case in DENSE_CASES]
     planes = [_plane_model(op, hw) for op, hw in (("concat", (15, 15)), ("concat", (7, 9)),
                                                  ("slice", (15, 15)), ("silu", (8, 12)))]
+    grouped.append(_shared_depthwise_model())
     return {"fuse=False": standard + factorized + grouped + packed + dense + planes,
             "fuse=always": factorized}
 
@@ -1166,12 +1169,49 @@ def test_depthwise_register_tile_holds_several_output_rows(target, rows):
                                r"T\.int64\(3\)\):\s+for \w+ in T\.unroll\(T\.int64\(7\)\)",
                                scheduled[name].script())
     assert bool(taps_then_rows) == (rows == 7), scheduled[name].script()
-    assert register_tile(7, 7, 1, cpu_knobs(TARGETS[target]))[0] == rows
+    assert register_tile(7, 7, 1, cpu_knobs(TARGETS[target]))[1] == rows
 
 
-@pytest.mark.parametrize("target,hw", [("arm-neon", (14, 14)), ("arm-neon", (28, 28)),
-                                       ("x86-avx512", (28, 28)), ("x86-avx2", (14, 14))])
-def test_depthwise_epilogue_runs_in_the_register_tile(target, hw):
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_depthwise_register_tile_holds_every_output_of_a_channel(target):
+    """With 32 vector registers the r outputs of a depth multiplier (all reading the same
+    input channel) share the register tile where that still leaves 2 rows: the loads of an
+    input row at a tap serve both outputs (3x3, 4 rows x 2 outputs: 18 loads per 72 FMAs,
+    against 30 per 72 with 8 rows of one output). Bands of 7 rows keep one output (7 x 2
+    accumulators spilled), as does AVX2 (16 registers: one row). Outputs: every x86 width
+    here, NEON in the qemu test (its `_neon_parts` hold this model)."""
+    from dwsep_compiler.schedules.cpu.depthwise import register_tile
+    from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
+
+    knobs = cpu_knobs(TARGETS[target])
+    shares = target != "x86-avx2"
+    assert register_tile(8, 20, 4, knobs, 2) == ((2, 4, 1) if shares else (1, 1, 4))
+    assert register_tile(8, 20, 4, knobs, 3)[:2] == ((3, 4) if shares else (1, 1))
+    assert register_tile(7, 7, 1, knobs, 2)[0] == 1 and register_tile(8, 8, 1, knobs, 8)[0] == 1
+    model, shape = _shared_depthwise_model()
+    mod = import_onnx(model, {"x": shape})
+    scheduled, applied = cpu_build.schedule_module(mod, TARGETS[target])
+    [name] = [n for n, rule in applied.items() if rule == "Depthwise"]
+    taps_then_outputs = re.search(r"in T\.unroll\(T\.int64\(3\)\):\s+for \w+ in T\.unroll\("
+                                  r"T\.int64\(2\)\):\s+for \w+ in T\.unroll\(T\.int64\(4\)\)",
+                                  scheduled[name].script())
+    assert bool(taps_then_outputs) == shares, scheduled[name].script()
+    if target == "x86-avx512":  # (run_widths runs AVX2 too)
+        x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+        assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+def _shared_depthwise_model():
+    """8 channels x 2 at 16 x 20 (bands of 8 rows), bias + ReLU."""
+    return conv_model(np.random.default_rng(8), in_channels=8, out_channels=16, group=8,
+                      kernel=(3, 3), pads=(1, 1, 1, 1), input_hw=(16, 20)), (1, 8, 16, 20)
+
+
+@pytest.mark.parametrize("target,hw,outer_loops", [("arm-neon", (14, 14), 3),
+                                                   ("arm-neon", (32, 32), 2),
+                                                   ("x86-avx512", (28, 28), 3),
+                                                   ("x86-avx2", (14, 14), 3)])
+def test_depthwise_epilogue_runs_in_the_register_tile(target, hw, outer_loops):
     """A depthwise conv's epilogue (here bias + ReLU; at 14 columns on NEON and AVX2 also the
     slice of the rows widened to whole vectors) is computed inside the register tile, not
     after the band: the accumulators go through it straight to the output, and the conv's
@@ -1186,13 +1226,14 @@ def test_depthwise_epilogue_runs_in_the_register_tile(target, hw):
     sch = tvm.s_tir.Schedule(scheduled[name])
     blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     update = sch.get_sblock(next(b for b in blocks if b.endswith("_update")))
-    # The tile's loops: the serial ones above the taps (channel of the group, rows, vectors
-    # per row), the last of them the reduction's unit loop.
+    # The tile's loops: the serial ones above the taps (the output of the channel where the
+    # tile does not hold both, rows, vectors per row), the last of them the reduction's unit
+    # loop.
     tile = [loop for loop in sch.get_loops(update)
             if sch.get(loop).kind == tvm.tirx.ForKind.SERIAL][:-1]
     epilogue = [sch.get(loop) for loop in sch.get_loops(sch.get_sblock(blocks[-1]))]
-    assert len(tile) == 3 and all(any(sch.get(loop).same_as(e) for e in epilogue)
-                                  for loop in tile), scheduled[name].script()
+    assert len(tile) == outer_loops and all(any(sch.get(loop).same_as(e) for e in epilogue)
+                                            for loop in tile), scheduled[name].script()
     x = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
     assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
 
