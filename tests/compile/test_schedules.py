@@ -1079,7 +1079,7 @@ def _neon_parts():
     off the 4 lanes, stride 2, dilation, asymmetric pads, 1x7 / 7x1), the grouped convs, the
     packed pointwise and packed standard convs, the dense layers (packed or not), the
     injective planes and a saturating SiLU (the fast sigmoid's NEON code); a depthwise conv
-    whose tile holds both outputs of each channel."""
+    whose tile holds both outputs of each channel, a one-channel conv on the depthwise rule."""
     standard, factorized = [], []
     for case in CASES:
         model, shape, rank = _model(case)
@@ -1096,7 +1096,7 @@ def _neon_parts():
     dense = [(_dense_model(*case), case[:2]) for case in DENSE_CASES]
     planes = [_plane_model(op, hw) for op, hw in (("concat", (15, 15)), ("concat", (7, 9)),
                                                  ("slice", (15, 15)), ("silu", (8, 12)))]
-    grouped.append(_shared_depthwise_model())
+    grouped += [_shared_depthwise_model(), _one_channel_conv_model()]
     return {"fuse=False": standard + factorized + grouped + packed + dense + planes,
             "fuse=always": factorized}
 
@@ -1202,6 +1202,34 @@ def test_depthwise_register_tile_holds_every_output_of_a_channel(target):
     assert bool(taps_then_outputs) == shares, scheduled[name].script()
     if target == "x86-avx512":  # (run_widths runs AVX2 too)
         x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+        assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
+
+
+def _one_channel_conv_model():
+    """A grayscale input's first conv, factorized: 1 -> 2 channels, 3x3 stride 2 (ddddocr's,
+    at a smaller size)."""
+    return conv_model(np.random.default_rng(10), in_channels=1, out_channels=2, kernel=(3, 3),
+                      strides=(2, 2), pads=(1, 1, 1, 1), input_hw=(32, 48)), (1, 1, 32, 48)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_one_channel_conv_runs_on_the_depthwise_rule(target):
+    """A conv of a one-channel input is depthwise (r = its outputs), though TVM legalizes it
+    as a plain conv2d: it runs on the depthwise rule (its strided planes, its register tile),
+    not on the standard conv rule, which gathered a strided conv's columns lane by lane
+    (ddddocr's at 64 x 160, emulated A76: 127K -> 33K instructions). A one-channel conv the
+    weight packing took stays packed; several input channels stay standard. Outputs: every
+    x86 width against onnxruntime here, NEON in the qemu test (`_neon_parts`)."""
+    model, shape = _one_channel_conv_model()
+    mod = import_onnx(model, {"x": shape})
+    _, applied = cpu_build.schedule_module(mod, TARGETS[target])
+    assert sorted(applied.values()) == ["Depthwise"], applied
+    three, three_shape = _model((3, 4, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1), (16, 16), 1))[:2]
+    _, applied = cpu_build.schedule_module(import_onnx(three, {"x": three_shape}),
+                                           TARGETS[target])
+    assert "Depthwise" not in applied.values(), applied
+    if target == "x86-avx512":  # (run_widths runs AVX2 too)
+        x = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
         assert rel_error(run_widths(mod, [x])[0], run_onnx(model, {"x": x})[0]) < 1e-5
 
 
