@@ -3,9 +3,9 @@
 TVM's ``cpu_generic`` pipeline with our lowering passes (`dwsep_compiler.passes.lowering`) in
 front of legalization and our schedule rules (`dwsep_compiler.schedules.cpu`) between
 legalization and lowering. `relax_pipeline` is what ``tvm.compile`` takes as
-``relax_pipeline``, `tir_pipeline` (registered as `TIR_PIPELINE`) its ``tir_pipeline``; `schedule_module`
-stops after scheduling (tests, the benchmark and tuning); `stages` gives the three parts to the
-tuner, which needs the PrimFuncs exactly as the compiler schedules them.
+``relax_pipeline``, `tir_pipeline` (registered as `TIR_PIPELINE`) its ``tir_pipeline``;
+`schedule_module` stops after scheduling (tests, the benchmark and tuning); `stages` gives the
+three parts to the tuner, which needs the PrimFuncs exactly as the compiler schedules them.
 """
 
 from __future__ import annotations

@@ -310,18 +310,20 @@ def test_packed_tiles_accumulate_on_the_stack_not_in_the_workspace_pool(target):
     with tvm.transform.PassContext(opt_level=3, config=cpu_build.PASS_CONFIG):
         executable = tvm.compile(mod, target=tvm_target,
                                  relax_pipeline=cpu_build.relax_pipeline(tvm_target))
-    functions = re.split(r"\n(?=define )", executable.mod.imports[0].inspect_source("ll"))
-    tasks = [f for f in functions if re.match(r"define [^\n]*@__tvm_parallel_lambda", f)]
+    tasks = _parallel_tasks(executable)
     assert len(tasks) >= 2  # each kernel's parallel loop body
     # (the 3x3 conv's padded input, once per call outside the loop, may use the pool)
-    assert not [t.split("(")[0] for t in tasks if "@__TVMBackendAllocWorkspace" in t]
+    assert not _calling_the_pool(tasks)
 
 
-
-def _parallel_tasks_calling_the_pool(executable) -> list[str]:
+def _parallel_tasks(executable) -> list[str]:
+    """The LLVM IR of each parallel loop body (TVM's closures) of ``executable``'s kernels."""
     functions = re.split(r"\n(?=define )", executable.mod.imports[0].inspect_source("ll"))
-    tasks = [f for f in functions if re.match(r"define [^\n]*@__tvm_parallel_lambda", f)]
-    assert tasks
+    return [f for f in functions if re.match(r"define [^\n]*@__tvm_parallel_lambda", f)]
+
+
+def _calling_the_pool(tasks: list[str]) -> list[str]:
+    """Names of the tasks that allocate from the runtime's workspace pool."""
     return [t.split("(")[0] for t in tasks if "@__TVMBackendAllocWorkspace" in t]
 
 
@@ -346,12 +348,13 @@ def test_depthwise_bands_build_their_padded_rows_on_the_stack(target):
             executables[pipeline] = tvm.compile(
                 mod, target=tvm_target, relax_pipeline=cpu_build.relax_pipeline(tvm_target),
                 tir_pipeline=pipeline)
-    assert _parallel_tasks_calling_the_pool(executables["default"])
-    assert not _parallel_tasks_calling_the_pool(executables[cpu_build.TIR_PIPELINE])
+    ours = _parallel_tasks(executables[cpu_build.TIR_PIPELINE])
+    assert ours and not _calling_the_pool(ours)
+    assert _calling_the_pool(_parallel_tasks(executables["default"]))
     # its rows are copied with vector moves: as a loop, LLVM (seeing that a stack buffer
     # aliases nothing) made each row's copy a memcpy call (`tiling.build_padded_rows`)
     assembly = executables[cpu_build.TIR_PIPELINE].mod.imports[0].inspect_source("s")
-    assert not re.findall(r"\b(?:bl|call|jmp)\s+memcpy", assembly)
+    assert not re.findall(r"\b(?:bl|b|callq?|jmpq?)\s+memcpy", assembly)
     # the budget: a band over it stays in the pool
     scheduled, applied = cpu_build.schedule_module(mod, tvm_target)
     [name] = [n for n, rule in applied.items() if rule == "Depthwise"]
