@@ -16,8 +16,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors, fused_dwpw_blocks, knob, largest_divisor,
-                                               output_dtype)
+from dwsep_compiler.schedules.analysis import (divisors, fold_bias, fused_dwpw_blocks, knob,
+                                               largest_divisor, output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, cpu_knobs
 from dwsep_compiler.schedules.cpu.tiling import row_band, vector_tile
 
@@ -30,6 +30,7 @@ class FusedDepthwisePointwise(ScheduleRule):
         if found is None:
             return None
         sch, pad, dw, pw, epilogue = found
+        epilogue = fold_bias(sch, pw, epilogue)
         for block in epilogue[:-1]:
             sch.compute_inline(block)
         last = epilogue[-1] if epilogue else None

@@ -17,8 +17,9 @@ from tvm import tirx
 from tvm.target import Target
 
 from dwsep_compiler.passes import names
-from dwsep_compiler.schedules.analysis import (ConvBlocks, divisors, extents, find_conv,
-                                               inline_epilogue, knob, largest_divisor)
+from dwsep_compiler.schedules.analysis import (ConvBlocks, conv_input_read, divisors, extents,
+                                               find_conv, inline_epilogue, knob,
+                                               largest_divisor)
 from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 from dwsep_compiler.schedules.cpu.tiling import (channel_tile, copy_padded_input, lane_pixels,
                                                  schedule_tile_epilogue, unroll_reduction)
@@ -77,7 +78,7 @@ def add_lane_pixels(sch, conv):
     201K -> 180K, 32 -> 128 at 13x13 387K -> 334K, 512 -> 1000 at 3x3 1.80M -> 1.62M,
     256 -> 512 at 5x5 1.24M -> 1.18M; a 3-pixel tile (16 -> 64 at 27x27) was 15% worse,
     hence at least a vector."""
-    pixels = sch.cache_read(conv, 0, "global", consumer_blocks=[conv])
+    pixels = sch.cache_read(conv, conv_input_read(sch, conv), "global", consumer_blocks=[conv])
     sch.compute_at(pixels, sch.get_loops(conv)[-4], preserve_unit_loops=True)
     sch.vectorize(sch.fuse(*sch.get_loops(pixels)[-2:]))
 

@@ -37,8 +37,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (computes_wider, divisors, extents,
-                                               find_pointwise, float_constants,
+from dwsep_compiler.schedules.analysis import (computes_wider, conv_input_read, divisors,
+                                               extents, find_pointwise, float_constants,
                                                group_out_channels, in_channels, inline_epilogue,
                                                knob, largest_divisor, output_dtype)
 from dwsep_compiler.schedules.cpu.knobs import L1_DATA_BYTES, L1_SET_SPAN, cpu_knobs
@@ -138,7 +138,7 @@ class Pointwise(ScheduleRule):
             # every channel block: pixel tiles alone over the cores.
             outer = sch.fuse(nn, po)
             sch.parallel(outer)
-            staged = sch.cache_read(conv, 0, "global")
+            staged = sch.cache_read(conv, conv_input_read(sch, conv), "global")
             # Copied with the same flat pixel axis: exactly the tile's pixels (in 4-D the copy
             # would be the bounding box of the image rows the tile touches: 7x larger at
             # 112x112, 3.5x at 56x56).

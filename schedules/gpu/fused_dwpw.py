@@ -26,7 +26,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import divisors, fused_dwpw_blocks, knob, largest_divisor
+from dwsep_compiler.schedules.analysis import (divisors, fold_bias, fused_dwpw_blocks, knob,
+                                               largest_divisor)
 from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu
 
 MAX_STRIP = 32  # output pixels per work-group (a divisor of the row width)
@@ -88,6 +89,7 @@ class FusedDepthwisePointwise(ScheduleRule):
 
     def _schedule(self, sch, pad, dw, pw, epilogue, staged, px_tile, co_tile, tx, ty):
         sch.compute_inline(pad)  # a bounds test on each load, no padded copy
+        epilogue = fold_bias(sch, pw, epilogue)
         for block in epilogue[:-1]:
             sch.compute_inline(block)
         if epilogue:

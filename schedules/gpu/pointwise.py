@@ -22,8 +22,8 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from dwsep_compiler.schedules.analysis import (divisors, extents, find_pointwise, inline_epilogue,
-                                               knob, largest_divisor)
+from dwsep_compiler.schedules.analysis import (conv_input_read, divisors, extents, find_pointwise,
+                                               inline_epilogue, knob, largest_divisor)
 from dwsep_compiler.schedules.gpu.knobs import gpu_knobs, is_gpu
 
 PIXEL_THREADS = (8, 16, 32, 64)  # tx candidates: work-items along pixels
@@ -110,8 +110,9 @@ class Pointwise(ScheduleRule):
         sch.transform_block_layout(last, flat)
         if k_tile is not None:
             # only the GEMM reads the staged copy (a residual Add of x reads x itself)
-            x_local = sch.cache_read(conv, 0, "shared", consumer_blocks=[conv])
-            w_local = sch.cache_read(conv, 1, "shared", consumer_blocks=[conv])
+            x_read = conv_input_read(sch, conv)
+            x_local = sch.cache_read(conv, x_read, "shared", consumer_blocks=[conv])
+            w_local = sch.cache_read(conv, x_read + 1, "shared", consumer_blocks=[conv])
             sch.transform_layout(x_local, ("write", 0), flat)
             sch.transform_block_layout(x_local, flat)
 
