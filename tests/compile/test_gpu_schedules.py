@@ -73,6 +73,11 @@ ODD_SHAPES = {
     "dw_c7_1x7": ("Depthwise", dict(channels=7, hw=(9, 14), kernel=(1, 7), pads=(0, 3, 0, 3))),
     "dw_multiplier2_w16_relu": ("Depthwise", dict(channels=4, out_channels=8, hw=(8, 16),
                                                   pads=(1, 1, 1, 1), bias=True, epilogue="relu")),
+    # A conv of a one-channel input (a grayscale model's first conv, factorized), which TVM
+    # legalizes as a plain conv2d: depthwise with r = its outputs.
+    "dw_c1_to3_stride2_relu": ("Depthwise", dict(channels=1, out_channels=3, hw=(12, 16),
+                                                 strides=(2, 2), pads=(1, 1, 1, 1), bias=True,
+                                                 epilogue="relu")),
     "pw_5to7_6x6_relu": ("Pointwise", dict(channels=5, out_channels=7, hw=(6, 6), kernel=(1, 1),
                                            bias=True, epilogue="relu")),
     "pw_12to3_7x7_clip": ("Pointwise", dict(channels=12, out_channels=3, hw=(7, 7),
