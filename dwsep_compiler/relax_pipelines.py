@@ -27,9 +27,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-CPU = "dwsep_cpu"  # the CPU Relax pipeline, and the CPU TIR pipeline
-OPENCL = "dwsep_opencl"
-NAMES = (CPU, OPENCL)
+NAMES = ("dwsep_cpu", "dwsep_opencl")
 _TVM_PIPELINES = "tvm.relax.pipeline"
 _TVM_TIR_PIPELINES = "tvm.tirx.compilation_pipeline"
 
@@ -49,11 +47,11 @@ def dwsep_cpu(fuse: bool | str = True, records=None):
     """``compile.cpu.relax_pipeline`` for the target of the enclosing ``tvm.compile``."""
     import tvm
 
-    @tvm.transform.module_pass(opt_level=0, name=CPU)
+    @tvm.transform.module_pass(opt_level=0, name="dwsep_cpu")
     def pipeline(mod, _ctx):
         from dwsep_compiler.compile import cpu
 
-        return cpu.relax_pipeline(_current_target(CPU, "llvm"), fuse, records)(mod)
+        return cpu.relax_pipeline(_current_target("dwsep_cpu", "llvm"), fuse, records)(mod)
 
     return pipeline
 
@@ -62,11 +60,11 @@ def dwsep_opencl(fuse: bool = True):
     """``opencl.relax_pipeline`` for the target of the enclosing ``tvm.compile``."""
     import tvm
 
-    @tvm.transform.module_pass(opt_level=0, name=OPENCL)
+    @tvm.transform.module_pass(opt_level=0, name="dwsep_opencl")
     def pipeline(mod, _ctx):
         from dwsep_compiler.compile import opencl
 
-        lowering, _ = opencl.relax_pipeline(_current_target(OPENCL, "opencl"), None, fuse)
+        lowering, _ = opencl.relax_pipeline(_current_target("dwsep_opencl", "opencl"), None, fuse)
         return lowering(mod)
 
     return pipeline
@@ -87,8 +85,8 @@ def register() -> None:
         if name not in pipeline.PIPELINE_MAP:
             pipeline.register_pipeline(name)(factory)
     tir = importlib.import_module(_TVM_TIR_PIPELINES)
-    if CPU not in tir.PIPELINE_MAP:
-        tir.register_tir_pipeline(CPU, dwsep_cpu_tir)
+    if NAMES[0] not in tir.PIPELINE_MAP:
+        tir.register_tir_pipeline(NAMES[0], dwsep_cpu_tir)
 
 
 class _RegisterOnImport(importlib.abc.MetaPathFinder):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import tvm
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-from dwsep_compiler import relax_pipelines
 from dwsep_compiler.passes.lowering.conv_transpose import ConvTransposeToConv
 from dwsep_compiler.passes.lowering.drop_dropout import DropDropout
 from dwsep_compiler.passes.lowering.fast_sigmoid import FastSigmoid
@@ -33,7 +32,7 @@ from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
 PASS_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
 # The name `tir_pipeline` is registered under with TVM (``tvm.compile(..., tir_pipeline=...)``,
 # ``tvm.tirx.build(..., pipeline=...)``; `dwsep_compiler.relax_pipelines` registers it).
-TIR_PIPELINE = relax_pipelines.CPU
+TIR_PIPELINE = "dwsep_cpu"
 
 
 def stages(target: tvm.target.Target, fuse: bool | str = True, records=None,
