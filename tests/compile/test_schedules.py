@@ -11,6 +11,7 @@ from dwsep_compiler.compile import cpu as cpu_build
 from dwsep_compiler.compile import build, import_onnx, run_executable
 from dwsep_compiler.initialization.ranks import RankPolicy
 from dwsep_compiler.model import load_model, resolve_input_shapes
+from dwsep_compiler.passes import names
 from dwsep_compiler.passes.rewrite.onnx_factorize import factorize_onnx
 from dwsep_compiler.targets import resolve_target
 
@@ -806,7 +807,6 @@ def test_dense_weights_are_packed_in_tiles_on_neon_only(rows, k, n):
     of the split reduction reads one contiguous tile (R rows of C columns, within the reach
     of a load pair), the rule's row block and vectors per pass are the tile's; matmuls whose
     columns are no whole vectors stay row-major. x86 builds keep the row-major weight."""
-    from dwsep_compiler.passes import names
     from dwsep_compiler.schedules.analysis import largest_divisor
     from dwsep_compiler.schedules.cpu.dense import MIN_ROWS_PER_CORE, packed_dense_tile
     from dwsep_compiler.schedules.cpu.knobs import cpu_knobs
@@ -1409,7 +1409,7 @@ def _init_values(scheduled, applied) -> dict[str, str]:
     """"rule: reduction" -> what the reduction's accumulators start at (its ``_init`` block's
     stored value): "a buffer" where it loads one (the bias), else the constant. A conv's block
     (packed or not, grouped or not) is "conv"."""
-    convs = ("conv2d_nchw", "group_conv2d_nchw", "conv2d_packed")
+    convs = (names.CONV2D, names.GROUP_CONV2D, names.PACKED_CONV)
     starts = {}
     for name, rule in applied.items():
         sch = tvm.s_tir.Schedule(scheduled[name])
@@ -1428,8 +1428,8 @@ def test_conv_accumulators_start_at_the_bias(target):
     start at the bias instead of zero (`analysis.fold_bias`): one add less per output vector
     (ddddocr's backbone on the emulated A76: 35.85M -> 35.47M instructions). Not folded: a
     bias alone (the tile would accumulate in the output), and a clip straight after a conv
-    without bias, then a ReLU (TVM's primitive would clip every partial sum: what the outputs
-    against onnxruntime catch). Pointwise, depthwise, standard and fused depthwise-pointwise
+    without bias, then a ReLU (TVM's primitive would clip every partial sum: its accumulators
+    would start at the clipped zero, and the outputs differ from onnxruntime's). Pointwise, depthwise, standard and fused depthwise-pointwise
     convs; outputs on every x86 width here, NEON in the qemu test (its models add a bias before
     their ReLU)."""
     from onnx import helper
