@@ -48,6 +48,7 @@ from dwsep_compiler.initialization.torch_ops import SHAPE_ONLY, model_opset, nod
 
 DEFAULT_LR = 1e-4  # 1e-3 measured worse on the Fashion example (89.9% vs 90.1-90.3%)
 DEFAULT_FEATURE_WEIGHT = 1.0
+TEACHER_CACHE_BYTES = 1 << 30  # the teacher's tensors kept across steps up to this (`TeacherTargets`)
 
 
 # ------------------------------------------------------------------------------ the executor
@@ -304,10 +305,71 @@ def _teacher_module(original_model: onnx.ModelProto, names: list[str]) -> OnnxMo
     return teacher
 
 
-def _forward_loss(student, teacher, feed, pairs, prefix: Prefix, feature_weight):
-    """``(loss, student_out, teacher_out)`` of one chunk of samples."""
-    with torch.no_grad():
-        t_out = teacher(capture=[t for _, t in pairs], **feed)
+class TeacherTargets:
+    """The frozen teacher's tensors (the loss's outputs and the layers' features) per calibration
+    sample, for `finetune`.
+
+    The calibration set is the same on every step, and so is what the teacher computes on it: it
+    is computed once and indexed per minibatch when it fits ``budget`` bytes, which saves the
+    teacher's forward pass, about a quarter of each step (the student's forward and backward are
+    the rest). Kept per sample: a one-sample feed's tensors as they come; with larger feeds only
+    when every tensor is sample-major (axis 0 = the samples, checked against a one-sample run, so
+    that a time-major ``[T, N, C]`` head is never sliced on T). Otherwise, or over the budget
+    (its estimate from the first feed), every call runs the teacher: `cached` says which.
+    """
+
+    def __init__(self, teacher: OnnxModule, capture: list[str], calibration: CalibrationSet,
+                 chunk: int, budget: int = TEACHER_CACHE_BYTES):
+        self.teacher, self.capture = teacher, capture
+        self._samples = self._compute(calibration, chunk, budget)
+
+    @property
+    def cached(self) -> bool:
+        return self._samples is not None
+
+    def _run(self, feed) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return self.teacher(capture=self.capture, **feed)
+
+    def _compute(self, calibration: CalibrationSet, chunk: int, budget: int):
+        if calibration.batch not in (None, 1):
+            return None  # a fixed batch > 1: no one-sample run to check the sample axis against
+        samples, total = calibration.used_samples, 0
+        kept: list[dict[str, torch.Tensor]] = []
+        for start in range(0, samples, chunk):
+            count = min(chunk, samples - start)
+            out = self._run({name: array[start:start + count]
+                             for name, array in calibration.inputs.items()})
+            if count > 1:
+                if start == 0 and not self._sample_major(calibration, out, count):
+                    return None
+                kept.extend({name: t[i:i + 1] for name, t in out.items()} for i in range(count))
+            else:
+                kept.append(out)
+            total += sum(t.nelement() * t.element_size() for t in out.values())
+            if total * samples > budget * (start + count):  # projected over all samples
+                return None
+        return kept
+
+    def _sample_major(self, calibration, out, count) -> bool:
+        one = self._run({name: array[:1] for name, array in calibration.inputs.items()})
+        return all(t.ndim >= 1 and t.shape[0] == count and one[name].shape == (1, *t.shape[1:])
+                   for name, t in out.items())
+
+    def __call__(self, indices, feed) -> dict[str, torch.Tensor]:
+        """The teacher's tensors for the calibration samples ``indices``, which ``feed`` holds."""
+        if self._samples is None:
+            return self._run(feed)
+        if len(indices) == 1:
+            return self._samples[int(indices[0])]
+        parts = [self._samples[int(i)] for i in indices]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def _forward_loss(student, teacher: TeacherTargets, indices, feed, pairs, prefix: Prefix,
+                  feature_weight):
+    """``(loss, student_out, teacher_out)`` of one chunk of samples (``indices``)."""
+    t_out = teacher(indices, feed)
     s_out = student(capture=[s for s, _ in pairs], **feed)
     loss = distillation_loss(s_out, t_out, pairs, feature_weight, prefix.outputs)
     return loss, s_out, t_out
@@ -318,10 +380,13 @@ def _evaluate(student, teacher, calibration, pairs, prefix, feature_weight, batc
     ||s - t|| / ||t|| over the whole set."""
     total, count = 0.0, 0
     err = {s: [0.0, 0.0] for s, _ in pairs}
+    step = calibration.batch or batch
     with torch.no_grad():
-        for feed in calibration.feeds(batch):
-            n = len(next(iter(feed.values())))
-            loss, s_out, t_out = _forward_loss(student, teacher, feed, pairs, prefix,
+        for start in range(0, calibration.used_samples, step):
+            indices = np.arange(start, min(start + step, calibration.used_samples))
+            feed = {name: array[indices] for name, array in calibration.inputs.items()}
+            n = len(indices)
+            loss, s_out, t_out = _forward_loss(student, teacher, indices, feed, pairs, prefix,
                                                feature_weight)
             total += float(loss) * n
             count += n
@@ -366,9 +431,10 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
             + (f"; not reached: {', '.join(prefix.unreached)}" if prefix.unreached else ""))
     student = student_module(prefix.model, prefix.layers)
     pairs = layer_pairs(prefix.layers, prefix.model)
-    teacher = _teacher_module(original_model, list(dict.fromkeys(
-        [*prefix.outputs, *(t for _, t in pairs)])))
     chunk = calibration.batch or batch_size
+    teacher = TeacherTargets(_teacher_module(original_model, list(dict.fromkeys(
+        [*prefix.outputs, *(t for _, t in pairs)]))), [t for _, t in pairs], calibration, chunk,
+        TEACHER_CACHE_BYTES)
     batch = max(1, batch_size // chunk) * chunk
     names = {s: layer for (s, _), (layer, _, _) in
              zip(pairs, _factorized_nodes(prefix.model, prefix.layers))}  # same order
@@ -384,7 +450,7 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
         step_loss = 0.0
         for part in np.split(take, batch // chunk):
             feed = {name: array[part] for name, array in calibration.inputs.items()}
-            loss = _forward_loss(student, teacher, feed, pairs, prefix, feature_weight)[0]
+            loss = _forward_loss(student, teacher, part, feed, pairs, prefix, feature_weight)[0]
             (loss * (chunk / batch)).backward()
             step_loss += float(loss.detach()) * chunk / batch
         optimizer.step()
@@ -407,7 +473,7 @@ def finetune(original_model: onnx.ModelProto, factorized_model: onnx.ModelProto,
         "outputs": prefix.describe(),
         "steps": steps, "lr": lr, "batch_size": batch, "feature_weight": feature_weight,
         "samples": samples, "loss_start": round(start_loss, 6), "loss_end": round(end_loss, 6),
-        "kept": kept,
+        "kept": kept, "teacher_cached": teacher.cached,
         "layer_output_rel_error": {names[s]: {"before": round(start_errors[s], 6),
                                               "after": round(end_errors[s], 6)}
                                    for s, _ in pairs},

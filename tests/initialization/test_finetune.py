@@ -113,6 +113,7 @@ def test_finetune_on_fashion_example(tmp_path):
     calib = load_calibration(CALIBRATION, original, resolve_input_shapes(original, None))
     tuned, info = finetune(original, layerwise, layers, calib, steps=150, lr=1e-4)
     assert info["steps"] == 150 and info["loss_end"] <= info["loss_start"]
+    assert info["teacher_cached"]
     assert set(info["layer_output_rel_error"]) == {l.name for l in layers if l.factorized}
 
     images, labels = data.load_fashion_mnist("test")
@@ -125,6 +126,56 @@ def test_finetune_on_fashion_example(tmp_path):
     print("accuracy, agreement with the original on 500 test images:", scores)
     # Measured: see the README. Only the training loss is asserted (64 samples overfit easily).
     assert scores["finetuned"][0] > 0.8
+
+
+def _time_major(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a second output, its conv features transposed so that the samples are on
+    axis 1 (how a recurrent head's ``[T, N, C]`` sequence comes out)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.node.append(helper.make_node("Transpose", ["c2"], ["tnc"], perm=[2, 0, 1, 3]))
+    out.graph.output.append(helper.make_tensor_value_info("tnc", TensorProto.FLOAT, None))
+    return out
+
+
+@needs_torch
+@pytest.mark.parametrize("case", ["dynamic batch", "fixed batch 1", "time-major",
+                                  "over the budget"])
+def test_teacher_targets_match_the_teacher_per_sample(case):
+    """What the training loop gets for any set of samples equals the teacher run on exactly
+    those samples, whether kept once (sample-major tensors within the budget, or one-sample
+    feeds, whatever their layout) or computed on each call (a tensor whose axis 0 is not the
+    samples, with feeds of several samples; over the budget)."""
+    import torch
+    from dwsep_compiler.initialization.calibration import load_calibration
+    from dwsep_compiler.initialization.finetune import OnnxModule, TeacherTargets
+
+    rng = np.random.default_rng(0)
+    model = small_cnn(rng)
+    if case == "time-major":
+        model = _time_major(model)
+    x = rng.standard_normal((20, 3, 16, 16)).astype(np.float32)
+    if case == "fixed batch 1":
+        model = _time_major(model)  # a one-sample feed is kept whatever its layout
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    calib = load_calibration([{"x": x}], model, {"x": (1, 3, 16, 16)})
+    chunk = calib.batch or 8
+    teacher = OnnxModule(model).eval()
+    budget = 1000 if case == "over the budget" else 1 << 30
+    targets = TeacherTargets(teacher, ["r1"], calib, chunk, budget)
+    assert targets.cached == (case in ("dynamic batch", "fixed batch 1"))
+
+    for indices in ([np.array([7])] if case == "fixed batch 1"
+                    else [np.array([3, 17, 0, 9, 12, 5, 19, 8]), np.array([11, 2])]):
+        feed = {"x": x[indices]}
+        got = targets(indices, feed)
+        with torch.no_grad():
+            want = teacher(capture=["r1"], **feed)
+        assert list(got) == list(want)
+        for name in want:
+            assert got[name].shape == want[name].shape, name
+            np.testing.assert_allclose(got[name].numpy(), want[name].numpy(), rtol=1e-5,
+                                       atol=1e-5)
 
 
 def _backbone_then(rng, head: str) -> onnx.ModelProto:
@@ -207,6 +258,31 @@ def test_finetune_trains_the_prefix_before_an_unsupported_head(tmp_path):
         assert y.shape == (10, 1, 32, 8)
         errors[name] = float(np.linalg.norm(seq - teacher) / np.linalg.norm(teacher))
     assert errors["tuned"] < errors["layerwise"], errors
+
+
+@needs_torch
+def test_finetune_trains_the_same_with_the_teacher_kept(tmp_path, monkeypatch):
+    """The teacher's tensors kept once (`TeacherTargets`) or computed on every step: the same
+    training, step for step (fails if a minibatch were matched to other samples' targets)."""
+    from dwsep_compiler.initialization import finetune as ft
+    from dwsep_compiler.initialization.calibration import load_calibration
+
+    rng = np.random.default_rng(2)
+    original = small_cnn(rng)
+    x = rng.standard_normal((24, 3, 16, 16)).astype(np.float32)
+    layerwise, layers = _layerwise(tmp_path, original, x)
+    calib = load_calibration([{"x": x}], original, {"x": (24, 3, 16, 16)})
+    kept, kept_info = ft.finetune(original, layerwise, layers, calib, steps=12, lr=3e-3,
+                                  batch_size=8)
+    monkeypatch.setattr(ft, "TEACHER_CACHE_BYTES", 0)
+    rerun, rerun_info = ft.finetune(original, layerwise, layers, calib, steps=12, lr=3e-3,
+                                    batch_size=8)
+    assert kept_info["teacher_cached"] and not rerun_info["teacher_cached"]
+    assert kept_info["kept"] == "trained" and kept_info["loss_end"] < kept_info["loss_start"]
+    assert kept_info["loss_end"] == pytest.approx(rerun_info["loss_end"], rel=1e-4)
+    for a, b in zip(kept.graph.initializer, rerun.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b),
+                                   rtol=1e-4, atol=1e-6)
 
 
 @needs_torch
